@@ -1,0 +1,59 @@
+"""Command line: ``pneumoscan COMMAND ...``. Each command lives in ``pneumoscan.commands.<name>``
+and is a thin layer over the Python API; errors a user can fix become one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import pkgutil
+import sys
+
+from . import INTENDED_USE, __version__
+from .errors import PneumoscanError
+
+ORDER = ["data", "extract", "train", "evaluate", "predict", "compare", "finetune", "ensemble", "threshold",
+         "robustness", "explain", "visualize", "export", "serve", "card", "bench", "backbones"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pneumoscan",
+        description="Pediatric chest X-ray classifier: normal / bacterial / viral pneumonia.",
+        epilog=INTENDED_USE)
+    parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    from . import commands
+
+    names = {m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")}
+    for name in [n for n in ORDER if n in names] + sorted(names - set(ORDER)):
+        importlib.import_module(f"{commands.__name__}.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose < 2 else logging.INFO)
+    os.environ.setdefault("PNEUMOSCAN_PROGRESS", "0" if args.quiet else "1")
+    try:
+        rc = args.func(args)
+    except PneumoscanError as e:
+        print(f"pneumoscan: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pneumoscan: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""One module per CLI command; each defines ``register(subparsers)`` and sets ``func``."""
+from __future__ import annotations
+
+import os
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("PNEUMOSCAN_PROGRESS", "1") == "1"
+
+
+def add_model_arg(p) -> None:
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="model directory (default: the shipped model, or $PNEUMOSCAN_MODEL)")
+
+
+def positive_int(text: str) -> int:
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def fraction(text: str) -> float:
+    import argparse
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"{v} must lie strictly between 0 and 1")
+    return v

@@ -1,0 +1,62 @@
+"""pneumoscan train: the study's top model on cached features."""
+from __future__ import annotations
+
+from . import fraction, positive_int, progress_enabled
+from .extract import add_backbone_args
+
+
+def add_head_args(p) -> None:
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--dropout", type=float, default=0.2, help="dropout before the dense layer (default 0.2)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    p.add_argument("--epochs", type=positive_int, default=200, help="maximum epochs (default 200)")
+    p.add_argument("--patience", type=positive_int, default=15, help="early-stopping patience in epochs (default 15)")
+    p.add_argument("--schedule", default="none", choices=["none", "step"], help="learning-rate schedule")
+    p.add_argument("--step-size", type=positive_int, default=10, help="epochs between step-decay drops")
+    p.add_argument("--step-gamma", type=float, default=0.5, help="step-decay factor")
+    p.add_argument("--class-weight", default="balanced", choices=["none", "balanced"], help="loss class weighting")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    p.add_argument("--threshold-method", default="youden", choices=["youden", "sensitivity"],
+                   help="how the pneumonia threshold is chosen on validation")
+    p.add_argument("--target-sensitivity", type=float, default=None, help="with --threshold-method sensitivity")
+    p.add_argument("--val-fraction", type=fraction, default=0.2, help="patient-grouped validation share")
+    p.add_argument("--seed", type=int, default=0, help="seed for split, init and batch order")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the top model on frozen-backbone features; writes a model directory")
+    p.add_argument("data", help="data folder or manifest CSV")
+    p.add_argument("--out", required=True, help="model directory to write")
+    add_backbone_args(p)
+    add_head_args(p)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args):
+    from ..train import TrainConfig
+
+    return TrainConfig(backbone=args.backbone, size=args.size, intensity=args.intensity, lr=args.lr,
+                       weight_decay=args.weight_decay, dropout=args.dropout, max_epochs=args.epochs,
+                       patience=args.patience, schedule=args.schedule, step_size=args.step_size,
+                       step_gamma=args.step_gamma, class_weight=args.class_weight,
+                       label_smoothing=args.label_smoothing, threshold_method=args.threshold_method,
+                       target_sensitivity=args.target_sensitivity, val_fraction=args.val_fraction,
+                       seed=args.seed, pretrained=not args.no_pretrained, weights=args.weights)
+
+
+def run(args) -> int:
+    import json
+    import shlex
+    import sys
+
+    from ..train import train
+
+    cfg = config_from_args(args)
+    out = train(args.data, args.out, cfg, cache_dir=args.cache, progress=progress_enabled(),
+                command="pneumoscan " + shlex.join(sys.argv[1:]), batch_size=args.batch_size, workers=args.workers)
+    m = json.loads((out / "config.json").read_text())
+    v = m["val_metrics"]["normal_vs_pneumonia"]
+    print(f"model: {out}  best epoch {m['best_epoch']}/{m['epochs_run']}, threshold {m['threshold']:.3f}")
+    print(f"validation: 3-class acc {m['val_metrics']['three_class']['accuracy']:.3f}; normal vs pneumonia "
+          f"acc {v['accuracy']:.3f} sens {v['sensitivity']:.3f} spec {v['specificity']:.3f} AUC {v['auc']:.4f}")
+    return 0

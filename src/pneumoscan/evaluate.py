@@ -1,0 +1,117 @@
+"""Score every image under a folder with a model and write metrics.json, plots and a report."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import INTENDED_USE, LABELS
+from .data import scan
+from .errors import DataError
+from .metrics import compute_metrics, roc_points
+from .modeling import atomic_write_bytes, atomic_write_json
+from .plots import plot_confusion, plot_roc
+from .predict import Predictor
+
+log = logging.getLogger(__name__)
+
+
+def _clean(obj):
+    """JSON has no NaN: undefined figures (e.g. AUC of a one-class task) become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def evaluate(data: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike | None = None, *,
+             backend: str = "torch", batch_size: int = 32, progress: bool = True, n_boot: int = 1000,
+             predictor: Predictor | None = None) -> dict:
+    """Evaluate ``model`` on all labelled images under ``data`` (no split); returns the metrics."""
+    found, skipped = scan(data)
+    if not found:
+        raise DataError(f"no labelled images under {data}: expected NORMAL/ and PNEUMONIA/ "
+                        "(or normal/ bacterial/ viral/) folders")
+    pred = predictor or Predictor(model, backend=backend)
+    paths = [str(p) for p, _, _ in found]
+    truth = {str(p): LABELS.index(lab) for p, lab, _ in found}
+    preds, errors = pred.predict_files(paths, batch_size=batch_size, progress=progress)
+    if not preds:
+        raise DataError(f"none of the {len(paths)} images under {data} could be decoded")
+    y = np.array([truth[p.path] for p in preds])
+    probs = np.array([[p.probabilities[lab] for lab in LABELS] for p in preds])
+    metrics = compute_metrics(y, probs, pred.threshold, n_boot=n_boot)
+    metrics["model"] = {"id": pred.model_id, "dir": str(pred.model_dir), "backend": backend}
+    metrics["data"] = {"root": str(Path(data).resolve()), "skipped": len(skipped), "failed_to_decode": len(errors)}
+    metrics = _clean(metrics)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", metrics)
+    plot_confusion(metrics["confusion_matrix"], out / "confusion_matrix.png")
+    plot_roc(roc_points(y, probs), out / "roc.png")
+    _write_predictions(out / "predictions.csv", preds, truth)
+    atomic_write_bytes(out / "report.md", report_markdown(metrics, skipped, errors).encode())
+    return metrics
+
+
+def _write_predictions(path: Path, preds, truth) -> None:
+    tmp = path.with_name(".predictions.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", *[f"p_{lab}" for lab in LABELS], "pneumonia"])
+        for p in preds:
+            w.writerow([p.path, LABELS[truth[p.path]], p.label,
+                        *[f"{p.probabilities[lab]:.6f}" for lab in LABELS], int(p.pneumonia)])
+    os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def report_markdown(m: dict, skipped=(), errors=()) -> str:
+    """A short human-readable report of a metrics dictionary."""
+    nvp = m["normal_vs_pneumonia"]
+    ci = nvp.get("ci95", {})
+    lines = [
+        "# pneumoscan evaluation",
+        "",
+        f"> {INTENDED_USE}",
+        "",
+        f"Model `{m.get('model', {}).get('id', '?')}` on {m['n']} images "
+        f"(threshold {nvp['threshold']:.3f}; {len(skipped)} files skipped, {len(errors)} failed to decode).",
+        "",
+        "| task | accuracy | sensitivity | specificity | F1 | AUC |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, name in (("normal_vs_pneumonia", "normal vs pneumonia"), ("bacterial_vs_rest", "bacterial vs rest"),
+                      ("viral_vs_rest", "viral vs rest"), ("bacterial_vs_viral", "bacterial vs viral")):
+        b = m[key]
+        lines.append(f"| {name} | {_fmt(b['accuracy'])} | {_fmt(b['sensitivity'])} | {_fmt(b['specificity'])} "
+                     f"| {_fmt(b['f1'])} | {_fmt(b['auc'])} |")
+    lines += [
+        "",
+        f"3-class accuracy {_fmt(m['three_class']['accuracy'])}, macro F1 {_fmt(m['three_class']['macro_f1'])}.",
+        "",
+        "95 % bootstrap intervals (normal vs pneumonia): "
+        + ", ".join(f"{k} [{_fmt(v[0])}, {_fmt(v[1])}]" for k, v in ci.items()),
+        "",
+        "Confusion matrix (rows true, columns predicted: " + ", ".join(m["labels"]) + "):",
+        "",
+        "| | " + " | ".join(m["labels"]) + " |",
+        "| --- |" + " --- |" * len(m["labels"]),
+    ]
+    for lab, row in zip(m["labels"], m["confusion_matrix"]):
+        lines.append(f"| {lab} | " + " | ".join(str(v) for v in row) + " |")
+    lines += ["", "![confusion matrix](confusion_matrix.png) ![ROC](roc.png)", ""]
+    if errors:
+        lines += ["Files that failed to decode:", ""] + [f"- {p}: {e}" for p, e in errors[:50]] + [""]
+    return "\n".join(lines)

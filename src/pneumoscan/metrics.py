@@ -1,0 +1,156 @@
+"""Metrics of the study and more, on scikit-learn: one shared decision rule for every output.
+
+Decision rule: an image is pneumonia when P(bacterial) + P(viral) >= the model's threshold;
+a pneumonia image is then bacterial or viral by the larger of the two. The 3-class prediction,
+the confusion matrix and the binary verdicts therefore always agree.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score, roc_curve
+
+from . import LABELS
+
+NORMAL, BACTERIAL, VIRAL = 0, 1, 2
+
+
+def pneumonia_score(probs: np.ndarray) -> np.ndarray:
+    """P(pneumonia) = P(bacterial) + P(viral) = 1 - P(normal)."""
+    return 1.0 - np.asarray(probs)[:, NORMAL]
+
+
+def decide(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Class indices under the shared decision rule (see module docstring)."""
+    probs = np.asarray(probs)
+    subtype = np.where(probs[:, BACTERIAL] >= probs[:, VIRAL], BACTERIAL, VIRAL)
+    return np.where(pneumonia_score(probs) >= threshold, subtype, NORMAL)
+
+
+def _safe_auc(y: np.ndarray, s: np.ndarray) -> float:
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def binary_metrics(y: np.ndarray, pred: np.ndarray, score: np.ndarray) -> dict:
+    """accuracy, sensitivity (recall of positives), specificity, F1 and AUC of a 0/1 task."""
+    y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(int)
+    tp = int(((y == 1) & (pred == 1)).sum())
+    tn = int(((y == 0) & (pred == 0)).sum())
+    fp = int(((y == 0) & (pred == 1)).sum())
+    fn = int(((y == 1) & (pred == 0)).sum())
+    return {
+        "accuracy": (tp + tn) / max(len(y), 1),
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "auc": _safe_auc(y, np.asarray(score)),
+        "n": int(len(y)), "tp": tp, "tn": tn, "fp": fp, "fn": fn,
+    }
+
+
+def bootstrap_ci(y: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, list[float]]:
+    """95 % percentile-bootstrap intervals (resampling images) for the normal-vs-pneumonia figures."""
+    rng = np.random.default_rng(seed)
+    yb = (np.asarray(y) != NORMAL).astype(int)
+    score = pneumonia_score(probs)
+    pred = (score >= threshold).astype(int)
+    keys = ("accuracy", "sensitivity", "specificity", "f1", "auc")
+    draws: dict[str, list[float]] = {k: [] for k in keys}
+    n = len(yb)
+    for _ in range(n_boot):
+        i = rng.integers(0, n, n)
+        m = binary_metrics(yb[i], pred[i], score[i])
+        for k in keys:
+            draws[k].append(m[k])
+    out = {}
+    for k in keys:
+        a = np.asarray(draws[k], float)
+        a = a[~np.isnan(a)]
+        out[k] = [float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))] if len(a) else [float("nan")] * 2
+    return out
+
+
+def compute_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5, *, n_boot: int = 1000,
+                    seed: int = 0) -> dict:
+    """The metrics.json dictionary for true labels ``y`` (indices into LABELS) and probabilities."""
+    y = np.asarray(y).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(LABELS) or len(y) != len(probs):
+        raise ValueError(f"need probabilities of shape (n, {len(LABELS)}) and n labels")
+    pred = decide(probs, threshold)
+    score = pneumonia_score(probs)
+    nvp = binary_metrics(y != NORMAL, pred != NORMAL, score)
+    nvp["threshold"] = float(threshold)
+    nvp["ci95"] = bootstrap_ci(y, probs, threshold, n_boot=n_boot, seed=seed) if n_boot else {}
+    pn = y != NORMAL
+    bv_score = probs[pn, BACTERIAL] / np.clip(probs[pn, BACTERIAL] + probs[pn, VIRAL], 1e-12, None)
+    bv = binary_metrics(y[pn] == BACTERIAL, probs[pn, BACTERIAL] >= probs[pn, VIRAL], bv_score)
+    cm = confusion_matrix(y, pred, labels=list(range(len(LABELS))))
+    return {
+        "n": int(len(y)),
+        "labels": list(LABELS),
+        "confusion_matrix": cm.tolist(),
+        "three_class": {
+            "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+            "macro_f1": float(f1_score(y, pred, labels=list(range(len(LABELS))), average="macro", zero_division=0)),
+        },
+        "normal_vs_pneumonia": nvp,
+        "bacterial_vs_rest": binary_metrics(y == BACTERIAL, pred == BACTERIAL, probs[:, BACTERIAL]),
+        "viral_vs_rest": binary_metrics(y == VIRAL, pred == VIRAL, probs[:, VIRAL]),
+        "bacterial_vs_viral": bv,
+    }
+
+
+def choose_threshold(y: np.ndarray, probs: np.ndarray, method: str = "youden",
+                     target_sensitivity: float | None = None) -> tuple[float, str]:
+    """Pneumonia threshold chosen on validation data.
+
+    ``youden`` maximises sensitivity + specificity - 1; ``sensitivity`` takes the highest
+    threshold whose sensitivity is still >= ``target_sensitivity`` (more specificity, same recall).
+    """
+    yb = (np.asarray(y) != NORMAL).astype(int)
+    score = pneumonia_score(probs)
+    if not 0 < yb.sum() < len(yb):
+        return 0.5, "default 0.5 (validation has a single class)"
+    fpr, tpr, thr = roc_curve(yb, score)
+    thr = np.clip(thr, 0.0, 1.0)
+    if method == "youden":
+        j = tpr - fpr
+        best = np.flatnonzero(j == j.max())
+        i = best[len(best) // 2]  # middle of a plateau of equally good thresholds
+        return float(thr[i]), f"Youden's J on validation (J={j[i]:.3f})"
+    if method == "sensitivity":
+        if target_sensitivity is None or not 0 < target_sensitivity <= 1:
+            raise ValueError(f"target sensitivity {target_sensitivity} must be in (0, 1]")
+        ok = np.flatnonzero(tpr >= target_sensitivity)
+        i = ok[0]
+        return float(thr[i]), f"highest threshold with validation sensitivity >= {target_sensitivity:g}"
+    raise ValueError(f"threshold method {method!r} is unknown; use youden or sensitivity")
+
+
+def prior_shift(probs: np.ndarray, train_prior: np.ndarray, new_prior: np.ndarray) -> np.ndarray:
+    """Re-weight posteriors for a change of class priors (Saerens et al. 2002), renormalised."""
+    w = np.asarray(new_prior, float) / np.clip(np.asarray(train_prior, float), 1e-12, None)
+    p = np.asarray(probs, float) * w
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def roc_points(y: np.ndarray, probs: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """(fpr, tpr, auc) for each task of the report."""
+    y = np.asarray(y)
+    out = {}
+    tasks = {
+        "normal vs pneumonia": (y != NORMAL, pneumonia_score(probs)),
+        "bacterial vs rest": (y == BACTERIAL, probs[:, BACTERIAL]),
+        "viral vs rest": (y == VIRAL, probs[:, VIRAL]),
+    }
+    pn = y != NORMAL
+    if pn.any():
+        tasks["bacterial vs viral"] = (y[pn] == BACTERIAL,
+                                       probs[pn, BACTERIAL] / np.clip(probs[pn, 1] + probs[pn, 2], 1e-12, None))
+    for name, (t, s) in tasks.items():
+        t = np.asarray(t).astype(int)
+        if 0 < t.sum() < len(t):
+            fpr, tpr, _ = roc_curve(t, s)
+            out[name] = (fpr, tpr, float(roc_auc_score(t, s)))
+    return out

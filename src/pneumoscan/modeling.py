@@ -1,0 +1,213 @@
+"""The classifier network and the model directory it is saved in.
+
+A model directory holds ``model.safetensors`` (backbone and head weights) and ``config.json``
+(backbone, preprocessing, class order, pneumonia threshold, training config, manifest hash,
+validation metrics, SHA-256 of every weight file). Nothing is pickled. Loading checks the
+SHA-256 before any tensor is read, so a tampered file is refused.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import LABELS, __version__
+from .backbones import build_architecture
+from .errors import ModelError
+from .preprocess import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "pneumoscan-model/1"
+
+
+class Head(nn.Module):
+    """The study's top model on pooled features: dropout then a dense softmax layer (logits out)."""
+
+    def __init__(self, in_features: int, num_classes: int = len(LABELS), dropout: float = 0.2) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(x))
+
+
+class PneumoNet(nn.Module):
+    """Backbone (global average pooled) + :class:`Head`. ``forward`` returns logits."""
+
+    def __init__(self, backbone: nn.Module, head: Head) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class Ensemble(nn.Module):
+    """Average of member probabilities; ``forward`` returns log-probabilities (usable as logits)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.stack([m(x).softmax(-1) for m in self.members]).mean(0)
+        return p.clamp_min(1e-12).log()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, then ``os.replace``: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model: the network (eval mode), its config and where it came from."""
+
+    net: nn.Module
+    config: dict
+    path: Path | None
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.config["preprocess"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config.get("threshold", 0.5))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.config.get("labels", LABELS))
+
+    @property
+    def model_id(self) -> str:
+        return str(self.config.get("model_id", "unknown"))
+
+
+def save_model(out_dir: str | os.PathLike, net: nn.Module, config: dict) -> Path:
+    """Write ``net`` and ``config`` into ``out_dir`` (weights as safetensors, SHA-256 recorded)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": FORMAT})
+        digest = sha256_file(tmp)
+        os.replace(tmp, out / WEIGHTS_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    cfg = dict(config)
+    cfg.setdefault("format", FORMAT)
+    cfg.setdefault("labels", list(LABELS))
+    cfg.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    cfg.setdefault("pneumoscan_version", __version__)
+    cfg["files"] = {**cfg.get("files", {}), WEIGHTS_NAME: digest}
+    cfg["model_id"] = f"{cfg.get('name', cfg.get('backbone', 'model'))}-{digest[:12]}"
+    atomic_write_json(out / CONFIG_NAME, cfg)
+    return out
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    d = Path(model_dir)
+    if not d.exists():
+        raise ModelError(f"model directory {d} does not exist; train one with 'pneumoscan train' or omit --model")
+    p = d / CONFIG_NAME
+    if not p.is_file():
+        raise ModelError(f"{d} is not a pneumoscan model directory (no {CONFIG_NAME})")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{p} is not valid JSON ({e}); restore it from the model's source") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise ModelError(f"{p} is not a {FORMAT} config")
+    return cfg
+
+
+def verify_file(model_dir: Path, name: str, cfg: dict) -> Path:
+    """Check a weight file against the SHA-256 in the config; refuse it on mismatch."""
+    path = model_dir / name
+    expected = cfg.get("files", {}).get(name)
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; the model directory is incomplete")
+    if expected is None:
+        raise ModelError(f"{model_dir / CONFIG_NAME} records no SHA-256 for {name}; refusing unverified weights")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelError(f"{path} fails its integrity check (SHA-256 {actual[:12]}... != {expected[:12]}... "
+                         "recorded in config.json): the file was changed or corrupted; re-export or re-train")
+    return path
+
+
+def build_net(cfg: dict) -> nn.Module:
+    """The architecture described by a config (no weights)."""
+    if cfg.get("kind") == "ensemble":
+        return Ensemble([build_net(m) for m in cfg["members"]])
+    backbone = build_architecture(cfg["backbone"])
+    head = Head(int(cfg["head"]["in_features"]), len(cfg.get("labels", LABELS)), float(cfg["head"].get("dropout", 0.0)))
+    return PneumoNet(backbone, head)
+
+
+def load_model(model_dir: str | os.PathLike) -> ModelBundle:
+    """Load and verify a model directory (single model or ensemble) for inference."""
+    from safetensors.torch import load_file
+
+    d = Path(model_dir)
+    cfg = read_config(d)
+    path = verify_file(d, WEIGHTS_NAME, cfg)
+    net = build_net(cfg)
+    try:
+        net.load_state_dict(load_file(str(path)), strict=True)
+    except Exception as e:
+        raise ModelError(f"{path} does not match the architecture in config.json: {e}") from None
+    net.eval()
+    return ModelBundle(net=net, config=cfg, path=d)
+
+
+def default_model_dir() -> Path:
+    """The shipped default model (inside the package), or $PNEUMOSCAN_MODEL when set."""
+    env = os.environ.get("PNEUMOSCAN_MODEL")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent / "models" / "default"
+
+
+def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+    return Path(model) if model else default_model_dir()

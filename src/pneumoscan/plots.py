@@ -1,0 +1,95 @@
+"""Figures (matplotlib, Agg backend): history, confusion matrix, ROC curves, comparison bars."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import LABELS  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_history(history: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Loss and accuracy per epoch, train and validation."""
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in zip(axes, ("loss", "acc")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            vals = [h.get(f"{split}_{key}") for h in history]
+            if any(v is not None for v in vals):
+                ax.plot(ep, vals, style, ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key if key == "loss" else "accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    best = min(history, key=lambda h: h.get("val_loss", np.inf)) if history else None
+    if best and best.get("val_loss") is not None:
+        axes[0].axvline(best["epoch"], color="grey", ls="--", lw=1)
+        axes[0].set_title(f"best epoch {best['epoch']} (val loss {best['val_loss']:.3f})")
+    return _save(fig, path)
+
+
+def plot_confusion(cm: Sequence[Sequence[int]], path: str | os.PathLike, labels: Sequence[str] = LABELS) -> Path:
+    """Counts and row-normalised confusion matrices side by side (rows are true labels)."""
+    cm = np.asarray(cm, dtype=float)
+    norm = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, mat, title, fmt in ((axes[0], cm, "counts", "{:.0f}"), (axes[1], norm, "row-normalised", "{:.2f}")):
+        ax.imshow(mat, cmap="Blues", vmin=0, vmax=mat.max() if mat.max() > 0 else 1)
+        for i in range(mat.shape[0]):
+            for j in range(mat.shape[1]):
+                ax.text(j, i, fmt.format(mat[i, j]), ha="center", va="center",
+                        color="white" if mat[i, j] > 0.6 * mat.max() else "black")
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_roc(curves: dict, path: str | os.PathLike) -> Path:
+    """One ROC panel per task, AUC in the legend."""
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_bars(names: Sequence[str], series: dict[str, Sequence[float]], path: str | os.PathLike,
+              title: str = "") -> Path:
+    """Grouped bar chart: one group per name, one bar per series (e.g. accuracy, AUC)."""
+    x = np.arange(len(names))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+    for k, (label, vals) in enumerate(series.items()):
+        ax.bar(x + k * width - 0.4 + width / 2, vals, width, label=label)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    lo = min((v for vals in series.values() for v in vals if v == v), default=0)
+    ax.set_ylim(max(0, lo - 0.05), 1.0)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,103 @@
+"""Turn a decoded X-ray into a model input tensor.
+
+The size, mean, std and interpolation travel with the backbone (timm's pretrained config),
+are resolved once into a :class:`PreprocessConfig`, and are saved inside every model directory
+so that training, evaluation, serving and export all use the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from .errors import PneumoscanError
+
+SIZES = (224, 299, 320, 128, 160, 192, 240, 256, 260, 288, 384)  # study sizes first
+INTENSITY = ("none", "equalize", "clahe")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything needed to turn pixels into a tensor; saved in the model's JSON."""
+
+    size: int = 224  # square input side; the image is resized without keeping aspect (as in the study)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel, from the backbone's pretrained cfg
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # per-channel, from the backbone's pretrained cfg
+    intensity: str = "none"  # "none", "equalize" (global histogram) or "clahe" (adaptive): exposure robustness
+
+    def __post_init__(self) -> None:
+        if not 32 <= int(self.size) <= 1024:
+            raise PneumoscanError(f"image size {self.size} is out of range; use 224, 299 or 320")
+        if self.intensity not in INTENSITY:
+            raise PneumoscanError(f"intensity {self.intensity!r} is unknown; use one of {', '.join(INTENSITY)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   intensity=d.get("intensity", "none"))
+
+    def key(self) -> str:
+        """A short string that identifies the preprocessing (part of the feature-cache key)."""
+        m = ",".join(f"{v:.4f}" for v in self.mean)
+        s = ",".join(f"{v:.4f}" for v in self.std)
+        return f"s{self.size}-m{m}-d{s}-{self.intensity}-v1"
+
+
+class Preprocess:
+    """Callable: uint8 grayscale (H x W) -> float32 tensor (3 x size x size), normalised."""
+
+    def __init__(self, cfg: PreprocessConfig) -> None:
+        self.cfg = cfg
+        self._mean = np.asarray(cfg.mean, np.float32).reshape(3, 1, 1) * 255.0
+        self._inv_std = 1.0 / (np.asarray(cfg.std, np.float32).reshape(3, 1, 1) * 255.0)
+        self._clahe = None
+
+    def __repr__(self) -> str:
+        return f"Preprocess({self.cfg})"
+
+    def resize(self, gray: np.ndarray) -> np.ndarray:
+        """Intensity normalisation then resize to ``size x size`` (uint8 in, uint8 out)."""
+        if gray.dtype != np.uint8 or gray.ndim != 2:
+            raise PneumoscanError(f"expected an 8-bit grayscale image, got {gray.dtype} with shape {gray.shape}")
+        s = self.cfg.size
+        h, w = gray.shape
+        interp = cv2.INTER_AREA if (h > s or w > s) else cv2.INTER_LINEAR
+        out = cv2.resize(gray, (s, s), interpolation=interp) if (h, w) != (s, s) else gray
+        if self.cfg.intensity == "equalize":
+            out = cv2.equalizeHist(out)
+        elif self.cfg.intensity == "clahe":
+            if self._clahe is None:
+                self._clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+            out = self._clahe.apply(out)
+        return np.ascontiguousarray(out)
+
+    def normalize(self, resized: np.ndarray) -> torch.Tensor:
+        """uint8 ``size x size`` -> normalised float32 tensor of 3 identical-content channels."""
+        x = (resized.astype(np.float32)[None] - self._mean) * self._inv_std
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    def __call__(self, gray: np.ndarray) -> torch.Tensor:
+        return self.normalize(self.resize(gray))
+
+
+def normalize_batch(batch_u8: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """(N, S, S) uint8 -> (N, 3, S, S) float32 normalised; the vectorised form of Preprocess."""
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    x = batch_u8.to(torch.float32).unsqueeze(1)
+    return (x - mean) / std
+
+
+def check_size(size: int, allowed: Sequence[int] | None = None) -> int:
+    """Validate an image size option early, with the fix in the message."""
+    if allowed and size not in allowed:
+        raise PneumoscanError(f"image size {size} is not supported here; use one of {', '.join(map(str, allowed))}")
+    return int(size)

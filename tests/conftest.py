@@ -1,0 +1,64 @@
+"""Shared fixtures: a synthetic dataset in the redistribution layout and a tiny trained model.
+
+Everything here runs on CPU without network in a few seconds. Tests that read the real data
+use ``real_data_dir`` and are skipped when ``../shared/data`` is absent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PNEUMOSCAN_SHARED_DATA", REPO.parent / "shared" / "data" / "chest_xray"))
+
+
+def _xray(rng: np.random.Generator, cls: str, size: int = 96) -> Image.Image:
+    """A fake 'X-ray': noise whose brightness and texture depend on the class (learnable)."""
+    base = {"normal": 60, "bacterial": 140, "viral": 200}[cls]
+    a = rng.normal(base, 25, (size, size))
+    if cls != "normal":
+        a[size // 4: 3 * size // 4, size // 4: 3 * size // 4] += 30 if cls == "bacterial" else -30
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L")
+
+
+def make_dataset(root: Path, n_patients: int = 8, per_patient: int = 2, seed: int = 0, size: int = 96) -> Path:
+    """Redistribution layout: train/NORMAL, train/PNEUMONIA (bacteria and virus names)."""
+    rng = np.random.default_rng(seed)
+    for k in range(n_patients):
+        for j in range(per_patient):
+            (root / "train" / "NORMAL").mkdir(parents=True, exist_ok=True)
+            (root / "train" / "PNEUMONIA").mkdir(parents=True, exist_ok=True)
+            _xray(rng, "normal", size).save(root / "train" / "NORMAL" / f"IM-{k:04d}-{j + 1:04d}.jpeg")
+            _xray(rng, "bacterial", size).save(root / "train" / "PNEUMONIA" / f"person{k + 1}_bacteria_{10 * k + j}.jpeg")
+            _xray(rng, "viral", size).save(root / "train" / "PNEUMONIA" / f"person{k + 1}_virus_{10 * k + j}.jpeg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory) -> Path:
+    """48 synthetic images (8 patients x 2 images x 3 classes) in the redistribution layout."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "chest_xray")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, dataset_dir) -> Path:
+    """A real model directory trained by the real pipeline on the tiny test backbone (random init)."""
+    from pneumoscan.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    cfg = TrainConfig(backbone="test_efficientnet", size=64, pretrained=False, max_epochs=30, patience=10,
+                      lr=1e-2, seed=0)
+    return train(dataset_dir, out, cfg, cache_dir=tmp_path_factory.mktemp("cache"), progress=False,
+                 command="pytest fixture", workers=0)
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """../shared/data/chest_xray (the real training split); skips the test when absent."""
+    if not (SHARED_DATA / "train").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,32 @@
+"""End-to-end smoke test of the core pipeline on synthetic data (CPU, seconds)."""
+from __future__ import annotations
+
+import json
+
+from pneumoscan import LABELS
+from pneumoscan.cli import main
+
+
+def test_train_writes_model_dir(tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    for f in ("model.safetensors", "config.json", "history.csv", "history.png", "manifest.csv"):
+        assert (tiny_model_dir / f).is_file(), f
+    assert cfg["labels"] == list(LABELS)
+    assert 0.0 <= cfg["threshold"] <= 1.0
+    assert cfg["preprocess"]["size"] == 64
+    assert len(cfg["files"]["model.safetensors"]) == 64
+
+
+def test_evaluate_schema(tiny_model_dir, dataset_dir, tmp_path):
+    rc = main(["-q", "evaluate", "--data", str(dataset_dir), "--model", str(tiny_model_dir), "--out", str(tmp_path)])
+    assert rc == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["n"] == 48 and m["labels"] == list(LABELS)
+    assert sum(map(sum, m["confusion_matrix"])) == 48
+    for key in ("normal_vs_pneumonia", "bacterial_vs_rest", "viral_vs_rest", "bacterial_vs_viral"):
+        for k in ("accuracy", "sensitivity", "specificity", "f1", "auc"):
+            assert 0.0 <= m[key][k] <= 1.0, (key, k)
+    ci = m["normal_vs_pneumonia"]["ci95"]
+    assert ci["accuracy"][0] <= m["normal_vs_pneumonia"]["accuracy"] <= ci["accuracy"][1]
+    for f in ("confusion_matrix.png", "roc.png", "report.md", "predictions.csv"):
+        assert (tmp_path / f).is_file()
