@@ -180,7 +180,15 @@ def build_architecture(name: str) -> nn.Module:
 
 
 def gradcam_layer(backbone: nn.Module) -> nn.Module:
-    """The backbone's last convolutional stage (Grad-CAM's target)."""
+    """The backbone's last convolutional stage (Grad-CAM's target).
+
+    timm's ``feature_info`` names the last *stage*; EfficientNets add a 1x1 ``conv_head`` and its
+    norm+activation ``bn2`` after it, and those are what the classifier pools, so they are the target.
+    """
+    from timm.models.efficientnet import EfficientNet
+
+    if isinstance(backbone, EfficientNet):
+        return backbone.bn2
     info = getattr(backbone, "feature_info", None)
     if info is not None:
         modname = info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]

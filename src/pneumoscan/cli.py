@@ -12,7 +12,7 @@ import sys
 from . import INTENDED_USE, __version__
 from .errors import PneumoscanError
 
-ORDER = ["data", "extract", "train", "evaluate", "predict", "compare", "finetune", "ensemble", "threshold",
+ORDER = ["run", "data", "extract", "train", "evaluate", "predict", "compare", "finetune", "ensemble", "threshold",
          "robustness", "explain", "visualize", "export", "serve", "card", "bench", "backbones"]
 
 
@@ -30,8 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     names = {m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")}
     for name in [n for n in ORDER if n in names] + sorted(names - set(ORDER)):
-        importlib.import_module(f"{commands.__name__}.{name}").register(sub)
+        try:
+            importlib.import_module(f"{commands.__name__}.{name}").register(sub)
+        except ImportError as e:  # an optional dependency is missing: the command says so when used
+            _unavailable(sub, name, e)
     return parser
+
+
+def _unavailable(sub, name: str, err: Exception) -> None:
+    def fail(_args) -> int:
+        raise PneumoscanError(f"command {name!r} is unavailable: {err}; reinstall pneumoscan with its dependencies")
+
+    sub.add_parser(name, help=f"(unavailable: {err})").set_defaults(func=fail)
+
+
+def _quiet_lightning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not record.name.startswith(("lightning", "pytorch_lightning"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose < 2 else logging.INFO)
+    if args.verbose < 2:  # Lightning sets its loggers to INFO at import: keep its chatter out of our output
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_lightning)
     os.environ.setdefault("PNEUMOSCAN_PROGRESS", "0" if args.quiet else "1")
     try:
         rc = args.func(args)

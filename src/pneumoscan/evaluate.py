@@ -34,23 +34,35 @@ def _clean(obj):
 
 def evaluate(data: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike | None = None, *,
              backend: str = "torch", batch_size: int = 32, progress: bool = True, n_boot: int = 1000,
-             predictor: Predictor | None = None) -> dict:
-    """Evaluate ``model`` on all labelled images under ``data`` (no split); returns the metrics."""
+             predictor: Predictor | None = None, prevalence: float | None = None) -> dict:
+    """Evaluate ``model`` on all labelled images under ``data`` (no split); returns the metrics.
+
+    ``prevalence``: the expected share of pneumonia; probabilities are prior-shift corrected.
+    """
     found, skipped = scan(data)
     if not found:
         raise DataError(f"no labelled images under {data}: expected NORMAL/ and PNEUMONIA/ "
                         "(or normal/ bacterial/ viral/) folders")
-    pred = predictor or Predictor(model, backend=backend)
-    paths = [str(p) for p, _, _ in found]
-    truth = {str(p): LABELS.index(lab) for p, lab, _ in found}
+    pred = predictor or Predictor(model, backend=backend, prevalence=prevalence)
+    items = [(str(p), lab) for p, lab, _ in found]
+    return evaluate_items(items, out, pred, data_root=str(Path(data).resolve()), skipped=skipped,
+                          batch_size=batch_size, progress=progress, n_boot=n_boot)
+
+
+def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: Predictor, *, data_root: str = "",
+                   skipped=(), batch_size: int = 32, progress: bool = True, n_boot: int = 1000) -> dict:
+    """Evaluate ``(path, label)`` pairs (e.g. a manifest's validation split) and write the outputs."""
+    paths = [p for p, _ in items]
+    truth = {p: LABELS.index(lab) for p, lab in items}
     preds, errors = pred.predict_files(paths, batch_size=batch_size, progress=progress)
     if not preds:
-        raise DataError(f"none of the {len(paths)} images under {data} could be decoded")
+        raise DataError(f"none of the {len(paths)} images under {data_root or 'the given list'} could be decoded")
     y = np.array([truth[p.path] for p in preds])
     probs = np.array([[p.probabilities[lab] for lab in LABELS] for p in preds])
     metrics = compute_metrics(y, probs, pred.threshold, n_boot=n_boot)
-    metrics["model"] = {"id": pred.model_id, "dir": str(pred.model_dir), "backend": backend}
-    metrics["data"] = {"root": str(Path(data).resolve()), "skipped": len(skipped), "failed_to_decode": len(errors)}
+    metrics["model"] = {"id": pred.model_id, "dir": str(pred.model_dir), "backend": pred.backend,
+                        "prevalence": pred.prevalence}
+    metrics["data"] = {"root": data_root, "skipped": len(skipped), "failed_to_decode": len(errors)}
     metrics = _clean(metrics)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

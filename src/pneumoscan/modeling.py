@@ -56,16 +56,59 @@ class PneumoNet(nn.Module):
         return self.head(self.backbone(x))
 
 
-class Ensemble(nn.Module):
-    """Average of member probabilities; ``forward`` returns log-probabilities (usable as logits)."""
+TTA = ("none", "flip")  # test-time augmentation of an ensemble: none, or + horizontal flip
 
-    def __init__(self, members: list[nn.Module]) -> None:
+
+class Ensemble(nn.Module):
+    """Average of member probabilities; ``forward`` returns log-probabilities (usable as logits).
+
+    Everything happens inside the graph, so ONNX export and serving get the same model:
+    ``tta="flip"`` also scores the horizontally flipped image and averages it in, and
+    ``input_affine`` (one ``(scale, shift)`` pair of 3-vectors per member, or ``None``)
+    maps the ensemble's normalised input to a member whose mean/std differ.
+    """
+
+    def __init__(self, members: list[nn.Module], tta: str = "none",
+                 input_affine: list[tuple[list[float], list[float]] | None] | None = None) -> None:
         super().__init__()
+        if tta not in TTA:
+            raise ModelError(f"test-time augmentation {tta!r} is unknown; use one of {', '.join(TTA)}")
         self.members = nn.ModuleList(members)
+        self.tta = tta
+        affine = list(input_affine or [None] * len(members))
+        if len(affine) != len(members):
+            raise ModelError(f"{len(affine)} input mappings for {len(members)} ensemble members")
+        self._renorm = [a is not None for a in affine]
+        for i, a in enumerate(affine):  # not persistent: rebuilt from config.json, never in the weights
+            scale, shift = a if a is not None else ([1.0] * 3, [0.0] * 3)
+            self.register_buffer(f"in_scale_{i}", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1),
+                                 persistent=False)
+            self.register_buffer(f"in_shift_{i}", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1),
+                                 persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.stack([m(x).softmax(-1) for m in self.members]).mean(0)
+        n = x.shape[0]
+        views = torch.cat([x, x.flip(-1)]) if self.tta == "flip" else x
+        probs = []
+        for i, m in enumerate(self.members):
+            v = views * getattr(self, f"in_scale_{i}") + getattr(self, f"in_shift_{i}") if self._renorm[i] else views
+            p = m(v).softmax(-1)
+            probs.append(p.view(-1, n, p.shape[-1]).mean(0) if self.tta == "flip" else p)
+        p = torch.stack(probs).mean(0)
         return p.clamp_min(1e-12).log()
+
+
+def member_input_affine(ensemble_prep: dict, member_prep: dict) -> tuple[list[float], list[float]] | None:
+    """(scale, shift) taking input normalised by ``ensemble_prep`` to a member's normalisation.
+
+    Both normalise the same uint8 image u: x = (u - m)/s, x_i = (u - m_i)/s_i, hence
+    x_i = x * s/s_i + (m - m_i)/s_i exactly. ``None`` when the two agree.
+    """
+    m, s = ensemble_prep["mean"], ensemble_prep["std"]
+    mi, si = member_prep["mean"], member_prep["std"]
+    if list(m) == list(mi) and list(s) == list(si):
+        return None
+    return [a / b for a, b in zip(s, si)], [(a - c) / b for a, c, b in zip(m, mi, si)]
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -179,7 +222,8 @@ def verify_file(model_dir: Path, name: str, cfg: dict) -> Path:
 def build_net(cfg: dict) -> nn.Module:
     """The architecture described by a config (no weights)."""
     if cfg.get("kind") == "ensemble":
-        return Ensemble([build_net(m) for m in cfg["members"]])
+        affine = [member_input_affine(cfg["preprocess"], m["preprocess"]) for m in cfg["members"]]
+        return Ensemble([build_net(m) for m in cfg["members"]], tta=cfg.get("tta", "none"), input_affine=affine)
     backbone = build_architecture(cfg["backbone"])
     head = Head(int(cfg["head"]["in_features"]), len(cfg.get("labels", LABELS)), float(cfg["head"].get("dropout", 0.0)))
     return PneumoNet(backbone, head)

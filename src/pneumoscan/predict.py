@@ -102,10 +102,7 @@ class Predictor:
     def _adjust(self, p: np.ndarray) -> np.ndarray:
         if self.prevalence is None:
             return p
-        train_prior = np.asarray(self.config.get("train_prior", [1 / 3] * 3), float)
-        pn = train_prior[1:] / train_prior[1:].sum()
-        new_prior = np.array([1 - self.prevalence, *(self.prevalence * pn)])
-        return prior_shift(p, train_prior, new_prior)
+        return prior_shift(p, model_prior(self.config), prevalence_prior(self.config, self.prevalence))
 
     def tensor(self, x: XRay) -> torch.Tensor:
         return self.pre(x.pixels)
@@ -162,6 +159,29 @@ class Predictor:
             self.probabilities(x)
             dt = time.perf_counter() - t
         return dt
+
+
+def model_prior(config: dict) -> np.ndarray:
+    """The class prior the model's probabilities answer to (Saerens et al.'s training prior).
+
+    A loss with inverse-frequency ("balanced") class weights cancels the data's class frequencies,
+    so such a model's posteriors are those of equal priors; without weights they follow the
+    training frequencies. An explicit ``model_prior`` in config.json (ensembles) wins.
+    """
+    k = len(config.get("labels", LABELS))
+    if "model_prior" in config:
+        return np.asarray(config["model_prior"], float)
+    if config.get("train_config", {}).get("class_weight") == "balanced" or "train_prior" not in config:
+        return np.full(k, 1.0 / k)
+    return np.asarray(config["train_prior"], float)
+
+
+def prevalence_prior(config: dict, prevalence: float) -> np.ndarray:
+    """Class prior for a stated pneumonia prevalence; bacterial vs viral keep the training ratio."""
+    k = len(config.get("labels", LABELS))
+    train_prior = np.asarray(config.get("train_prior", [1.0 / k] * k), float)
+    pn = train_prior[1:] / train_prior[1:].sum()
+    return np.array([1.0 - prevalence, *(prevalence * pn)])
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -90,8 +90,8 @@ class Preprocess:
 
 def normalize_batch(batch_u8: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """(N, S, S) uint8 -> (N, 3, S, S) float32 normalised; the vectorised form of Preprocess."""
-    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=batch_u8.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(cfg.std, dtype=torch.float32, device=batch_u8.device).view(1, 3, 1, 1) * 255.0
     x = batch_u8.to(torch.float32).unsqueeze(1)
     return (x - mean) / std
 

@@ -131,13 +131,18 @@ class KeepBest:
                 self.best_epoch = -1
                 self.state: dict | None = None
                 self.history: list[dict] = []
+                self.epoch_lr = float("nan")
+
+            def on_train_epoch_start(self, trainer, module) -> None:
+                # the lr this epoch trains with; by validation's end an epoch-interval scheduler has stepped
+                self.epoch_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
 
             def on_validation_epoch_end(self, trainer, module) -> None:
                 if trainer.sanity_checking:
                     return
                 m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith(("_loss", "_acc"))}
                 m["epoch"] = trainer.current_epoch + 1
-                m["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+                m["lr"] = self.epoch_lr
                 self.history.append(m)
                 if m.get(monitor, float("inf")) < self.best:
                     self.best, self.best_epoch = m[monitor], m["epoch"]

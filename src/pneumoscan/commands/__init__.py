@@ -33,3 +33,14 @@ def fraction(text: str) -> float:
     if not 0.0 < v < 1.0:
         raise argparse.ArgumentTypeError(f"{v} must lie strictly between 0 and 1")
     return v
+
+
+def tame_lightning() -> None:
+    """Lightning attaches an INFO console handler at import; keep it to warnings unless -vv."""
+    import logging
+
+    import lightning  # noqa: F401  (import first: the handler is created then)
+
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for h in logging.getLogger("lightning").handlers:
+            h.setLevel(logging.WARNING)

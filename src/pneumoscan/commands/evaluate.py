@@ -10,6 +10,8 @@ def register(sub) -> None:
     add_model_arg(p)
     p.add_argument("--out", required=True, help="output folder for metrics.json, plots and report.md")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="inference engine")
+    p.add_argument("--prevalence", type=float, default=None,
+                   help="expected share of pneumonia in your data: corrects probabilities for the prior shift")
     p.add_argument("--batch-size", type=positive_int, default=32, help="inference batch size")
     p.set_defaults(func=run)
 
@@ -18,7 +20,7 @@ def run(args) -> int:
     from ..evaluate import evaluate
 
     m = evaluate(args.data, args.out, args.model, backend=args.backend, batch_size=args.batch_size,
-                 progress=progress_enabled())
+                 progress=progress_enabled(), prevalence=args.prevalence)
     v = m["normal_vs_pneumonia"]
     print(f"{m['n']} images: 3-class acc {m['three_class']['accuracy']:.3f}, macro F1 {m['three_class']['macro_f1']:.3f}")
     print(f"normal vs pneumonia: acc {v['accuracy']:.3f} sens {v['sensitivity']:.3f} spec {v['specificity']:.3f} "

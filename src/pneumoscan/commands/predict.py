@@ -35,6 +35,10 @@ def run(args) -> int:
     pred = Predictor(args.model, backend=args.backend, prevalence=args.prevalence)
     preds, errors = pred.predict_files([str(f) for f in files], batch_size=args.batch_size)
     errors = missing + errors
+    if not preds:  # nothing usable at all: one line and exit 2, like every other user mistake
+        path, err = errors[0]
+        more = f" (and {len(errors) - 1} more files failed)" if len(errors) > 1 else ""
+        raise PneumoscanError((err if path in err else f"{path}: {err}") + more)
     if args.json:
         json.dump({"intended_use": INTENDED_USE, "model": pred.model_id, "model_card": pred.card_path,
                    "threshold": pred.threshold, "predictions": [p.to_dict() for p in preds],

@@ -51,6 +51,9 @@ def run(args) -> int:
 
     from ..train import train
 
+    from . import tame_lightning
+
+    tame_lightning()
     cfg = config_from_args(args)
     out = train(args.data, args.out, cfg, cache_dir=args.cache, progress=progress_enabled(),
                 command="pneumoscan " + shlex.join(sys.argv[1:]), batch_size=args.batch_size, workers=args.workers)

@@ -1,0 +1,145 @@
+"""Extraction throughput: decode + preprocess + frozen-backbone forward, end to end, in images/s.
+
+Every variant (engine x decoding workers) runs in a fresh Python process, so that thread pools,
+peak memory and caches of one variant never leak into the next. The machine's sustained fp32
+GEMM rate (same thread count) and the backbone's FLOPs (counted by torch) turn images/s into the
+share of the compute bound that the pipeline reaches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import (Sample, count_flops, cpu_seconds, dataset_samples, gemm_gflops, make_images, peak_rss_mb,
+               shared_data_dir, write_result)
+
+log = logging.getLogger(__name__)
+
+COMPARE = (("torch", 0), ("torch", 2), ("onnx", 0), ("onnx", 1), ("onnx", 2))  # (engine, workers) of --compare
+
+
+def run_variant(spec: dict) -> dict:
+    """One timed extraction into a fresh cache (runs inside its own process)."""
+    import torch
+
+    from ..backbones import create_backbone, default_preprocess
+    from ..features import FeatureCache, ONNX_MIN_IMAGES, export_backbone_onnx, extract_features
+
+    if spec.get("torch_threads"):
+        torch.set_num_threads(int(spec["torch_threads"]))
+    samples = [Sample(*s) for s in json.loads(Path(spec["samples"]).read_text())]
+    backbone, size, engine = spec["backbone"], spec["size"], spec["engine"]
+    net, wid = create_backbone(backbone, pretrained=spec["pretrained"])
+    prep = default_preprocess(backbone, size)
+    with tempfile.TemporaryDirectory(prefix="pneumoscan-bench-") as cache_dir:
+        export_s = None
+        if engine == "onnx" or (engine == "auto" and len(samples) >= ONNX_MIN_IMAGES):
+            t = time.perf_counter()  # one-off cost, paid once per backbone and cache folder
+            export_backbone_onnx(net, prep.size, FeatureCache.for_key(cache_dir, backbone, wid, prep).root)
+            export_s = round(time.perf_counter() - t, 2)
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        feats, ok, info = extract_features(samples, backbone, size=size, cache_dir=cache_dir, net=net,
+                                           weights_id=wid, engine=engine, workers=spec["workers"],
+                                           batch_size=spec["batch_size"], progress=False)
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    n = int(ok.sum())
+    return {"backbone": backbone, "size": prep.size, "engine": info["engine"], "workers": info.get("workers"),
+            "batch_size": spec["batch_size"], "images": n, "failed": len(info["failed"]),
+            "seconds": round(wall, 2), "images_per_s": round(n / wall, 1),
+            "cpu_ms_per_image": round(1e3 * cpu / max(n, 1), 1), "peak_rss_mb": peak_rss_mb(),
+            "export_s": export_s, "feature_dim": int(feats.shape[1])}
+
+
+def _spawn(spec: dict) -> dict:
+    r = subprocess.run([sys.executable, "-m", "pneumoscan.bench.extract", json.dumps(spec)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"extract variant {spec['engine']}/{spec['workers']} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def decode_figures(samples: list[Sample], size: int, big_px: int = 2000, n_big: int = 12) -> dict:
+    """CPU ms per image for decode + resize: the bench images, and large JPEGs with/without draft."""
+    from ..imaging import load_xray
+    from ..preprocess import Preprocess, PreprocessConfig
+
+    pp = Preprocess(PreprocessConfig(size=size))
+
+    def per_image(paths, hint) -> float:
+        pp.resize(load_xray(paths[0], size_hint=hint).pixels)  # warm-up
+        t = time.process_time()
+        for p in paths:
+            pp.resize(load_xray(p, size_hint=hint).pixels)
+        return round(1e3 * (time.process_time() - t) / len(paths), 2)
+
+    out = {"bench_images_ms": per_image([s.path for s in samples[:64]], size)}
+    with tempfile.TemporaryDirectory(prefix="pneumoscan-bench-big-") as d:
+        big = [s.path for s in make_images(d, n_big, big_px, rgb=False, seed=1)]
+        out[f"jpeg_{big_px}px_draft_ms"] = per_image(big, size)
+        out[f"jpeg_{big_px}px_full_decode_ms"] = per_image(big, None)
+    out["draft_speedup"] = round(out[f"jpeg_{big_px}px_full_decode_ms"] / out[f"jpeg_{big_px}px_draft_ms"], 2)
+    return out
+
+
+def run(backbones=("efficientnet_lite0",), sizes=(None,), images: int = 512, data: str | None = None,
+        image_px: int = 224, compare: bool = False, batch_size: int = 64, workers: int | None = None,
+        pretrained: bool = True, gemm_seconds: float = 3.0, big_px: int = 2000, out_dir=None) -> tuple[str, Path]:
+    """Run the extraction benchmark; returns (one-line summary, JSON path)."""
+    from ..backbones import create_backbone, default_preprocess
+    from ..features import cpu_count
+
+    with tempfile.TemporaryDirectory(prefix="pneumoscan-bench-") as tmp:
+        if data == "shared":
+            data = str(shared_data_dir() or "")
+            if not data:
+                from ..errors import PneumoscanError
+                raise PneumoscanError("--data shared: ../shared/data/chest_xray/train not found; pass a folder")
+        samples = dataset_samples(data, images) if data else make_images(Path(tmp) / "img", images, image_px)
+        source = {"data": str(data) if data else f"generated {image_px}px RGB JPEG", "images": len(samples)}
+        listing = Path(tmp) / "samples.json"
+        listing.write_text(json.dumps([[s.path, s.sha1] for s in samples]))
+        gemm = gemm_gflops(gemm_seconds, threads=cpu_count())
+        runs, lines = [], []
+        for backbone in backbones:
+            for size in sizes:
+                net, _ = create_backbone(backbone, pretrained=pretrained)
+                prep = default_preprocess(backbone, size)
+                flops = count_flops(net, prep.size)
+                del net
+                variants = list(COMPARE) if compare else [("auto", workers)]
+                for engine, w in variants:
+                    spec = {"samples": str(listing), "backbone": backbone, "size": prep.size, "engine": engine,
+                            "workers": w, "batch_size": batch_size, "pretrained": pretrained}
+                    r = _spawn(spec)
+                    r["requested"] = {"engine": engine, "workers": w}
+                    r["gflop_per_image"] = round(flops / 1e9, 3)
+                    r["achieved_gflops"] = round(flops * r["images_per_s"] / 1e9, 1)
+                    r["compute_bound_images_per_s"] = round(gemm * 1e9 / flops, 1)
+                    r["share_of_compute_bound"] = round(r["achieved_gflops"] / gemm, 3)
+                    runs.append(r)
+                    log.info("extract %s", r)
+                best = max((r for r in runs if r["backbone"] == backbone and r["size"] == prep.size),
+                           key=lambda r: r["images_per_s"])
+                lines.append(f"{backbone}@{prep.size}: {best['images_per_s']:.1f} img/s ({best['engine']}, "
+                             f"{best['workers']} workers, {best['cpu_ms_per_image']} CPU ms/img) = "
+                             f"{best['achieved_gflops']} GFLOP/s, {100 * best['share_of_compute_bound']:.0f}% of "
+                             f"the {gemm} GFLOP/s fp32 GEMM bound ({best['compute_bound_images_per_s']} img/s); "
+                             f"peak {best['peak_rss_mb']:.0f} MB")
+        decode = decode_figures(samples, default_preprocess(backbones[0], sizes[0]).size, big_px)
+    path = write_result("extract", {"source": source, "gemm_gflops": gemm, "gemm_threads": cpu_count(),
+                                    "runs": runs, "decode": decode}, out_dir)
+    line = "extract " + "; ".join(lines) + f"; JPEG draft decode {decode['draft_speedup']}x faster at {big_px} px"
+    return line, path
+
+
+if __name__ == "__main__":  # one variant, in its own process: prints its figures as JSON
+    logging.basicConfig(level=logging.WARNING)
+    print(json.dumps(run_variant(json.loads(sys.argv[1]))))

@@ -1,0 +1,126 @@
+"""pneumoscan explain IMAGE...: occlusion and Grad-CAM heat maps (PNG overlay + raw .npy per image)."""
+from __future__ import annotations
+
+from . import add_model_arg, positive_int
+
+
+def register(sub) -> None:
+    p = sub.add_parser("explain", help="heat maps of where the model looks (occlusion, Grad-CAM)",
+                       description="For each image: a PNG (X-ray, heat map overlay with colour bar, prediction) "
+                                   "and the raw map as .npy, per method; a summary CSV/JSON with each map's "
+                                   "share inside the central chest region; with --grid a summary figure.")
+    p.add_argument("paths", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, DICOM) or folders")
+    add_model_arg(p)
+    p.add_argument("--method", default="both", choices=["occlusion", "gradcam", "both"], help="heat-map method")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--patch", type=positive_int, default=16, help="occlusion patch side in model-input px")
+    p.add_argument("--stride", type=positive_int, default=8, help="occlusion stride in model-input px")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="occluded copies per forward pass")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
+                   help="what runs the occluded copies (auto: ONNX Runtime when possible, else PyTorch)")
+    p.add_argument("--grid", action="store_true",
+                   help="also a summary figure per method with up to 16 of the images")
+    p.add_argument("--sample", type=positive_int, default=None, metavar="N",
+                   help="explain only N images spread evenly over the sub-folders (for big folders)")
+    p.set_defaults(func=run)
+
+
+def pick_evenly(files: list, n: int | None) -> list:
+    """Up to ``n`` files, taken in turn from each parent folder, evenly spaced within it (deterministic)."""
+    if n is None or len(files) <= n:
+        return list(files)
+    groups: dict = {}
+    for f in files:
+        groups.setdefault(str(f.parent), []).append(f)
+    queues = [[g[int(i * len(g) / min(len(g), n))] for i in range(min(len(g), n))] for g in groups.values()]
+    out = []
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return sorted(out)
+
+
+def unique_stems(files: list) -> list[str]:
+    """Output name per file: its stem, prefixed by the parent folder (and a number) when stems clash."""
+    from collections import Counter
+
+    counts = Counter(f.stem for f in files)
+    names, used = [], set()
+    for f in files:
+        name = f.stem if counts[f.stem] == 1 else f"{f.parent.name}_{f.stem}"
+        base, k = name, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def run(args) -> int:
+    import csv
+    import io
+    import json
+    import math
+    import sys
+    from pathlib import Path
+
+    from ..data import iter_image_files
+    from ..errors import ImageError, PneumoscanError
+    from ..explain import CENTRAL_REGION, Explainer
+    from ..imaging import load_xray
+    from ..modeling import atomic_write_bytes, atomic_write_json
+    from ..predict import Predictor
+    from ..visualize import DISPLAY_SIDE, grid_figure, save_array, save_figure, save_overlay
+
+    methods = ("occlusion", "gradcam") if args.method == "both" else (args.method,)
+    files, errors = iter_image_files(args.paths)
+    if not files:
+        what = "; ".join(f"{p}: {e}" for p, e in errors) or "no JPEG, PNG or DICOM files in the given folders"
+        raise PneumoscanError(f"nothing to explain ({what})")
+    files = pick_evenly(files, args.sample)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise PneumoscanError(f"--out {out} is a file; give a folder")
+    pred = Predictor(args.model)
+    explainer = Explainer(pred, patch=args.patch, stride=args.stride, batch_size=args.batch_size,
+                          engine=args.engine)
+    grid_idx = set(pick_evenly(files, 16)) if args.grid else set()
+    rows, grid = [], {m: [] for m in methods}
+    for f, name in zip(files, unique_stems(files)):
+        try:
+            x = load_xray(f, max_pixels=pred.max_pixels, size_hint=max(pred.prep_cfg.size, DISPLAY_SIDE))
+        except ImageError as e:
+            errors.append((str(f), str(e)))
+            continue
+        for e in explainer(x, methods):
+            png = save_overlay(x.pixels, e, out / f"{name}.{e.method}.png", title_name=f.name)
+            npy = save_array(e.heatmap, out / f"{name}.{e.method}.npy")
+            share = e.central_share
+            rows.append({"path": str(f), "method": e.method, "label": e.label,
+                         **{f"p_{k}": round(v, 4) for k, v in e.probabilities.items()},
+                         "central_share": None if math.isnan(share) else round(share, 4),
+                         "seconds": round(e.seconds, 3), "png": str(png), "npy": str(npy)})
+            if f in grid_idx:
+                grid[e.method].append((str(f), x.pixels, e))
+            print(f"{f}: {e.label} ({e.method}, central share {share:.2f}, {e.seconds:.2f} s) -> {png}")
+    if rows:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_bytes(out / "explain.csv", buf.getvalue().encode())
+        left, right, top, bottom = CENTRAL_REGION
+        atomic_write_json(out / "explain.json", {
+            "model": pred.model_id, "methods": list(methods), "patch": args.patch, "stride": args.stride,
+            "central_region": {"left": left, "right": right, "top": top, "bottom": bottom,
+                               "note": "fractions of width/height; a map spread evenly has share 0.42"},
+            "maps": rows})
+        print(f"summary -> {out / 'explain.csv'}")
+    for method, items in grid.items():
+        if items:
+            path = save_figure(grid_figure(items, pred.model_id), out / f"grid.{method}.png", dpi=110)
+            print(f"grid -> {path}")
+    for path, err in errors:
+        print(f"pneumoscan: error: {err}" if path in err else f"pneumoscan: error: {path}: {err}", file=sys.stderr)
+    return 1 if errors else 0

@@ -1,0 +1,92 @@
+"""pneumoscan finetune: end-to-end fine-tuning (Lightning; multi-GPU / multi-node via DDP)."""
+from __future__ import annotations
+
+from . import fraction, positive_int, progress_enabled
+
+
+def register(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune backbone + head end to end; writes a model directory")
+    p.add_argument("data", help="data folder or manifest CSV")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="registered backbone")
+    p.add_argument("--size", type=int, default=None, help="input side (default: the backbone's)")
+    p.add_argument("--intensity", default="none", choices=["none", "equalize", "clahe"], help="intensity normalisation")
+    p.add_argument("--weights", default=None, metavar="FILE", help="ImageNet weights file for the backbone")
+    p.add_argument("--no-pretrained", action="store_true", help="random initial weights (tests only)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs (default 10)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="batch size per device (default 32)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate (default 3e-4)")
+    p.add_argument("--head-lr-mult", type=float, default=10.0, help="head learning-rate multiplier (default 10)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up epochs (default 1)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle", "constant"], help="lr schedule")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default 0.1)")
+    p.add_argument("--class-weight", default="balanced", choices=["none", "balanced"], help="loss class weighting")
+    p.add_argument("--dropout", type=float, default=0.2, help="dropout before the dense layer")
+    p.add_argument("--ema-decay", type=float, default=0.998, help="EMA decay per step; 0 disables (default 0.998)")
+    p.add_argument("--unfreeze", default="all", help="'all' or the backbone child from which on to train")
+    p.add_argument("--flip", action="store_true", help="add horizontal flips to the augmentation")
+    p.add_argument("--no-augment", action="store_true", help="switch augmentation off")
+    p.add_argument("--rotate", type=float, default=10.0, help="max rotation in degrees (default 10)")
+    p.add_argument("--patience", type=int, default=0, help="early-stopping patience; 0 = off")
+    p.add_argument("--threshold-method", default="youden", choices=["youden", "sensitivity"])
+    p.add_argument("--target-sensitivity", type=float, default=None)
+    p.add_argument("--val-fraction", type=fraction, default=0.2, help="patient-grouped validation share")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    p.add_argument("--devices", default="1", help="devices per node (an integer or 'auto')")
+    p.add_argument("--num-nodes", type=positive_int, default=1, help="machines for DDP")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    p.add_argument("--precision", default="auto", help="auto (bf16-mixed on GPU), 32-true, bf16-mixed, 16-mixed")
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (smoke tests)")
+    p.add_argument("--workers", type=int, default=2, help="decoding workers")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+    import shlex
+    import sys
+
+    from ..augment import AugmentConfig
+    from ..errors import PneumoscanError
+    from ..finetune import FinetuneConfig, finetune
+
+    from . import tame_lightning
+
+    tame_lightning()
+    devices = args.devices if args.devices == "auto" else _int(args.devices)
+    aug = AugmentConfig(0, 0, 0, 0, 0, 0, False) if args.no_augment else AugmentConfig(rotate=args.rotate, flip=args.flip)
+    if args.workers < 0:
+        raise PneumoscanError(f"--workers {args.workers} must be 0 or more")
+    cfg = FinetuneConfig(backbone=args.backbone, size=args.size, intensity=args.intensity, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, head_lr_mult=args.head_lr_mult,
+                         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, schedule=args.schedule,
+                         label_smoothing=args.label_smoothing, class_weight=args.class_weight, dropout=args.dropout,
+                         ema_decay=args.ema_decay, unfreeze=args.unfreeze, augment=aug, patience=args.patience,
+                         threshold_method=args.threshold_method, target_sensitivity=args.target_sensitivity,
+                         val_fraction=args.val_fraction, seed=args.seed, pretrained=not args.no_pretrained,
+                         weights=args.weights, accelerator=args.accelerator, devices=devices,
+                         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision,
+                         max_steps=args.max_steps, workers=args.workers)
+    out = finetune(args.data, args.out, cfg, progress=progress_enabled(),
+                   command="pneumoscan " + shlex.join(sys.argv[1:]))
+    if out is None:  # a non-zero DDP rank: rank 0 reports
+        return 0
+    m = json.loads((out / "config.json").read_text())
+    v = m["val_metrics"]["normal_vs_pneumonia"]
+    print(f"model: {out}  best epoch {m['best_epoch']}/{m['epochs_run']}, threshold {m['threshold']:.3f}")
+    print(f"validation: 3-class acc {m['val_metrics']['three_class']['accuracy']:.3f}; normal vs pneumonia "
+          f"acc {v['accuracy']:.3f} sens {v['sensitivity']:.3f} spec {v['specificity']:.3f} AUC {v['auc']:.4f}")
+    return 0
+
+
+def _int(text: str) -> int:
+    from ..errors import PneumoscanError
+    try:
+        v = int(text)
+    except ValueError:
+        raise PneumoscanError(f"--devices {text!r} must be an integer or 'auto'") from None
+    if v < 1:
+        raise PneumoscanError(f"--devices {v} must be at least 1")
+    return v

@@ -1,0 +1,172 @@
+"""Make one model directory from several: averaged probabilities, optional test-time flip.
+
+The result is an ordinary model directory (``kind: "ensemble"``): ``config.json`` lists each
+member's config, ``model.safetensors`` holds every member's weights under ``members.<i>.``,
+and the averaging (and the flip) happen inside the network, so predict, evaluate, export and
+serve use it unchanged. Members must share the input size and intensity normalisation; a
+different mean/std is mapped inside the graph. The pneumonia threshold is re-chosen on the
+members' validation split when it is available.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ModelError
+from .metrics import compute_metrics
+from .modeling import (CONFIG_NAME, TTA, Ensemble, ModelBundle, atomic_write_json, load_model, member_input_affine,
+                       read_config, save_model)
+from .threshold import pick, score, validation_set, write_card_if_available
+
+log = logging.getLogger(__name__)
+
+_MEMBER_DROP = ("files",)  # per-directory bookkeeping that means nothing inside the ensemble
+
+
+def _check_out(out: Path, members: Sequence[Path]) -> None:
+    """Refuse an output folder that is a member or holds something other than a model."""
+    ro = out.resolve()
+    for m in members:
+        if m.resolve() == ro:
+            raise ModelError(f"--out {out} is one of the members; choose a new folder")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_NAME).is_file())):
+        raise ModelError(f"--out {out} exists and is not a model directory; choose a new or empty folder")
+
+
+def check_compatible(dirs: Sequence[Path], configs: Sequence[dict], force: bool = False) -> None:
+    """Members must share labels, input size and intensity normalisation, and (unless forced) the
+    manifest they were trained on; the message names the members that differ and the fix."""
+    first, d0 = configs[0], dirs[0]
+    p0 = first["preprocess"]
+    for d, c in zip(dirs[1:], configs[1:]):
+        if list(c.get("labels", [])) != list(first.get("labels", [])):
+            raise ModelError(f"{d} has labels {c.get('labels')} but {d0} has {first.get('labels')}; "
+                             "ensemble members must share the class order")
+        p = c["preprocess"]
+        for key, what in (("size", "input size"), ("intensity", "intensity normalisation")):
+            if p.get(key, "none") != p0.get(key, "none"):
+                raise ModelError(f"members differ in {what}: {d0} uses {p0.get(key)!r}, {d} uses {p.get(key)!r}; "
+                                 f"ensemble models trained with the same --size and --intensity")
+        if c.get("manifest_sha256") != first.get("manifest_sha256"):
+            msg = (f"{d} and {d0} were trained on different manifests (manifest_sha256 "
+                   f"{str(c.get('manifest_sha256'))[:12]}... vs {str(first.get('manifest_sha256'))[:12]}...): "
+                   "one member's training images may sit in another's validation split")
+            if not force:
+                raise ModelError(msg + "; retrain on one manifest, or pass --force")
+            log.warning("%s (--force)", msg)
+
+
+def _member_config(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in _MEMBER_DROP}
+
+
+def ensemble_config(dirs: Sequence[Path], configs: Sequence[dict], tta: str, command: str | None) -> dict:
+    """The config.json of an ensemble (threshold: mean of the members' until re-chosen)."""
+    from .predict import model_prior
+
+    shared = {c.get("manifest_sha256") for c in configs}
+    names = [c.get("name", c.get("backbone", "model")) for c in configs]
+    tag = "+".join(dict.fromkeys(names)) if len(set(names)) > 1 else f"{names[0]}x{len(names)}"
+    priors = [c["train_prior"] for c in configs if "train_prior" in c]
+    cfg = {
+        "name": f"ensemble-{tag}" + ("-flip" if tta == "flip" else ""),
+        "kind": "ensemble",
+        "members": [_member_config(c) for c in configs],
+        "member_dirs": [str(d) for d in dirs],
+        "tta": tta,
+        "preprocess": dict(configs[0]["preprocess"]),
+        "labels": list(configs[0].get("labels", [])),
+        "finetuned": any(bool(c.get("finetuned")) for c in configs),
+        "threshold": float(np.mean([float(c.get("threshold", 0.5)) for c in configs])),
+        "threshold_method": "mean of the members' thresholds (no validation data)",
+        "model_prior": np.mean([model_prior(c) for c in configs], axis=0).tolist(),
+        "manifest_sha256": shared.pop() if len(shared) == 1 else None,
+        "command": command,
+    }
+    if len(priors) == len(configs):
+        cfg["train_prior"] = np.mean(priors, axis=0).tolist()
+    return cfg
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished directory into place; an older model at ``out`` goes only once it has."""
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+    os.replace(out, old / "model")
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_ensemble(model_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, tta: str = "none",
+                   data: str | os.PathLike | None = None, force: bool = False, method: str = "youden",
+                   target_sensitivity: float | None = None, batch_size: int = 32, progress: bool = False,
+                   command: str | None = None) -> Path:
+    """Write an ensemble model directory at ``out`` from ``model_dirs``; returns ``out``.
+
+    The threshold is re-chosen (``method``) on the validation split of ``data``, or of the members'
+    shared ``manifest.csv``; without either it is the mean of the members' thresholds.
+    """
+    from .threshold import check_method
+
+    dirs = [Path(d) for d in model_dirs]
+    out = Path(out)
+    if tta not in TTA:
+        raise ModelError(f"--tta {tta!r} is unknown; use one of {', '.join(TTA)}")
+    if not dirs or (len(dirs) == 1 and tta == "none"):
+        raise ModelError("an ensemble needs two or more model directories (or one with --tta flip)")
+    if len({d.resolve() for d in dirs}) != len(dirs):
+        raise ModelError("a model directory is given twice; list each member once")
+    check_method(method, target_sensitivity)
+    _check_out(out, dirs)
+    configs = [read_config(d) for d in dirs]
+    check_compatible(dirs, configs, force)
+    bundles: list[ModelBundle] = [load_model(d) for d in dirs]  # verifies every member's SHA-256
+    cfg = ensemble_config(dirs, configs, tta, command)
+    affine = [member_input_affine(cfg["preprocess"], c["preprocess"]) for c in configs]
+    net = Ensemble([b.net for b in bundles], tta=tta, input_affine=affine)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
+    try:
+        save_model(tmp, net, cfg)
+        shared_manifest = dirs[0] / "manifest.csv"
+        if cfg["manifest_sha256"] is not None and shared_manifest.is_file():
+            shutil.copyfile(shared_manifest, tmp / "manifest.csv")
+        if data is not None or (tmp / "manifest.csv").is_file():
+            _rechoose_threshold(tmp, data, force, method, target_sensitivity, batch_size, progress)
+        else:
+            log.warning("no validation data (no --data and no shared manifest.csv): threshold is the mean of "
+                        "the members' thresholds")
+        write_card_if_available(tmp)
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("ensemble of %d written to %s", len(dirs), out)
+    return out
+
+
+def _rechoose_threshold(model_dir: Path, data, force: bool, method: str, target: float | None,
+                        batch_size: int, progress: bool) -> None:
+    from .evaluate import _clean
+    from .predict import Predictor
+
+    cfg = read_config(model_dir)
+    ev = validation_set(data, cfg, model_dir, force=force)
+    y, probs = score(Predictor(model_dir), ev, batch_size, progress)
+    thr, how = pick(y, probs, method, target)
+    cfg["threshold"], cfg["threshold_method"] = thr, how
+    cfg["val_metrics"] = _clean(compute_metrics(y, probs, thr, n_boot=1000))
+    cfg["val_data"] = {"source": ev.source, "manifest_sha256": ev.manifest_sha256, "n": int(len(y)),
+                       "matches_members": ev.matches_model}
+    atomic_write_json(model_dir / CONFIG_NAME, cfg)
+    log.info("ensemble threshold %.4f (%s) on %d validation images", thr, how, len(y))

@@ -1,0 +1,56 @@
+"""The main job in one call: index -> extract -> train -> evaluate (validation split) -> report.
+
+This is the study's pipeline end to end on a data folder; every step is the same public
+function the CLI exposes, so a notebook can run the steps one by one instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from .data import index_dataset
+from .evaluate import evaluate_items
+from .modeling import atomic_write_json
+from .predict import Predictor
+from .train import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+def default_data_dir() -> Path | None:
+    """../shared/data/chest_xray next to the checkout (or $PNEUMOSCAN_DATA), when present."""
+    env = os.environ.get("PNEUMOSCAN_DATA")
+    candidates = [Path(env)] if env else []
+    repo = Path(__file__).resolve().parents[2]
+    candidates += [repo.parent / "shared" / "data" / "chest_xray", Path("data") / "chest_xray"]
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def run_pipeline(data: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig = TrainConfig(), *,
+                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Index ``data``, train a frozen-feature model, evaluate it on the validation split.
+
+    Writes ``out/manifest.csv``, ``out/model/`` and ``out/eval-val/`` (metrics.json, plots,
+    report.md) and returns a summary with the timing of each step.
+    """
+    out = Path(out)
+    times = {}
+    t = time.perf_counter()
+    manifest = index_dataset(data, cfg.val_fraction, cfg.seed)
+    manifest.save(out / "manifest.csv")
+    times["index_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model_dir = train(manifest, out / "model", cfg, cache_dir=cache_dir, progress=progress)
+    times["extract_and_train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    val = [(s.path, s.label) for s in manifest.subset("val")]
+    metrics = evaluate_items(val, out / "eval-val", Predictor(model_dir), data_root=manifest.root,
+                             progress=progress)
+    times["evaluate_s"] = time.perf_counter() - t
+    summary = {"data": manifest.root, "counts": manifest.counts(), "model": str(model_dir),
+               "validation": {k: metrics[k] for k in ("three_class", "normal_vs_pneumonia")},
+               "seconds": {k: round(v, 2) for k, v in times.items()}}
+    atomic_write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,114 @@
+"""Smoke tests of the benchmark suite on the tiny backbone (no timing assertions), and of the
+ONNX Runtime extraction engine that the suite justified (same features as PyTorch)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscan.bench import count_flops, gemm_gflops, make_images
+from pneumoscan.cli import main
+from pneumoscan.data import index_dataset
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.features import extract_features
+
+TINY = dict(pretrained=False, size=64)
+
+
+def test_flops_are_counted_not_assumed():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.Flatten(), torch.nn.Linear(4 * 62 * 62, 5))
+    conv = 2 * (4 * 62 * 62) * 3 * 3 * 3  # 2 FLOPs per multiply-add, per output element
+    linear = 2 * 4 * 62 * 62 * 5
+    assert count_flops(net, 64) == conv + linear
+
+
+def test_gemm_rate_is_positive():
+    assert gemm_gflops(seconds=0.05, n=128, threads=1) > 0
+
+
+@pytest.fixture(scope="module")
+def manifest(dataset_dir):
+    return index_dataset(dataset_dir)
+
+
+def test_onnx_engine_gives_the_torch_features(manifest, tmp_path):
+    out = {}
+    for engine in ("torch", "onnx"):
+        f, ok, info = extract_features(manifest.samples, "test_efficientnet", cache_dir=tmp_path / engine,
+                                       engine=engine, workers=0, progress=False, **TINY)
+        assert info["engine"] == engine and ok.all()
+        out[engine] = f
+    assert np.abs(out["torch"] - out["onnx"]).max() <= 1e-4
+    exported = list((tmp_path / "onnx").rglob("backbone-*.onnx"))
+    assert len(exported) == 1
+    # a second (cache-cold) run reuses the exported file instead of exporting again
+    mtime = exported[0].stat().st_mtime_ns
+    for shard in (tmp_path / "onnx").rglob("part-*.safetensors"):
+        shard.unlink()
+    f, _, info = extract_features(manifest.samples, "test_efficientnet", cache_dir=tmp_path / "onnx",
+                                  engine="auto", workers=1, progress=False, **TINY)
+    assert info["engine"] == "onnx" and info["computed"] == len(manifest.samples)
+    assert exported[0].stat().st_mtime_ns == mtime
+    assert np.abs(f - out["torch"]).max() <= 1e-4
+
+
+def test_unknown_engine_is_a_clear_error(manifest, tmp_path):
+    with pytest.raises(PneumoscanError, match="engine 'tvm' is unknown"):
+        extract_features(manifest.samples, "test_efficientnet", cache_dir=tmp_path, engine="tvm", progress=False, **TINY)
+
+
+def test_extract_bench_writes_json(tmp_path):
+    from pneumoscan.bench.extract import run
+
+    line, path = run(["test_efficientnet"], [64], images=8, image_px=96, pretrained=False, gemm_seconds=0.1,
+                     big_px=256, out_dir=tmp_path)
+    doc = json.loads(path.read_text())
+    assert path == tmp_path / "extract.json" and "img/s" in line
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["versions"]["torch"] == torch.__version__
+    (r,) = doc["runs"]
+    assert r["images"] == 8 and r["failed"] == 0 and r["images_per_s"] > 0 and r["peak_rss_mb"] > 0
+    assert r["gflop_per_image"] > 0 and 0 < r["share_of_compute_bound"]
+    assert doc["decode"]["draft_speedup"] > 0
+
+
+def test_latency_bench_compares_torch_and_onnx(tmp_path):
+    from pneumoscan.bench.latency import run
+
+    line, path = run(backbone="test_efficientnet", iters=3, pretrained=False, out_dir=tmp_path)
+    doc = json.loads(path.read_text())
+    assert doc["onnx_vs_torch_max_abs_diff"] <= 1e-4
+    for key in ("torch_forward", "onnx_forward", "torch_end_to_end", "onnx_end_to_end"):
+        assert doc[key]["n"] == 3 and doc[key]["p50_ms"] > 0
+    assert "ONNX Runtime p50" in line
+
+
+def test_pipeline_bench_cold_then_cached(dataset_dir, tmp_path):
+    from pneumoscan.bench.pipeline import run
+
+    line, path = run(str(dataset_dir / "train"), extra=["--no-pretrained", "--backbone", "test_efficientnet"],
+                     out_dir=tmp_path)
+    doc = json.loads(path.read_text())
+    assert doc["images"] == 48
+    for kind in ("cold", "cached"):
+        assert set(doc[kind]) >= {"index", "extract", "train", "evaluate", "total"}
+    assert "cold" in line and "cached" in line
+
+
+def test_cli_gpu_skips_cleanly_and_summary(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the skip path is not taken")
+    (tmp_path / "latency.json").write_text(json.dumps({
+        "machine": {"cpu_model": "x", "cores": 2, "load_avg_1m": 0.1}, "when": "2026-01-01T00:00:00",
+        "onnx_end_to_end": {"p50_ms": 9.0, "p99_ms": 20.0}, "torch_end_to_end": {"p50_ms": 30.0}}))
+    assert main(["bench", "gpu", "--out", str(tmp_path)]) == 0
+    assert "gpu: skipped (no CUDA device)" in capsys.readouterr().out
+    assert not (tmp_path / "gpu.json").exists()
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert "p50 9.0 ms" in summary and "| yes |" in summary
+
+
+def test_cli_rejects_bad_numbers(capsys):
+    assert main(["bench", "extract", "--images", "0"]) == 2
+    assert "must be at least 1" in capsys.readouterr().err

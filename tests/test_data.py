@@ -1,0 +1,191 @@
+"""Dataset indexing: layouts, labels, patient keys, the patient-grouped split, skipped files, manifests."""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_dataset
+from pneumoscan.data import Manifest, index_dataset, label_from_path, patient_key, resolve_manifest
+from pneumoscan.errors import DataError
+
+
+def _img(path: Path, value: int = 0, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), value, np.uint8), mode="L").save(path, format=fmt)
+
+
+@pytest.fixture(scope="module")
+def big_dir(tmp_path_factory) -> Path:
+    """150 small images: 25 patients x 2 images x 3 classes."""
+    return make_dataset(tmp_path_factory.mktemp("big") / "chest_xray", n_patients=25, per_patient=2, size=16)
+
+
+@pytest.mark.parametrize("name,label,key", [
+    ("person1_bacteria_1.jpeg", "bacterial", "bacteria-1"),
+    ("person1_virus_6.jpeg", "viral", "virus-1"),  # person 1 viral is another child than person 1 bacterial
+    ("person1000_bacteria_2931.jpeg", "bacterial", "bacteria-1000"),
+    ("IM-0115-0001.jpeg", "normal", "IM-0115"),
+    ("NORMAL2-IM-0381-0001.jpeg", "normal", "NORMAL2-IM-0381"),
+    ("scan.png", "viral", "viral-scan"),  # no patient in the name: its own patient
+])
+def test_patient_key(name, label, key):
+    assert patient_key(name, label) == key
+
+
+@pytest.mark.parametrize("rel,label", [
+    ("train/NORMAL/IM-1-1.jpeg", "normal"), ("PNEUMONIA/person2_bacteria_3.jpeg", "bacterial"),
+    ("test/PNEUMONIA/person2_virus_3.jpeg", "viral"), ("viral/x.png", "viral"), ("bacterial/x.png", "bacterial"),
+    ("PNEUMONIA/unknown.jpeg", None), ("other/x.png", None)])
+def test_label_from_path(rel, label):
+    assert label_from_path(Path(rel)) == label
+
+
+def test_redistribution_layout_with_splits(tmp_path):
+    root = tmp_path / "chest_xray"
+    for split in ("train", "val", "test"):
+        for k in range(3):
+            _img(root / split / "NORMAL" / f"IM-{split}{k}-0001.jpeg", k)
+            _img(root / split / "PNEUMONIA" / f"person{k}_bacteria_{split}.jpeg", k + 10)
+            _img(root / split / "PNEUMONIA" / f"person{k}_virus_{split}.jpeg", k + 20)
+    m = index_dataset(root, val_fraction=0.34)
+    assert len(m) == 27 and not m.skipped
+    test = m.subset("test")
+    assert len(test) == 9 and {s.source_split for s in test} == {"test"}
+    assert Counter(s.label for s in test) == {"normal": 3, "bacterial": 3, "viral": 3}
+    assert {s.split for s in m.samples if s.source_split == "train"} == {"train", "val"}  # official val joins train
+    assert all(s.relpath == Path(s.path).relative_to(root).as_posix() for s in m.samples)
+
+
+def test_redistribution_layout_without_splits_and_plain_layout(tmp_path):
+    a = tmp_path / "a"
+    for k in range(6):
+        _img(a / "NORMAL" / f"IM-{k:04d}-0001.jpeg", k)
+        _img(a / "PNEUMONIA" / f"person{k}_bacteria_1.jpeg", k)
+        _img(a / "PNEUMONIA" / f"person{k}_virus_1.jpeg", k)
+    b = tmp_path / "b"
+    for cls in ("normal", "bacterial", "viral"):
+        for k in range(6):
+            _img(b / cls / f"{cls}{k}.png", k, "PNG")
+    for root in (a, b):
+        m = index_dataset(root, val_fraction=0.34)
+        assert len(m) == 18
+        assert Counter(s.label for s in m.samples) == {"normal": 6, "bacterial": 6, "viral": 6}
+        assert {s.split for s in m.samples} == {"train", "val"} and {s.source_split for s in m.samples} == {""}
+
+
+def test_split_is_patient_grouped_stratified_and_deterministic(big_dir):
+    m = index_dataset(big_dir)
+    train = {s.patient for s in m.subset("train")}
+    val = {s.patient for s in m.subset("val")}
+    assert train and val and not train & val  # no patient on both sides
+    share = len(m.subset("val")) / len(m)
+    assert 0.15 <= share <= 0.25
+    for lab in ("normal", "bacterial", "viral"):  # every class on both sides
+        assert m.counts()["val"][lab] > 0 and m.counts()["train"][lab] > 0
+    again = index_dataset(big_dir)
+    assert [s.split for s in again.samples] == [s.split for s in m.samples]
+    assert again.digest() == m.digest()
+    other = index_dataset(big_dir, seed=1)
+    assert other.digest() != m.digest()  # the digest covers the split
+    assert "val: normal=" in repr(m)
+
+
+def test_bad_files_are_listed_and_skipped(tmp_path):
+    root = make_dataset(tmp_path / "d", n_patients=4, per_patient=1, size=16)
+    (root / "train" / "NORMAL" / "notes.txt").write_text("hello")
+    (root / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"this is not a jpeg")
+    (root / "train" / "NORMAL" / "IM-9998-0001.png").write_bytes(b"")
+    _img(root / "train" / "PNEUMONIA" / "person9_unknown_1.jpeg")
+    (root / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\0")
+    m = index_dataset(root, val_fraction=0.25)
+    assert len(m) == 12
+    reasons = {Path(p).name: why for p, why in m.skipped}
+    assert set(reasons) == {"notes.txt", "IM-9999-0001.jpeg", "IM-9998-0001.png", "person9_unknown_1.jpeg"}
+    assert "not an image" in reasons["notes.txt"]
+    assert "not a JPEG, PNG or DICOM" in reasons["IM-9999-0001.jpeg"]
+    assert reasons["IM-9998-0001.png"] == "empty file"
+    assert "bacteria" in reasons["person9_unknown_1.jpeg"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read a chmod 000 file")
+def test_unreadable_file_is_skipped(tmp_path):
+    root = make_dataset(tmp_path / "d", n_patients=4, per_patient=1, size=16)
+    p = root / "train" / "NORMAL" / "IM-0000-0001.jpeg"
+    p.chmod(0)
+    try:
+        m = index_dataset(root, val_fraction=0.25)
+    finally:
+        p.chmod(0o644)
+    assert any("unreadable" in why for _, why in m.skipped)
+
+
+def test_empty_missing_and_unrecognised_folders(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        index_dataset(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no labelled images"):
+        index_dataset(tmp_path / "empty")
+    _img(tmp_path / "other" / "cats" / "a.png", fmt="PNG")
+    with pytest.raises(DataError, match="NORMAL/ and PNEUMONIA/"):
+        index_dataset(tmp_path / "other")
+    (tmp_path / "file.jpeg").write_bytes(b"x")
+    with pytest.raises(DataError, match="not a folder"):
+        index_dataset(tmp_path / "file.jpeg")
+    with pytest.raises(DataError, match="too few"):
+        index_dataset(make_dataset(tmp_path / "tiny", n_patients=1, per_patient=1, size=8))
+
+
+def test_manifest_round_trip(big_dir, tmp_path):
+    m = index_dataset(big_dir)
+    path = m.save(tmp_path / "sub" / "manifest.csv")
+    back = Manifest.load(path)
+    assert back.samples == m.samples and back.digest() == m.digest()
+    assert resolve_manifest(path).digest() == m.digest()  # a CSV is read, not re-indexed
+    assert not list(path.parent.glob("*.tmp"))
+    with pytest.raises(DataError, match="does not exist"):
+        Manifest.load(tmp_path / "none.csv")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="not a pneumoscan manifest"):
+        Manifest.load(tmp_path / "bad.csv")
+    text = path.read_text().replace(",normal,", ",cat,", 1)
+    (tmp_path / "badlabel.csv").write_text(text)
+    with pytest.raises(DataError, match="unknown label 'cat'"):
+        Manifest.load(tmp_path / "badlabel.csv")
+
+
+@pytest.mark.realdata
+def test_real_data(real_data_dir, tmp_path):
+    """Reads ../shared/data: class counts of the whole train folder (cheap header scan), the 24 duplicate
+    groups within one patient each, and a patient-grouped split of a 600-image subset (indexing all 5,216
+    images would take most of the suite's time budget)."""
+    from pneumoscan.data import scan
+
+    found, skipped = scan(real_data_dir)
+    assert not skipped
+    assert Counter(lab for _, lab, _ in found) == {"normal": 1341, "bacterial": 2530, "viral": 1345}
+    by_size = defaultdict(list)
+    for p, lab, _ in found:
+        by_size[p.stat().st_size].append((p, lab))
+    groups = defaultdict(list)
+    for same in (v for v in by_size.values() if len(v) > 1):  # only equal sizes can be byte-identical
+        for p, lab in same:
+            groups[hashlib.sha1(p.read_bytes()).hexdigest()].append(patient_key(p.name, lab))
+    dups = [keys for keys in groups.values() if len(keys) > 1]
+    assert len(dups) == 24 and all(len(set(keys)) == 1 for keys in dups)
+
+    sub = tmp_path / "chest_xray"
+    for p, lab, _ in found[::9]:  # every 9th file, all classes
+        rel = p.relative_to(real_data_dir)
+        (sub / rel).parent.mkdir(parents=True, exist_ok=True)
+        (sub / rel).symlink_to(p)
+    m = index_dataset(sub)
+    assert len(m) == len(found[::9]) and not m.skipped
+    assert not {s.patient for s in m.subset("train")} & {s.patient for s in m.subset("val")}
+    assert 0.15 <= len(m.subset("val")) / len(m) <= 0.25
+    assert index_dataset(sub).digest() == m.digest()

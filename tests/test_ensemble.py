@@ -1,0 +1,162 @@
+"""Ensembles of tiny trained models: averaging, flip TTA, in-graph renormalisation, refusals, ONNX."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from pneumoscan.cli import main
+from pneumoscan.data import Manifest
+from pneumoscan.ensemble import build_ensemble
+from pneumoscan.errors import ModelError
+from pneumoscan.imaging import load_xray
+from pneumoscan.metrics import choose_threshold
+from pneumoscan.predict import Predictor
+from pneumoscan.threshold import score, validation_set
+
+
+@pytest.fixture(scope="module")
+def second_model_dir(tiny_model_dir, tmp_path_factory):
+    """A second tiny model, another seed, trained on the same manifest (so the same split)."""
+    from pneumoscan.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("model2") / "tiny2"
+    cfg = TrainConfig(backbone="test_efficientnet", size=64, pretrained=False, max_epochs=8, patience=4,
+                      lr=1e-2, seed=1)
+    return train(Manifest.load(tiny_model_dir / "manifest.csv"), out, cfg,
+                 cache_dir=tmp_path_factory.mktemp("cache2"), progress=False, command="pytest", workers=0)
+
+
+@pytest.fixture(scope="module")
+def ens_dir(tiny_model_dir, second_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ens") / "ens"
+    rc = main(["-q", "ensemble", str(tiny_model_dir), str(second_model_dir), "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def _batch(n: int = 6, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).normal(0, 1, (n, 3, size, size)).astype(np.float32))
+
+
+def test_ensemble_predicts_mean_of_members(ens_dir, tiny_model_dir, second_model_dir):
+    x = _batch()
+    p_a = Predictor(tiny_model_dir).probabilities(x)
+    p_b = Predictor(second_model_dir).probabilities(x)
+    assert not np.allclose(p_a, p_b, atol=1e-3)  # the seeds really give two models
+    np.testing.assert_allclose(Predictor(ens_dir).probabilities(x), (p_a + p_b) / 2, atol=1e-5)
+
+
+def test_ensemble_directory_format(ens_dir, tiny_model_dir, second_model_dir):
+    cfg = json.loads((ens_dir / "config.json").read_text())
+    members = [json.loads((d / "config.json").read_text()) for d in (tiny_model_dir, second_model_dir)]
+    assert cfg["kind"] == "ensemble" and cfg["tta"] == "none" and len(cfg["members"]) == 2
+    assert [m["model_id"] for m in cfg["members"]] == [m["model_id"] for m in members]
+    assert cfg["manifest_sha256"] == members[0]["manifest_sha256"]
+    assert (ens_dir / "manifest.csv").is_file() and (ens_dir / "MODEL_CARD.md").is_file()
+    with safe_open(str(ens_dir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith(("members.0.", "members.1.")) for k in keys)
+    assert {k.split(".")[1] for k in keys} == {"0", "1"}
+
+
+def test_ensemble_threshold_rechosen_on_val(ens_dir):
+    cfg = json.loads((ens_dir / "config.json").read_text())
+    assert "Youden" in cfg["threshold_method"] and cfg["val_data"]["matches_members"]
+    ev = validation_set(None, cfg, ens_dir)
+    assert ev.split == "val" and len(ev) == cfg["val_data"]["n"]
+    y, probs = score(Predictor(ens_dir), ev)
+    assert cfg["threshold"] == pytest.approx(choose_threshold(y, probs, "youden")[0])
+
+
+def test_ensemble_works_with_evaluate_and_predict(ens_dir, dataset_dir, tmp_path, capsys):
+    assert main(["-q", "evaluate", "--data", str(dataset_dir), "--model", str(ens_dir), "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["n"] == 48 and m["model"]["id"].startswith("ensemble-")
+    img = next((dataset_dir / "train" / "NORMAL").iterdir())
+    capsys.readouterr()
+    assert main(["predict", "--json", "--model", str(ens_dir), str(img)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["predictions"][0]["label"] in ("normal", "bacterial", "viral")
+
+
+@pytest.fixture(scope="module")
+def flip_dir(tiny_model_dir, tmp_path_factory):
+    """One model with test-time flip: an ensemble of one."""
+    return build_ensemble([tiny_model_dir], tmp_path_factory.mktemp("tta") / "tta", tta="flip")
+
+
+def test_flip_tta_averages_the_mirror_image(flip_dir, tiny_model_dir):
+    out = flip_dir
+    x = _batch(seed=1)
+    single = Predictor(tiny_model_dir)
+    expected = (single.probabilities(x) + single.probabilities(x.flip(-1))) / 2
+    np.testing.assert_allclose(Predictor(out).probabilities(x), expected, atol=1e-5)
+
+
+def test_member_with_other_normalisation_is_mapped_in_graph(tiny_model_dir, dataset_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["preprocess"]["mean"], cfg["preprocess"]["std"] = [0.5, 0.5, 0.5], [0.25, 0.3, 0.2]
+    (other / "config.json").write_text(json.dumps(cfg))
+    out = build_ensemble([tiny_model_dir, other], tmp_path / "mixed")
+    x = load_xray(next((dataset_dir / "train" / "PNEUMONIA").iterdir()))
+    p_each = [np.array(list(Predictor(d).predict_xray(x).probabilities.values())) for d in (tiny_model_dir, other)]
+    p_ens = np.array(list(Predictor(out).predict_xray(x).probabilities.values()))
+    np.testing.assert_allclose(p_ens, np.mean(p_each, axis=0), atol=1e-5)
+
+
+def _edited_copy(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for key, value in changes.items():
+        if key == "size":
+            cfg["preprocess"]["size"] = value
+        else:
+            cfg[key] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_refuses_members_with_other_input_size(tiny_model_dir, tmp_path, capsys):
+    other = _edited_copy(tiny_model_dir, tmp_path / "big", size=96)
+    rc = main(["-q", "ensemble", str(tiny_model_dir), str(other), "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "input size" in err and str(other) in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_refuses_mixed_manifests_unless_forced(tiny_model_dir, second_model_dir, dataset_dir, tmp_path):
+    other = _edited_copy(second_model_dir, tmp_path / "elsewhere", manifest_sha256="0" * 64)
+    with pytest.raises(ModelError, match="different manifests"):
+        build_ensemble([tiny_model_dir, other], tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+    out = build_ensemble([tiny_model_dir, other], tmp_path / "e", force=True,
+                         data=tiny_model_dir / "manifest.csv")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["manifest_sha256"] is None and not (out / "manifest.csv").exists()
+    assert "Youden" in cfg["threshold_method"]
+
+
+def test_refuses_bad_requests(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelError, match="two or more"):
+        build_ensemble([tiny_model_dir], tmp_path / "one")
+    with pytest.raises(ModelError, match="one of the members"):
+        build_ensemble([tiny_model_dir, tiny_model_dir.parent], tiny_model_dir)
+    with pytest.raises(ModelError, match="given twice"):
+        build_ensemble([tiny_model_dir, tiny_model_dir], tmp_path / "twice")
+
+
+def test_flip_tta_exports_to_onnx(flip_dir):
+    from pneumoscan.export import export_onnx
+
+    out = flip_dir
+    export_onnx(out)
+    x = _batch(seed=2)
+    np.testing.assert_allclose(Predictor(out, backend="onnx").probabilities(x.numpy()),
+                               Predictor(out).probabilities(x), atol=1e-4)

@@ -1,0 +1,276 @@
+"""Decoding of every input a hospital user may send, and refusal of everything else (imaging.py)."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan.errors import ImageError, ImageTooLargeError, UnsupportedFormatError
+from pneumoscan.imaging import load_xray, sniff_format
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import (ExplicitVRLittleEndian, HTJ2KLossless, JPEGBaseline8Bit, RLELossless,  # noqa: E402
+                         SecondaryCaptureImageStorage, generate_uid)
+
+
+def ramp(h: int = 48, w: int = 64) -> np.ndarray:
+    """A horizontal 0..255 ramp (uint8): any inversion or clipping shows."""
+    return np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature + IHDR declaring ``width x height`` and a tiny IDAT (a 'bomb' header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A small real JPEG whose SOF0 header is patched to declare ``width x height``."""
+    data = bytearray(encode(Image.fromarray(ramp(16, 16)), "JPEG"))
+    i = data.index(b"\xff\xc0")
+    data[i + 5:i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 16, **extra) -> Dataset:
+    """A minimal Secondary Capture DICOM dataset holding ``pixels`` uncompressed."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelData = pixels.astype(np.uint16 if bits == 16 else np.uint8).tobytes()
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def dicom_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# -- JPEG / PNG: every mode ends as uint8 grayscale with the right look --------------------------
+
+def test_jpeg_gray_and_rgb():
+    g = load_xray(encode(Image.fromarray(ramp()), "JPEG", quality=95))
+    assert g.format == "jpeg" and g.pixels.dtype == np.uint8 and g.pixels.shape == (48, 64)
+    assert abs(int(g.pixels[:, 0].mean()) - 0) < 8 and abs(int(g.pixels[:, -1].mean()) - 255) < 8
+    rgb = load_xray(encode(Image.fromarray(ramp()).convert("RGB"), "JPEG", quality=95))
+    assert rgb.mode == "RGB" and rgb.colorfulness < 3.0
+    assert np.abs(rgb.pixels.astype(int) - g.pixels.astype(int)).max() <= 6
+
+
+def test_colour_content_is_measured():
+    a = np.zeros((32, 32, 3), np.uint8)
+    a[..., 0] = 255  # pure red
+    x = load_xray(encode(Image.fromarray(a), "PNG"))
+    assert x.colorfulness > 50
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "1"])
+def test_png_modes(mode):
+    im = Image.fromarray(ramp())
+    if mode != "L":
+        im = im.convert(mode)
+    x = load_xray(encode(im, "PNG"))
+    assert x.format == "png" and x.pixels.dtype == np.uint8 and x.pixels.shape == (48, 64)
+    if mode != "1":  # a 1-bit image keeps only black and white, but left must still be darker
+        assert np.abs(x.pixels.astype(int) - ramp().astype(int)).mean() < 4, mode
+    assert x.pixels[:, :8].mean() < x.pixels[:, -8:].mean()
+
+
+def test_png_16bit_is_stretched():
+    a = (np.tile(np.linspace(1000, 5000, 64), (48, 1))).astype(np.uint16)
+    im = Image.fromarray(a)  # mode I;16
+    x = load_xray(encode(im, "PNG"))
+    assert x.mode.startswith("I") and x.pixels.min() == 0 and x.pixels.max() == 255
+
+
+def test_rgba_transparency_flattened_on_black():
+    a = np.zeros((20, 20, 4), np.uint8)
+    a[..., :3] = 200
+    a[:, :10, 3] = 255  # left opaque, right transparent
+    x = load_xray(encode(Image.fromarray(a, "RGBA"), "PNG"))
+    assert x.pixels[:, :10].min() > 190 and x.pixels[:, 10:].max() < 10
+
+
+def test_palette_with_transparency():
+    im = Image.fromarray(ramp()).convert("P")
+    im.info["transparency"] = 0
+    x = load_xray(encode(im, "PNG", transparency=0))
+    assert x.pixels.shape == (48, 64)
+
+
+def test_cmyk_jpeg():
+    x = load_xray(encode(Image.fromarray(ramp()).convert("RGB").convert("CMYK"), "JPEG", quality=95))
+    assert x.mode == "CMYK" and x.pixels.shape == (48, 64)
+    assert x.pixels[:, :8].mean() < x.pixels[:, -8:].mean()
+
+
+def test_exif_orientation_applied():
+    im = Image.fromarray(ramp(20, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    x = load_xray(encode(im, "JPEG", exif=exif.tobytes()))
+    assert x.pixels.shape == (40, 20)  # height and width swapped
+    assert x.pixels[:8].mean() < x.pixels[-8:].mean()  # the dark left edge is now on top
+
+
+def test_large_jpeg_drafted_but_size_reported():
+    im = Image.fromarray(np.tile(np.linspace(0, 255, 1200).astype(np.uint8), (1000, 1)))
+    x = load_xray(encode(im, "JPEG"), size_hint=224)
+    assert x.size == (1200, 1000)
+    assert 224 <= min(x.pixels.shape) < 1000
+
+
+# -- DICOM ------------------------------------------------------------------------------------------
+
+def test_dicom_monochrome2_and_monochrome1_inverted():
+    a = np.tile(np.linspace(0, 4000, 64), (48, 1)).astype(np.uint16)
+    m2 = load_xray(dicom_bytes(dicom(a)))
+    m1 = load_xray(dicom_bytes(dicom(a, "MONOCHROME1")))
+    assert m2.format == "dicom" and m2.mode == "MONOCHROME2" and m2.size == (64, 48)
+    assert m2.pixels[:, 0].mean() < 5 and m2.pixels[:, -1].mean() > 250
+    assert np.array_equal(m1.pixels, 255 - m2.pixels)
+
+
+def test_dicom_window_applied():
+    a = np.tile(np.linspace(0, 4000, 64), (48, 1)).astype(np.uint16)
+    x = load_xray(dicom_bytes(dicom(a, WindowCenter=2000, WindowWidth=400)))
+    cols = x.pixels.mean(axis=0)
+    assert (cols[a[0] < 1790] == 0).all() and (cols[a[0] > 2210] == 255).all()
+    mid = (a[0] > 1850) & (a[0] < 2150)
+    assert mid.any() and ((cols[mid] > 0) & (cols[mid] < 255)).all()
+
+
+def test_dicom_rescale_then_window():
+    a = np.tile(np.linspace(0, 1000, 64), (48, 1)).astype(np.uint16)
+    x = load_xray(dicom_bytes(dicom(a, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=200)))
+    hu = a[0].astype(float) * 2 - 1000
+    cols = x.pixels.mean(axis=0)
+    assert (cols[hu < -110] == 0).all() and (cols[hu > 110] == 255).all()
+
+
+def test_dicom_rle_compressed_equals_uncompressed():
+    a = np.tile(np.linspace(0, 4000, 64), (48, 1)).astype(np.uint16)
+    plain = load_xray(dicom_bytes(dicom(a)))
+    ds = dicom(a)
+    ds.compress(RLELossless)
+    assert ds.file_meta.TransferSyntaxUID == RLELossless
+    assert np.array_equal(load_xray(dicom_bytes(ds)).pixels, plain.pixels)
+
+
+def test_dicom_jpeg_compressed():
+    from pydicom.encaps import encapsulate
+
+    a = ramp()
+    ds = dicom(a, bits=8)
+    ds.PixelData = encapsulate([encode(Image.fromarray(a), "JPEG", quality=95)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    x = load_xray(dicom_bytes(ds))
+    assert np.abs(x.pixels.astype(int) - a.astype(int)).mean() < 4
+
+
+def test_dicom_missing_codec_is_a_clear_error():
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_decoder
+
+    if get_decoder(HTJ2KLossless).is_available:
+        pytest.skip("an HTJ2K decoder is installed here; no codec is missing")
+    ds = dicom(ramp(), bits=8)
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 64])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    with pytest.raises(ImageError, match=r"(?s)scan\.dcm.*High-Throughput JPEG 2000.*pip install"):
+        load_xray(dicom_bytes(ds), name="scan.dcm")
+
+
+def test_dicom_without_pixels():
+    ds = dicom(ramp())
+    del ds.PixelData
+    with pytest.raises(ImageError, match="no PixelData"):
+        load_xray(dicom_bytes(ds))
+
+
+def test_dicom_bomb_refused_before_decoding():
+    ds = dicom(ramp(4, 4))
+    ds.Rows, ds.Columns = 60000, 60000  # declares 3.6 G pixels, holds 16 bytes
+    with pytest.raises(ImageTooLargeError, match="60000 x 60000"):
+        load_xray(dicom_bytes(ds))
+
+
+# -- bombs and bad files ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data", [png_header_only(50_000, 50_000), jpeg_declaring(60_000, 60_000)],
+                         ids=["png-50k", "jpeg-60k"])
+def test_bomb_headers_refused(data):
+    with pytest.raises(ImageTooLargeError):
+        load_xray(data, name="bomb")
+
+
+def test_own_pixel_limit_below_pillows():
+    data = encode(Image.fromarray(ramp(200, 200)), "PNG")
+    with pytest.raises(ImageTooLargeError, match="200 x 200 pixels exceeds the limit of 10,000"):
+        load_xray(data, name="big.png", max_pixels=10_000)
+    assert load_xray(data, max_pixels=40_000).pixels.shape == (200, 200)
+
+
+def _tiff() -> bytes:
+    return encode(Image.fromarray(ramp()), "TIFF")
+
+
+@pytest.mark.parametrize("data,err", [
+    (b"", ImageError),
+    (np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(), ImageError),
+    (b"just some text, named .png", ImageError),
+    (encode(Image.fromarray(ramp()), "JPEG")[:300], ImageError),
+    (encode(Image.fromarray(ramp()), "PNG")[:60], ImageError),
+    (b"\x89PNG\r\n\x1a\n", ImageError),
+    (b"DICM", ImageError),
+    (_tiff(), UnsupportedFormatError),
+    (encode(Image.fromarray(ramp()), "GIF"), UnsupportedFormatError),
+    (encode(Image.fromarray(ramp()), "BMP"), UnsupportedFormatError),
+    (encode(Image.fromarray(ramp()), "WEBP"), UnsupportedFormatError),
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n", UnsupportedFormatError),
+    (b"%PDF-1.4\n", UnsupportedFormatError),
+], ids=["empty", "random", "text", "truncated-jpeg", "truncated-png", "png-signature-only", "dicm-only",
+        "tiff", "gif", "bmp", "webp", "eps", "pdf"])
+def test_bad_input_is_refused_with_a_message(data, err):
+    with pytest.raises(err) as info:
+        load_xray(data, name="scan.png")
+    assert str(info.value).startswith("scan.png: ")
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        load_xray(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="is a folder"):
+        load_xray(tmp_path)
+
+
+def test_sniff_format_ignores_names():
+    assert sniff_format(encode(Image.fromarray(ramp()), "JPEG")[:132]) == "jpeg"
+    assert sniff_format(b"\0" * 128 + b"DICM") == "dicom"
+    assert sniff_format(b"hello") is None

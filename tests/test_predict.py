@@ -1,0 +1,79 @@
+"""Predictor API and ``pneumoscan predict`` outputs (table, --json, --csv) with a real tiny model."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+from pneumoscan import INTENDED_USE, LABELS
+from pneumoscan.cli import main
+from pneumoscan.metrics import decide
+from pneumoscan.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def files(dataset_dir):
+    return sorted(str(p) for p in (dataset_dir / "train").rglob("*.jpeg"))[:4]
+
+
+def test_predictor_api(tiny_model_dir, files):
+    pred = Predictor(tiny_model_dir)
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    assert pred.threshold == cfg["threshold"] and "test_efficientnet" in repr(pred)
+    preds, errors = pred.predict_files(files, batch_size=3)
+    assert not errors and [p.path for p in preds] == files
+    for p in preds:
+        probs = np.array([p.probabilities[lab] for lab in LABELS])
+        assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+        assert p.label == LABELS[int(decide(probs[None], pred.threshold)[0])]  # the shared decision rule
+        assert p.pneumonia == (p.label != "normal")
+        assert p.pneumonia_probability == pytest.approx(1 - p.probabilities["normal"], abs=1e-6)
+    with open(files[0], "rb") as f:
+        one = pred.predict_bytes(f.read(), name="upload.jpeg")
+    assert one.probabilities == pytest.approx(preds[0].probabilities, abs=1e-5)
+
+
+def test_prevalence_moves_the_probabilities(tiny_model_dir, files):
+    low = Predictor(tiny_model_dir, prevalence=0.05).predict_files(files)[0]
+    high = Predictor(tiny_model_dir, prevalence=0.95).predict_files(files)[0]
+    for a, b in zip(low, high):
+        assert a.pneumonia_probability < b.pneumonia_probability
+
+
+def test_cli_table(tiny_model_dir, files, capsys):
+    assert main(["-q", "predict", *files[:2], "--model", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"# {INTENDED_USE}" and "threshold" in out[1]
+    assert out[2].split()[:2] == ["path", "label"] and out[2].split()[-1] == "pneumonia"
+    rows = [line for line in out[3:] if not line.startswith("  warning")]
+    assert len(rows) == 2 and rows[0].startswith(files[0])
+    assert rows[0].split()[1] in LABELS and rows[0].split()[-1] in ("yes", "no")
+
+
+def test_cli_json(tiny_model_dir, files, dataset_dir, capsys):
+    assert main(["-q", "predict", str(dataset_dir / "train" / "NORMAL"), "--model", str(tiny_model_dir), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["intended_use"] == INTENDED_USE and doc["errors"] == []
+    assert len(doc["predictions"]) == 16  # a folder is expanded
+    p = doc["predictions"][0]
+    assert set(p) >= {"path", "label", "probabilities", "pneumonia", "pneumonia_probability", "threshold"}
+    assert list(p["probabilities"]) == list(LABELS)
+
+
+def test_cli_csv_and_partial_failure(tiny_model_dir, files, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    rc = main(["-q", "predict", files[0], str(bad), "--model", str(tiny_model_dir), "--csv"])
+    cap = capsys.readouterr()
+    assert rc == 1  # some files failed: listed, the rest predicted
+    lines = cap.out.splitlines()
+    assert lines[0].startswith("# ")
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines[1:]))))
+    assert len(rows) == 1 and rows[0]["path"] == files[0]
+    assert set(rows[0]) >= {"label", "p_normal", "p_bacterial", "p_viral", "pneumonia", "threshold"}
+    assert sum(float(rows[0][f"p_{lab}"]) for lab in LABELS) == pytest.approx(1.0, abs=1e-3)
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pneumoscan: error:") and "broken.png" in err[0]

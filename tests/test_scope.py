@@ -1,0 +1,119 @@
+"""Out-of-scope warnings: each one fires on its kind of input and none fires on X-ray-like images."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan.imaging import load_xray
+from pneumoscan.scope import (DEFAULT_THRESHOLDS, MAX_ASPECT, MAX_COLORFULNESS, MIN_SIDE, ScopeThresholds,
+                              check_scope, describe_thresholds)
+
+
+def _xray_like(w: int = 224, h: int = 224, seed: int = 0) -> np.ndarray:
+    """Gray 'radiograph': dark background, two bright lung-field blobs, noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = 40 + 120 * np.exp(-(((xx - w * 0.3) / (w * 0.15)) ** 2 + ((yy - h * 0.5) / (h * 0.3)) ** 2))
+    a += 120 * np.exp(-(((xx - w * 0.7) / (w * 0.15)) ** 2 + ((yy - h * 0.5) / (h * 0.3)) ** 2))
+    return np.clip(a + rng.normal(0, 10, (h, w)), 0, 255).astype(np.uint8)
+
+
+def _encode(a: np.ndarray, fmt: str = "JPEG", mode: str | None = None) -> bytes:
+    im = Image.fromarray(a)
+    if mode:
+        im = im.convert(mode)
+    b = io.BytesIO()
+    im.save(b, fmt)
+    return b.getvalue()
+
+
+def _warnings(data: bytes) -> list[str]:
+    return check_scope(load_xray(data, name="test"))
+
+
+@pytest.mark.parametrize("fmt,mode,size", [("JPEG", "RGB", (224, 224)),  # like the bundled data
+                                           ("PNG", None, (1200, 1000)),  # like an original file
+                                           ("JPEG", None, (256, 512))])  # portrait 2:1, the allowed limit
+def test_no_warning_on_xray_like_images(fmt, mode, size):
+    assert _warnings(_encode(_xray_like(*size), fmt, mode)) == []
+
+
+def test_colour_photo_warns():
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:300, 0:300]
+    rgb = np.stack([xx * 255 // 299, yy * 255 // 299, 255 - xx * 255 // 299], -1) + rng.integers(0, 20, (300, 300, 1))
+    w = _warnings(_encode(np.clip(rgb, 0, 255).astype(np.uint8)))
+    assert len(w) == 1 and "colour" in w[0] and f"> {MAX_COLORFULNESS:g}" in w[0]
+
+
+def test_real_colour_photograph_warns():
+    cbook = pytest.importorskip("matplotlib.cbook")
+    path = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))  # a photo shipped with matplotlib
+    if not path.is_file():
+        pytest.skip("matplotlib sample photo not installed")
+    w = check_scope(load_xray(path))
+    assert any("colour" in m for m in w)
+
+
+def test_gray_with_faint_tint_does_not_warn():
+    """JPEG chroma noise on an RGB-encoded gray film stays far below the threshold."""
+    g = _xray_like().astype(float)
+    rgb = np.clip(np.stack([g, g, g * 1.02], -1), 0, 255).astype(np.uint8)
+    assert _warnings(_encode(rgb)) == []
+
+
+@pytest.mark.parametrize("w,h", [(600, 200), (200, 600)])
+def test_extreme_aspect_ratio_warns(w, h):
+    msgs = _warnings(_encode(_xray_like(w, h)))
+    assert len(msgs) == 1 and "aspect ratio 3.0:1" in msgs[0]
+
+
+def test_very_small_image_warns():
+    msgs = _warnings(_encode(_xray_like(64, 64), "PNG"))
+    assert len(msgs) == 1 and "very small" in msgs[0] and "64 x 64" in msgs[0]
+
+
+def test_boundaries_do_not_warn():
+    assert _warnings(_encode(_xray_like(MIN_SIDE, MIN_SIDE), "PNG")) == []
+    assert _warnings(_encode(_xray_like(int(MIN_SIDE * MAX_ASPECT), MIN_SIDE), "PNG")) == []
+    assert len(_warnings(_encode(_xray_like(MIN_SIDE - 1, MIN_SIDE - 1), "PNG"))) == 1
+
+
+def test_all_three_warnings_together():
+    rgb = np.zeros((40, 160, 3), np.uint8)
+    rgb[..., 0] = 255
+    assert len(_warnings(_encode(rgb, "PNG"))) == 3
+
+
+def test_custom_thresholds_and_description():
+    x = load_xray(_encode(_xray_like(300, 200), "PNG"))
+    assert check_scope(x) == []
+    assert len(check_scope(x, ScopeThresholds(max_aspect_ratio=1.2, min_side_px=256))) == 2
+    text = " ".join(" ".join(r) for r in describe_thresholds())
+    for v in DEFAULT_THRESHOLDS.to_dict().values():
+        assert f"{v:g}" in text
+
+
+def test_prediction_is_warned_not_refused(tiny_model_dir):
+    from pneumoscan.predict import Predictor
+
+    p = Predictor(tiny_model_dir).predict_bytes(_encode(_xray_like(64, 64), "PNG"), name="small.png")
+    assert p.label in ("normal", "bacterial", "viral")
+    assert len(p.warnings) == 1 and "very small" in p.warnings[0]
+    assert Predictor(tiny_model_dir).predict_bytes(_encode(_xray_like(), "PNG")).warnings == []
+
+
+@pytest.mark.realdata
+def test_real_training_images_raise_no_warning(real_data_dir):
+    """Reads ../shared/data: an evenly spaced sample of every class folder (the full split was checked too)."""
+    files = []
+    for folder in sorted((real_data_dir / "train").iterdir()):
+        fs = sorted(folder.glob("*.jpeg"))
+        files += fs[:: max(1, len(fs) // 100)]
+    assert len(files) >= 150
+    warned = [(f.name, w) for f in files if (w := check_scope(load_xray(f)))]
+    assert warned == []
