@@ -113,8 +113,12 @@ def test_page_upload_verdict_overlay(server, artifacts, tmp_path):
             page.check("#overlay-toggle")
             if explain_available():
                 expect(page.locator("#overlay")).to_be_visible(timeout=60_000)
-                expect(page.locator("#overlay")).to_have_js_property("complete", True)
-                assert page.locator("#overlay").evaluate("el => el.naturalWidth") > 0
+                expect(page.locator("#overlay-status")).to_contain_text("Grad-CAM", timeout=60_000)
+                for _ in range(100):  # the blob image decodes asynchronously
+                    if page.locator("#overlay").evaluate("el => el.naturalWidth") > 0:
+                        break
+                    page.wait_for_timeout(100)
+                assert page.locator("#overlay").evaluate("el => el.naturalWidth") > 0, page.locator("#overlay-status").inner_text()
             else:
                 expect(page.locator("#overlay-status")).to_contain_text("not available")
             shot = artifacts / "browser-page.png"

@@ -8,6 +8,7 @@ import logging
 import os
 import pkgutil
 import sys
+import warnings
 
 from . import INTENDED_USE, __version__
 from .errors import PneumoscanError
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose < 2:  # Lightning sets its loggers to INFO at import: keep its chatter out of our output
         for handler in logging.getLogger().handlers:
             handler.addFilter(_quiet_lightning)
+    # Lightning 2.6 warns about its own use of a deprecated torch API on every fit: not actionable here.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     os.environ.setdefault("PNEUMOSCAN_PROGRESS", "0" if args.quiet else "1")
     try:
         rc = args.func(args)

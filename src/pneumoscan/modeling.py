@@ -27,9 +27,8 @@ from .preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "pneumoscan-model/1"
+from .modeldir import (CONFIG_NAME, FORMAT, WEIGHTS_NAME, atomic_write_bytes, atomic_write_json,  # noqa: F401
+                       default_model_dir, read_config, resolve_model_dir, sha256_file, verify_file)
 
 
 class Head(nn.Module):
@@ -111,31 +110,6 @@ def member_input_affine(ensemble_prep: dict, member_prep: dict) -> tuple[list[fl
     return [a / b for a, b in zip(s, si)], [(a - c) / b for a, c, b in zip(m, mi, si)]
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then ``os.replace``: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 @dataclass
 class ModelBundle:
     """A loaded model: the network (eval mode), its config and where it came from."""
@@ -188,37 +162,6 @@ def save_model(out_dir: str | os.PathLike, net: nn.Module, config: dict) -> Path
     return out
 
 
-def read_config(model_dir: str | os.PathLike) -> dict:
-    d = Path(model_dir)
-    if not d.exists():
-        raise ModelError(f"model directory {d} does not exist; train one with 'pneumoscan train' or omit --model")
-    p = d / CONFIG_NAME
-    if not p.is_file():
-        raise ModelError(f"{d} is not a pneumoscan model directory (no {CONFIG_NAME})")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{p} is not valid JSON ({e}); restore it from the model's source") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise ModelError(f"{p} is not a {FORMAT} config")
-    return cfg
-
-
-def verify_file(model_dir: Path, name: str, cfg: dict) -> Path:
-    """Check a weight file against the SHA-256 in the config; refuse it on mismatch."""
-    path = model_dir / name
-    expected = cfg.get("files", {}).get(name)
-    if not path.is_file():
-        raise ModelError(f"{path} is missing; the model directory is incomplete")
-    if expected is None:
-        raise ModelError(f"{model_dir / CONFIG_NAME} records no SHA-256 for {name}; refusing unverified weights")
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ModelError(f"{path} fails its integrity check (SHA-256 {actual[:12]}... != {expected[:12]}... "
-                         "recorded in config.json): the file was changed or corrupted; re-export or re-train")
-    return path
-
-
 def build_net(cfg: dict) -> nn.Module:
     """The architecture described by a config (no weights)."""
     if cfg.get("kind") == "ensemble":
@@ -243,15 +186,3 @@ def load_model(model_dir: str | os.PathLike) -> ModelBundle:
         raise ModelError(f"{path} does not match the architecture in config.json: {e}") from None
     net.eval()
     return ModelBundle(net=net, config=cfg, path=d)
-
-
-def default_model_dir() -> Path:
-    """The shipped default model (inside the package), or $PNEUMOSCAN_MODEL when set."""
-    env = os.environ.get("PNEUMOSCAN_MODEL")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent / "models" / "default"
-
-
-def resolve_model_dir(model: str | os.PathLike | None) -> Path:
-    return Path(model) if model else default_model_dir()

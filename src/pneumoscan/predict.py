@@ -11,17 +11,21 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
-import torch
 
 from . import INTENDED_USE, LABELS
 from .errors import ImageError, ModelError
 from .imaging import DEFAULT_MAX_PIXELS, XRay, load_xray
 from .metrics import decide, pneumonia_score, prior_shift
-from .modeling import ModelBundle, load_model, read_config, resolve_model_dir, verify_file
+from .modeldir import read_config, resolve_model_dir, verify_file
 from .preprocess import Preprocess, PreprocessConfig
+
+if TYPE_CHECKING:  # torch loads only for the torch backend: ONNX serving stays light
+    import torch
+
+    from .modeling import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,8 @@ class Predictor:
         if prevalence is not None and not 0.0 < prevalence < 1.0:
             raise ModelError(f"prevalence {prevalence} must lie strictly between 0 and 1 (e.g. 0.3)")
         if backend == "torch":
+            from .modeling import load_model
+
             self.bundle: ModelBundle | None = load_model(self.model_dir)
             self.net = self.bundle.net.to(device).eval()
             self._session = None
@@ -87,13 +93,15 @@ class Predictor:
     def card_path(self) -> str:
         return str(self.model_dir / "MODEL_CARD.md")
 
-    def probabilities(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+    def probabilities(self, batch: "np.ndarray | torch.Tensor") -> np.ndarray:
         """Class probabilities for a normalised float batch (N, 3, S, S)."""
         if self._session is not None:
-            x = batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch, np.float32)
+            x = np.asarray(batch.numpy() if hasattr(batch, "numpy") else batch, np.float32)
             logits = self._session.run(None, {"input": x.astype(np.float32, copy=False)})[0]
             p = _softmax(logits)
         else:
+            import torch
+
             x = torch.as_tensor(batch).to(self.device)
             with torch.inference_mode():
                 p = self.net(x).float().softmax(-1).cpu().numpy()
@@ -104,7 +112,7 @@ class Predictor:
             return p
         return prior_shift(p, model_prior(self.config), prevalence_prior(self.config, self.prevalence))
 
-    def tensor(self, x: XRay) -> torch.Tensor:
+    def tensor(self, x: XRay) -> "torch.Tensor":
         return self.pre(x.pixels)
 
     def result(self, path: str, p: np.ndarray, warns: list[str] | None = None) -> Prediction:
@@ -115,7 +123,7 @@ class Predictor:
                           threshold=self.threshold, warnings=list(warns or []))
 
     def predict_xray(self, x: XRay, name: str = "image") -> Prediction:
-        p = self.probabilities(self.tensor(x)[None])[0]
+        p = self.probabilities(self.pre.array(x.pixels)[None])[0]
         return self.result(name, p, scope_warnings(x))
 
     def predict_bytes(self, data: bytes, name: str = "upload") -> Prediction:
@@ -139,11 +147,11 @@ class Predictor:
                 except ImageError as e:
                     errors.append((str(p), str(e)))
                     continue
-                xs.append(self.tensor(x))
+                xs.append(self.pre.array(x.pixels))
                 names.append(str(p))
                 warns.append(scope_warnings(x))
             if xs:
-                probs = self.probabilities(torch.stack(xs))
+                probs = self.probabilities(np.stack(xs))
                 preds.extend(self.result(n, p, w) for n, p, w in zip(names, probs, warns))
             bar.update(len(chunk))
         bar.close()

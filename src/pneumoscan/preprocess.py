@@ -7,13 +7,15 @@ so that training, evaluation, serving and export all use the same numbers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import cv2
 import numpy as np
-import torch
 
 from .errors import PneumoscanError
+
+if TYPE_CHECKING:  # torch is imported lazily: the ONNX serving path never loads it
+    import torch
 
 SIZES = (224, 299, 320, 128, 160, 192, 240, 256, 260, 288, 384)  # study sizes first
 INTENSITY = ("none", "equalize", "clahe")
@@ -79,17 +81,28 @@ class Preprocess:
             out = self._clahe.apply(out)
         return np.ascontiguousarray(out)
 
-    def normalize(self, resized: np.ndarray) -> torch.Tensor:
-        """uint8 ``size x size`` -> normalised float32 tensor of 3 identical-content channels."""
-        x = (resized.astype(np.float32)[None] - self._mean) * self._inv_std
-        return torch.from_numpy(np.ascontiguousarray(x))
+    def normalize_np(self, resized: np.ndarray) -> np.ndarray:
+        """uint8 ``size x size`` -> normalised float32 array (3, size, size) of identical channels."""
+        return np.ascontiguousarray((resized.astype(np.float32)[None] - self._mean) * self._inv_std)
 
-    def __call__(self, gray: np.ndarray) -> torch.Tensor:
+    def normalize(self, resized: np.ndarray) -> "torch.Tensor":
+        """As :meth:`normalize_np`, as a torch tensor."""
+        import torch
+
+        return torch.from_numpy(self.normalize_np(resized))
+
+    def array(self, gray: np.ndarray) -> np.ndarray:
+        """uint8 gray image -> normalised float32 array (3, size, size), without torch."""
+        return self.normalize_np(self.resize(gray))
+
+    def __call__(self, gray: np.ndarray) -> "torch.Tensor":
         return self.normalize(self.resize(gray))
 
 
-def normalize_batch(batch_u8: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+def normalize_batch(batch_u8: "torch.Tensor", cfg: PreprocessConfig) -> "torch.Tensor":
     """(N, S, S) uint8 -> (N, 3, S, S) float32 normalised; the vectorised form of Preprocess."""
+    import torch
+
     mean = torch.tensor(cfg.mean, dtype=torch.float32, device=batch_u8.device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(cfg.std, dtype=torch.float32, device=batch_u8.device).view(1, 3, 1, 1) * 255.0
     x = batch_u8.to(torch.float32).unsqueeze(1)

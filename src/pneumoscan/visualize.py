@@ -260,9 +260,9 @@ def resolve_layer(net: nn.Module, size: int, layer: str | None) -> tuple[str, li
     name = layer.removeprefix("backbone.")
     names = [n for n, _ in layers]
     if name not in names:
-        shown = ", ".join(names[:40]) + (f", ... ({len(names) - 40} more)" if len(names) > 40 else "")
-        raise PneumoscanError(f"layer {layer!r} is not a feature-map layer of this model; valid names, "
-                              f"earliest first: {shown} (all: 'pneumoscan visualize layers')")
+        short = [n for n in names if n.count(".") <= 1][:40]  # top-level modules and their children
+        raise PneumoscanError(f"layer {layer!r} is not a feature-map layer of this model; valid names include, "
+                              f"earliest first: {', '.join(short)}; all {len(names)}: 'pneumoscan visualize layers'")
     return name, layers
 
 

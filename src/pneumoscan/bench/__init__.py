@@ -91,10 +91,59 @@ def cpu_seconds() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process plus its largest child, MB (Linux ru_maxrss is KB)."""
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return round((s.ru_maxrss + c.ru_maxrss) / 1024, 1)
+def _hwm_bytes() -> int:
+    """This process's own peak resident memory (VmHWM; ru_maxrss would inherit the parent's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class MemoryPeak:
+    """Peak memory of this process plus its children (decoding workers), sampled every ``every`` s.
+
+    Children count with their unique memory (USS): the pages they share with the parent after
+    fork are counted once, in the parent. Use as a context manager; ``mb`` is the peak.
+    """
+
+    def __init__(self, every: float = 0.2) -> None:
+        self.every, self.peak, self._stop = every, 0, None
+
+    def _sample(self) -> int:
+        import psutil
+
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for c in me.children(recursive=True):
+            try:
+                total += c.memory_full_info().uss
+            except (psutil.Error, OSError):
+                pass
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, self._sample())
+
+    def __enter__(self) -> "MemoryPeak":
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample(), _hwm_bytes())
+
+    @property
+    def mb(self) -> float:
+        return round(self.peak / 2**20, 1)
 
 
 def percentiles(ms: Sequence[float]) -> dict:

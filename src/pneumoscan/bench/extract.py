@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import (Sample, count_flops, cpu_seconds, dataset_samples, gemm_gflops, make_images, peak_rss_mb,
+from . import (MemoryPeak, Sample, count_flops, cpu_seconds, dataset_samples, gemm_gflops, make_images,
                shared_data_dir, write_result)
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,16 @@ def run_variant(spec: dict) -> dict:
             export_backbone_onnx(net, prep.size, FeatureCache.for_key(cache_dir, backbone, wid, prep).root)
             export_s = round(time.perf_counter() - t, 2)
         c0, t0 = cpu_seconds(), time.perf_counter()
-        feats, ok, info = extract_features(samples, backbone, size=size, cache_dir=cache_dir, net=net,
-                                           weights_id=wid, engine=engine, workers=spec["workers"],
-                                           batch_size=spec["batch_size"], progress=False)
+        with MemoryPeak() as mem:
+            feats, ok, info = extract_features(samples, backbone, size=size, cache_dir=cache_dir, net=net,
+                                               weights_id=wid, engine=engine, workers=spec["workers"],
+                                               batch_size=spec["batch_size"], progress=False)
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     n = int(ok.sum())
     return {"backbone": backbone, "size": prep.size, "engine": info["engine"], "workers": info.get("workers"),
             "batch_size": spec["batch_size"], "images": n, "failed": len(info["failed"]),
             "seconds": round(wall, 2), "images_per_s": round(n / wall, 1),
-            "cpu_ms_per_image": round(1e3 * cpu / max(n, 1), 1), "peak_rss_mb": peak_rss_mb(),
+            "cpu_ms_per_image": round(1e3 * cpu / max(n, 1), 1), "peak_rss_mb": mem.mb,
             "export_s": export_s, "feature_dim": int(feats.shape[1])}
 
 
@@ -121,9 +122,9 @@ def run(backbones=("efficientnet_lite0",), sizes=(None,), images: int = 512, dat
                     r = _spawn(spec)
                     r["requested"] = {"engine": engine, "workers": w}
                     r["gflop_per_image"] = round(flops / 1e9, 3)
-                    r["achieved_gflops"] = round(flops * r["images_per_s"] / 1e9, 1)
+                    r["achieved_gflops"] = round(flops * r["images_per_s"] / 1e9, 3)
                     r["compute_bound_images_per_s"] = round(gemm * 1e9 / flops, 1)
-                    r["share_of_compute_bound"] = round(r["achieved_gflops"] / gemm, 3)
+                    r["share_of_compute_bound"] = round(flops * r["images_per_s"] / 1e9 / gemm, 5)
                     runs.append(r)
                     log.info("extract %s", r)
                 best = max((r for r in runs if r["backbone"] == backbone and r["size"] == prep.size),

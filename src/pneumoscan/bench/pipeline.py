@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cpu_seconds, peak_rss_mb, shared_data_dir, write_result
+from . import MemoryPeak, cpu_seconds, shared_data_dir, write_result
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def _subset(root: Path, limit: int, dest: Path) -> Path:
     return dest / root.name
 
 
-def _stages(data: Path, cache: Path, work: Path, extra: list[str]) -> dict:
+def _stages(data: Path, cache: Path, work: Path, extra: list[str], train_args: list[str]) -> dict:
     """Run the four CLI commands in this process, timing each (seconds)."""
     from ..cli import main
 
@@ -34,7 +34,7 @@ def _stages(data: Path, cache: Path, work: Path, extra: list[str]) -> dict:
     steps = {
         "index": ["data", "index", str(data), "--out", str(manifest)],
         "extract": ["extract", str(manifest), "--cache", str(cache), *extra],
-        "train": ["train", str(manifest), "--out", str(model), "--cache", str(cache), *extra],
+        "train": ["train", str(manifest), "--out", str(model), "--cache", str(cache), *extra, *train_args],
         "evaluate": ["evaluate", "--data", str(data), "--model", str(model), "--out", str(report)],
     }
     out = {}
@@ -49,7 +49,7 @@ def _stages(data: Path, cache: Path, work: Path, extra: list[str]) -> dict:
 
 
 def run(data: str | None = None, limit: int | None = None, runs: tuple[str, ...] = ("cold", "cached"),
-        extra: list[str] | None = None, out_dir=None) -> tuple[str, Path]:
+        extra: list[str] | None = None, train_args: list[str] | None = None, out_dir=None) -> tuple[str, Path]:
     """Run the pipeline benchmark; returns (one-line summary, JSON path)."""
     from ..errors import PneumoscanError
 
@@ -64,14 +64,16 @@ def run(data: str | None = None, limit: int | None = None, runs: tuple[str, ...]
             root = _subset(root, limit, tmp / "subset")
         res["images"] = sum(1 for p in root.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
         cache = tmp / "cache"  # fresh: the first run is cache-cold
+        mem = MemoryPeak(every=0.5).__enter__()
         for kind in runs:
             work = tmp / kind
             work.mkdir()
             c0 = cpu_seconds()
-            res[kind] = _stages(root, cache, work, extra or [])
+            res[kind] = _stages(root, cache, work, extra or [], train_args or [])
             res[kind]["cpu_s"] = round(cpu_seconds() - c0, 1)
             log.info("pipeline %s: %s", kind, res[kind])
-    res["peak_rss_mb"] = peak_rss_mb()
+        mem.__exit__(None, None, None)
+    res["peak_rss_mb"] = mem.mb
     path = write_result("pipeline", res, out_dir)
     parts = [f"{k} {res[k]['total']} s (" + ", ".join(f"{s} {res[k][s]}" for s in ("index", "extract", "train", "evaluate"))
              + ")" for k in runs]

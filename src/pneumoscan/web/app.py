@@ -34,7 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from .. import INTENDED_USE, LABELS, __version__
 from ..errors import ImageTooLargeError, PneumoscanError, UnsupportedFormatError
 from ..imaging import ALLOWED_FORMATS, load_xray
-from ..modeling import WEIGHTS_NAME, read_config, resolve_model_dir, verify_file
+from ..modeldir import WEIGHTS_NAME, read_config, resolve_model_dir, verify_file
 from .config import ServeConfig
 
 log = logging.getLogger(__name__)

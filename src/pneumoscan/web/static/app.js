@@ -90,7 +90,7 @@
     const ov = $("overlay");
     if (!current) return;
     if (!explainOk) { $("overlay-status").textContent = "Explanations are not available on this server."; return; }
-    if (overlayFor === current) { ov.hidden = false; return; }
+    if (overlayFor === current) { setOverlay(true); return; }
     $("overlay-status").textContent = "Computing the explanation…";
     const fd = new FormData();
     fd.append("file", current, current.name);
@@ -101,9 +101,15 @@
     if (ov.src) URL.revokeObjectURL(ov.src);
     ov.src = URL.createObjectURL(await resp.blob());
     overlayFor = file;
-    ov.classList.toggle("standalone", $("preview").hidden);
-    ov.hidden = !$("overlay-toggle").checked;
+    setOverlay($("overlay-toggle").checked);
     $("overlay-status").textContent = "Overlay: regions that drove the predicted class (Grad-CAM).";
+  }
+
+  // The overlay PNG is a figure of its own (image + heat map + colour bar): shown instead of the preview.
+  function setOverlay(on) {
+    const isDicom = !$("no-preview").hidden || !$("preview").src;
+    $("overlay").hidden = !on;
+    $("preview").hidden = on || isDicom;
   }
 
   function init() {
@@ -114,7 +120,7 @@
     for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
     drop.addEventListener("drop", (e) => { if (e.dataTransfer.files.length) predict(e.dataTransfer.files[0]); });
     $("overlay-toggle").addEventListener("change", (e) => {
-      if (e.target.checked) showOverlay(); else { $("overlay").hidden = true; $("overlay-status").textContent = ""; }
+      if (e.target.checked) showOverlay(); else { setOverlay(false); $("overlay-status").textContent = ""; }
     });
     loadInfo();
   }
