@@ -112,3 +112,15 @@ def test_bad_shift_and_bad_data_are_clear_errors(tiny_model_dir, tmp_path, capsy
                  "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_auto_backend_exports_for_large_runs(tiny_model_dir, tmp_path):
+    from pneumoscan.predict import Predictor
+    from pneumoscan.robustness import _predictor
+
+    small = _predictor(tiny_model_dir, "auto", tmp_path, n_images=10)
+    large = _predictor(tiny_model_dir, "auto", tmp_path, n_images=10_000)
+    assert small.backend == "torch" and large.backend == "onnx"
+    assert large.model_dir == tiny_model_dir and not (tiny_model_dir / "model.onnx").exists()
+    x = np.random.default_rng(0).normal(0, 1, (4, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(large.probabilities(x), Predictor(tiny_model_dir).probabilities(x), atol=1e-4)

@@ -30,3 +30,21 @@ def test_evaluate_schema(tiny_model_dir, dataset_dir, tmp_path):
     assert ci["accuracy"][0] <= m["normal_vs_pneumonia"]["accuracy"] <= ci["accuracy"][1]
     for f in ("confusion_matrix.png", "roc.png", "report.md", "predictions.csv"):
         assert (tmp_path / f).is_file()
+
+
+def test_evaluate_from_feature_cache_matches_full_inference(tiny_model_dir, dataset_dir, tmp_path):
+    """A frozen model scored through the feature cache gives the same probabilities as full inference."""
+    import csv
+
+    rows = {}
+    for mode, extra in (("cache", ["--cache", str(tmp_path / "fc")]), ("full", ["--no-cache"])):
+        out = tmp_path / mode
+        assert main(["-q", "evaluate", "--data", str(dataset_dir), "--model", str(tiny_model_dir),
+                     "--out", str(out), *extra]) == 0
+        with open(out / "predictions.csv") as f:
+            rows[mode] = {r["path"]: r for r in csv.DictReader(f)}
+    assert rows["cache"].keys() == rows["full"].keys() and len(rows["cache"]) == 48
+    for path, r in rows["full"].items():
+        for lab in LABELS:
+            assert abs(float(r[f"p_{lab}"]) - float(rows["cache"][path][f"p_{lab}"])) < 1e-4
+        assert r["predicted"] == rows["cache"][path]["predicted"]

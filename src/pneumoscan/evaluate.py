@@ -34,7 +34,8 @@ def _clean(obj):
 
 def evaluate(data: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike | None = None, *,
              backend: str = "torch", batch_size: int = 32, progress: bool = True, n_boot: int = 1000,
-             predictor: Predictor | None = None, prevalence: float | None = None) -> dict:
+             predictor: Predictor | None = None, prevalence: float | None = None,
+             cache_dir: str | os.PathLike | None | bool = None) -> dict:
     """Evaluate ``model`` on all labelled images under ``data`` (no split); returns the metrics.
 
     ``prevalence``: the expected share of pneumonia; probabilities are prior-shift corrected.
@@ -45,16 +46,25 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, model: str | os.Pa
                         "(or normal/ bacterial/ viral/) folders")
     pred = predictor or Predictor(model, backend=backend, prevalence=prevalence)
     items = [(str(p), lab) for p, lab, _ in found]
-    return evaluate_items(items, out, pred, data_root=str(Path(data).resolve()), skipped=skipped,
+    return evaluate_items(items, out, pred, data_root=str(Path(data).resolve()), skipped=skipped, cache_dir=cache_dir,
                           batch_size=batch_size, progress=progress, n_boot=n_boot)
 
 
 def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: Predictor, *, data_root: str = "",
-                   skipped=(), batch_size: int = 32, progress: bool = True, n_boot: int = 1000) -> dict:
-    """Evaluate ``(path, label)`` pairs (e.g. a manifest's validation split) and write the outputs."""
+                   skipped=(), batch_size: int = 32, progress: bool = True, n_boot: int = 1000,
+                   cache_dir: str | os.PathLike | None | bool = None) -> dict:
+    """Evaluate ``(path, label)`` pairs (e.g. a manifest's validation split) and write the outputs.
+
+    A frozen-backbone model (head on ImageNet features) is scored through the feature cache that
+    ``extract``/``train`` fill, so only the head runs for images seen before; ``cache_dir=False``
+    forces full-image inference through the predictor.
+    """
     paths = [p for p, _ in items]
     truth = {p: LABELS.index(lab) for p, lab in items}
-    preds, errors = pred.predict_files(paths, batch_size=batch_size, progress=progress)
+    if cache_dir is not False and frozen_features_ok(pred):
+        preds, errors = predict_from_feature_cache(pred, paths, cache_dir or None, progress)
+    else:
+        preds, errors = pred.predict_files(paths, batch_size=batch_size, progress=progress)
     if not preds:
         raise DataError(f"none of the {len(paths)} images under {data_root or 'the given list'} could be decoded")
     y = np.array([truth[p.path] for p in preds])
@@ -72,6 +82,41 @@ def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: P
     _write_predictions(out / "predictions.csv", preds, truth)
     atomic_write_bytes(out / "report.md", report_markdown(metrics, skipped, errors).encode())
     return metrics
+
+
+def frozen_features_ok(pred: Predictor) -> bool:
+    """True when the model is a frozen backbone + head scored in PyTorch (features are cacheable)."""
+    c = pred.config
+    return (pred.backend == "torch" and c.get("kind", "single") == "single" and c.get("finetuned") is False
+            and bool(c.get("weights_source")))
+
+
+def predict_from_feature_cache(pred: Predictor, paths: list[str], cache_dir, progress: bool):
+    """Predictions of a frozen model from cached (or newly cached) backbone features + its head."""
+    import torch
+
+    from .features import extract_features
+    from .data import _sha1
+
+    class _S:  # the two attributes extract_features reads
+        __slots__ = ("path", "sha1")
+
+        def __init__(self, path: str) -> None:
+            self.path, self.sha1 = path, _sha1(Path(path))
+
+    samples = [_S(p) for p in paths]
+    c = pred.config
+    prep = pred.prep_cfg
+    feats, ok, info = extract_features(samples, c["backbone"], size=prep.size, intensity=prep.intensity,
+                                       cache_dir=cache_dir, progress=progress, net=pred.net.backbone,
+                                       weights_id=c["weights_source"])
+    with torch.inference_mode():
+        probs = pred.net.head.eval()(torch.from_numpy(feats[ok])).softmax(-1).numpy()
+    probs = pred._adjust(probs)
+    kept = [p for p, k in zip(paths, ok) if k]
+    preds = [pred.result(p, pr) for p, pr in zip(kept, probs)]
+    errors = [(path, err) for path, err in info["failed"]]
+    return preds, errors
 
 
 def _write_predictions(path: Path, preds, truth) -> None:

@@ -345,6 +345,7 @@ class Explainer:
 
 
 _EXPLAINERS: "weakref.WeakKeyDictionary[object, Explainer]" = weakref.WeakKeyDictionary()
+_EXPLAINERS_LOCK = threading.Lock()
 
 
 def explain_overlay_png(predictor, xray: XRay, method: str = "gradcam") -> bytes:
@@ -357,8 +358,9 @@ def explain_overlay_png(predictor, xray: XRay, method: str = "gradcam") -> bytes
 
     if method not in METHODS:
         raise PneumoscanError(f"explanation method {method!r} is unknown; use gradcam or occlusion")
-    explainer = _EXPLAINERS.get(predictor)
-    if explainer is None:
-        explainer = _EXPLAINERS[predictor] = Explainer(predictor)
+    with _EXPLAINERS_LOCK:  # one explainer (and one copy of the network) per predictor
+        explainer = _EXPLAINERS.get(predictor)
+        if explainer is None:
+            explainer = _EXPLAINERS[predictor] = Explainer(predictor)
     (e,) = explainer(xray, (method,))
     return overlay_png(xray.pixels, e, title_name=None)

@@ -47,7 +47,7 @@ def run_pipeline(data: str | os.PathLike, out: str | os.PathLike, cfg: TrainConf
     t = time.perf_counter()
     val = [(s.path, s.label) for s in manifest.subset("val")]
     metrics = evaluate_items(val, out / "eval-val", Predictor(model_dir), data_root=manifest.root,
-                             progress=progress)
+                             progress=progress, cache_dir=cache_dir)
     times["evaluate_s"] = time.perf_counter() - t
     summary = {"data": manifest.root, "counts": manifest.counts(), "model": str(model_dir),
                "validation": {k: metrics[k] for k in ("three_class", "normal_vs_pneumonia")},

@@ -12,6 +12,8 @@ import csv
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -25,13 +27,14 @@ from . import INTENDED_USE
 from .errors import DataError, ImageError, PneumoscanError
 from .imaging import load_xray
 from .metrics import compute_metrics
-from .modeling import atomic_write_bytes, atomic_write_json
+from .modeling import atomic_write_bytes, atomic_write_json, read_config, resolve_model_dir
 from .plots import plot_bars
 from .predict import Predictor
 from .threshold import EvalSet, validation_set
 
 log = logging.getLogger(__name__)
 
+ONNX_MIN_IMAGES = 128  # backend "auto" exports a model without ONNX only for at least this many images
 KINDS = ("identity", "contrast", "gamma", "blur", "noise", "down_up", "up_from")
 
 
@@ -152,16 +155,50 @@ def shifted_probabilities(predictor: Predictor, images: Sequence[np.ndarray], sh
 
 def robustness(data: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike | None = None, *,
                shifts: Sequence[Shift] = DEFAULT_SHIFTS, seed: int = 0, batch_size: int = 64,
-               backend: str = "torch", n_boot: int = 0, progress: bool = False,
+               backend: str = "auto", n_boot: int = 0, progress: bool = False,
                predictor: Predictor | None = None) -> dict:
     """Score the model's validation split clean and under each shift; write the report to ``out``.
 
     Returns the ``robustness.json`` dictionary. ``drop`` is clean minus shifted (positive = worse).
     """
     t0 = time.time()
-    pred = predictor or Predictor(model, backend=backend)
-    ev: EvalSet = validation_set(data, pred.config, pred.model_dir, allow_unsplit=True)
+    d = predictor.model_dir if predictor is not None else resolve_model_dir(model)
+    ev = validation_set(data, predictor.config if predictor is not None else read_config(d), d,
+                        allow_unsplit=True)
     log.info("robustness on %r", ev)
+    with tempfile.TemporaryDirectory(prefix="pneumoscan-robustness-") as tmp:
+        pred = predictor or _predictor(d, backend, Path(tmp), len(ev))
+        report = _run(pred, ev, out, shifts, seed, batch_size, n_boot, progress, t0)
+    return report
+
+
+def _predictor(d: Path, backend: str, tmp: Path, n_images: int) -> Predictor:
+    """The requested engine; ``auto``: ONNX Runtime (about 4x faster than PyTorch eager for
+    EfficientNet-Lite0 on a 2-core CPU) from the model's export, or, for at least
+    ``ONNX_MIN_IMAGES`` images, from a parity-checked export into ``tmp``; else PyTorch."""
+    from .export import export_onnx, has_onnx
+    from .modeling import CONFIG_NAME, WEIGHTS_NAME
+
+    if backend != "auto":
+        return Predictor(d, backend=backend)
+    if has_onnx(d):
+        return Predictor(d, backend="onnx")
+    if n_images < ONNX_MIN_IMAGES:
+        return Predictor(d, backend="torch")
+    try:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            shutil.copyfile(d / name, tmp / name)
+        export_onnx(tmp)
+        pred = Predictor(tmp, backend="onnx")
+        pred.model_dir = d  # the report names the model, not the temporary copy
+        return pred
+    except (PneumoscanError, OSError) as e:
+        log.warning("robustness runs in PyTorch (no ONNX Runtime export: %s)", e)
+        return Predictor(d, backend="torch")
+
+
+def _run(pred: Predictor, ev: EvalSet, out, shifts: Sequence[Shift], seed: int, batch_size: int, n_boot: int,
+         progress: bool, t0: float) -> dict:
     images, kept, errors = decode_all(ev.paths, pred.prep_cfg.size, progress)
     if not images:
         raise DataError(f"none of the {len(ev)} images of {ev.source} could be decoded")

@@ -13,6 +13,9 @@ def register(sub) -> None:
     p.add_argument("--prevalence", type=float, default=None,
                    help="expected share of pneumonia in your data: corrects probabilities for the prior shift")
     p.add_argument("--batch-size", type=positive_int, default=32, help="inference batch size")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="feature cache for frozen-backbone models (default ~/.cache/pneumoscan/features)")
+    p.add_argument("--no-cache", action="store_true", help="always run full-image inference (no feature cache)")
     p.set_defaults(func=run)
 
 
@@ -20,7 +23,8 @@ def run(args) -> int:
     from ..evaluate import evaluate
 
     m = evaluate(args.data, args.out, args.model, backend=args.backend, batch_size=args.batch_size,
-                 progress=progress_enabled(), prevalence=args.prevalence)
+                 progress=progress_enabled(), prevalence=args.prevalence,
+                 cache_dir=False if args.no_cache else args.cache)
     v = m["normal_vs_pneumonia"]
     print(f"{m['n']} images: 3-class acc {m['three_class']['accuracy']:.3f}, macro F1 {m['three_class']['macro_f1']:.3f}")
     print(f"normal vs pneumonia: acc {v['accuracy']:.3f} sens {v['sensitivity']:.3f} spec {v['specificity']:.3f} "

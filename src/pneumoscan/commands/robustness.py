@@ -12,7 +12,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder for robustness.json/.csv/.md/.png")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise shifts")
     p.add_argument("--n-boot", type=int, default=0, help="bootstrap resamples per condition (0 = none, fastest)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="inference engine")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="inference engine; auto: ONNX Runtime (exported on the fly when the model has no export)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="inference batch size")
     p.set_defaults(func=run)
 
