@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.bench import count_flops, gemm_gflops, make_images
+from pneumoscan.bench import count_flops, gemm_gflops
 from pneumoscan.cli import main
 from pneumoscan.data import index_dataset
 from pneumoscan.errors import PneumoscanError

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 from . import INTENDED_USE, LABELS, __version__
 from .errors import PneumoscanError
+from .modeldir import json_safe
 from .modeling import atomic_write_bytes, read_config
 from .scope import describe_thresholds
 
@@ -588,15 +589,6 @@ def _read_metrics(path: str | os.PathLike) -> tuple[Any, bytes]:
             from None
 
 
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN: undefined figures become null (as in evaluate's metrics.json)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _check_name(name: str) -> str:
@@ -618,7 +610,7 @@ def store_evaluation(model_dir: str | os.PathLike, name: str, metrics: dict, *, 
     if source_sha256 is None:
         source_sha256 = hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest()
     rec = {"name": name, "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "source": source, "source_sha256": source_sha256, "metrics": _finite(metrics)}
+           "source": source, "source_sha256": source_sha256, "metrics": json_safe(metrics)}
     path = d / EVAL_DIR / f"{name}.json"
     if path.exists():
         log.info("replacing the stored evaluation %s", path)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .backbones import create_backbone, default_preprocess, get_spec
 from .data import Manifest, resolve_manifest
 from .errors import DataError, PneumoscanError, WeightsError
+from .modeldir import json_safe
 from .features import extract_features
 from .metrics import choose_threshold, compute_metrics
 from .modeling import atomic_write_bytes, atomic_write_json
@@ -251,7 +252,7 @@ def write_outputs(out: Path, rows: list[dict], best_per: dict[str, dict], best: 
         "![backbones](compare_backbones.png)", "", "![grid](compare_grid.png)", "",
     ]
     atomic_write_bytes(out / "compare.md", "\n".join(md).encode())
-    atomic_write_json(out / "compare.json", _json_safe({
+    atomic_write_json(out / "compare.json", json_safe({
         "select_by": cfg.select_by, "grid": {k: list(v) for k, v in asdict(cfg).items()
                                              if k in ("backbones", "sizes", "lrs", "dropouts", "schedules")},
         "base_config": asdict(cfg.base), "manifest_sha256": manifest.digest(), "rows": rows,
@@ -270,12 +271,3 @@ def write_outputs(out: Path, rows: list[dict], best_per: dict[str, dict], best: 
 def _nan(v) -> float:
     return float("nan") if v is None else float(v)
 
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj

@@ -157,7 +157,7 @@ def build_ensemble(model_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
 
 def _rechoose_threshold(model_dir: Path, data, force: bool, method: str, target: float | None,
                         batch_size: int, progress: bool) -> None:
-    from .evaluate import _clean
+    from .modeldir import json_safe
     from .predict import Predictor
 
     cfg = read_config(model_dir)
@@ -165,7 +165,7 @@ def _rechoose_threshold(model_dir: Path, data, force: bool, method: str, target:
     y, probs = score(Predictor(model_dir), ev, batch_size, progress)
     thr, how = pick(y, probs, method, target)
     cfg["threshold"], cfg["threshold_method"] = thr, how
-    cfg["val_metrics"] = _clean(compute_metrics(y, probs, thr, n_boot=1000))
+    cfg["val_metrics"] = json_safe(compute_metrics(y, probs, thr, n_boot=1000))
     cfg["val_data"] = {"source": ev.source, "manifest_sha256": ev.manifest_sha256, "n": int(len(y)),
                        "matches_members": ev.matches_model}
     atomic_write_json(model_dir / CONFIG_NAME, cfg)

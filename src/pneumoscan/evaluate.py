@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 from . import INTENDED_USE, LABELS
 from .data import scan
 from .errors import DataError
+from .modeldir import json_safe
 from .metrics import compute_metrics, roc_points
 from .modeling import atomic_write_bytes, atomic_write_json
 from .plots import plot_confusion, plot_roc
@@ -20,16 +19,6 @@ from .predict import Predictor
 
 log = logging.getLogger(__name__)
 
-
-def _clean(obj):
-    """JSON has no NaN: undefined figures (e.g. AUC of a one-class task) become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def evaluate(data: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike | None = None, *,
@@ -73,7 +62,7 @@ def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: P
     metrics["model"] = {"id": pred.model_id, "dir": str(pred.model_dir), "backend": pred.backend,
                         "prevalence": pred.prevalence}
     metrics["data"] = {"root": data_root, "skipped": len(skipped), "failed_to_decode": len(errors)}
-    metrics = _clean(metrics)
+    metrics = json_safe(metrics)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)

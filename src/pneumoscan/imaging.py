@@ -12,7 +12,6 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Union
 
 import numpy as np

@@ -8,14 +8,11 @@ SHA-256 before any tensor is read, so a tampered file is refused.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -146,6 +143,7 @@ def save_model(out_dir: str | os.PathLike, net: nn.Module, config: dict) -> Path
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": FORMAT})
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
         digest = sha256_file(tmp)
         os.replace(tmp, out / WEIGHTS_NAME)
     except BaseException:

@@ -27,7 +27,7 @@ from . import INTENDED_USE
 from .errors import DataError, ImageError, PneumoscanError
 from .imaging import load_xray
 from .metrics import compute_metrics
-from .modeling import atomic_write_bytes, atomic_write_json, read_config, resolve_model_dir
+from .modeldir import atomic_write_bytes, atomic_write_json, json_safe, read_config, resolve_model_dir
 from .plots import plot_bars
 from .predict import Predictor
 from .threshold import EvalSet, validation_set
@@ -177,7 +177,7 @@ def _predictor(d: Path, backend: str, tmp: Path, n_images: int) -> Predictor:
     EfficientNet-Lite0 on a 2-core CPU) from the model's export, or, for at least
     ``ONNX_MIN_IMAGES`` images, from a parity-checked export into ``tmp``; else PyTorch."""
     from .export import export_onnx, has_onnx
-    from .modeling import CONFIG_NAME, WEIGHTS_NAME
+    from .modeldir import CONFIG_NAME, WEIGHTS_NAME
 
     if backend != "auto":
         return Predictor(d, backend=backend)
@@ -216,8 +216,8 @@ def _run(pred: Predictor, ev: EvalSet, out, shifts: Sequence[Shift], seed: int, 
         drop = {k: (None if s[k] is None or clean[k] is None else clean[k] - s[k]) for k in s}
         rows.append({"name": name, "kind": shift.kind, "value": shift.value, "summary": s, "drop": drop,
                      "metrics": m, "seconds": round(time.time() - t, 1)})
-        log.info("%-14s 3-class acc %.3f  AUC %s  (%.1f s)", name, s["accuracy_3class"], s["pneumonia_auc"],
-                 time.time() - t)
+        log.info("%-14s 3-class acc %.3f  N/P AUC %s  (%.1f s)", name, s["accuracy_3class"],
+                 "–" if s["pneumonia_auc"] is None else f"{s['pneumonia_auc']:.4f}", time.time() - t)
     report = _report(pred, ev, rows, errors, seed, n_boot, time.time() - t0)
     write_report(report, out)
     return report
@@ -225,7 +225,6 @@ def _run(pred: Predictor, ev: EvalSet, out, shifts: Sequence[Shift], seed: int, 
 
 def _report(pred: Predictor, ev: EvalSet, rows: list[dict], errors: list, seed: int, n_boot: int,
             seconds: float) -> dict:
-    from .evaluate import _clean
 
     shifted = rows[1:]
     worst = {}
@@ -234,7 +233,7 @@ def _report(pred: Predictor, ev: EvalSet, rows: list[dict], errors: list, seed: 
         if cand:
             d, n = max(cand)
             worst[k] = {"shift": n, "drop": d}
-    return _clean({
+    return json_safe({
         "intended_use": INTENDED_USE,
         "model": {"id": pred.model_id, "dir": str(pred.model_dir), "backend": pred.backend,
                   "threshold": pred.threshold, "input_size": pred.prep_cfg.size},

@@ -20,7 +20,7 @@ from . import LABELS
 from .data import Manifest, Sample, _sha1, index_dataset, patient_key, scan
 from .errors import DataError, PneumoscanError
 from .metrics import choose_threshold, compute_metrics
-from .modeling import CONFIG_NAME, atomic_write_json, read_config
+from .modeldir import CONFIG_NAME, atomic_write_json, json_safe, read_config
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,6 @@ def retune(model_dir: str | os.PathLike, data: str | os.PathLike | None = None, 
 
     Returns ``{"old": ..., "new": ..., "method": ..., "n_val": ..., "val_metrics": ...}``.
     """
-    from .evaluate import _clean
     from .predict import Predictor
 
     check_method(method, target_sensitivity)
@@ -224,7 +223,7 @@ def retune(model_dir: str | os.PathLike, data: str | os.PathLike | None = None, 
     log.info("validation set: %r", ev)
     y, probs = score(Predictor(d), ev, batch_size, progress)
     thr, how = pick(y, probs, method, target_sensitivity)
-    vm = _clean(compute_metrics(y, probs, thr, n_boot=1000))
+    vm = json_safe(compute_metrics(y, probs, thr, n_boot=1000))
     record = {"data": ev.source, "manifest_sha256": ev.manifest_sha256, "n_val": int(len(y))}
     write_threshold(d, thr, how, record=record, val_metrics=vm if ev.matches_model else None)
     return {"old": cfg.get("threshold"), "new": thr, "method": how, "n_val": int(len(y)), "val_metrics": vm}

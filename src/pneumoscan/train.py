@@ -10,10 +10,9 @@ import copy
 import csv
 import logging
 import os
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from .data import Manifest, resolve_manifest
 from .errors import DataError, PneumoscanError
 from .features import extract_features
 from .metrics import choose_threshold, compute_metrics
-from .modeling import Head, PneumoNet, atomic_write_json, save_model
+from .modeling import Head, PneumoNet, save_model
 from .plots import plot_history
 
 log = logging.getLogger(__name__)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from . import (MemoryPeak, Sample, count_flops, cpu_seconds, dataset_samples, gemm_gflops, make_images,
                shared_data_dir, write_result)

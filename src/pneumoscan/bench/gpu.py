@@ -5,12 +5,10 @@ synthetic images, so it runs on a machine without the data or a network."""
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from . import make_images, percentiles, write_result
 

@@ -44,3 +44,15 @@ def tame_lightning() -> None:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         for h in logging.getLogger("lightning").handlers:
             h.setLevel(logging.WARNING)
+
+
+def print_model_summary(out) -> None:
+    """Two lines: where the model went, and its validation figures (train/finetune/ensemble)."""
+    import json
+
+    m = json.loads((out / "config.json").read_text())
+    v = m["val_metrics"]["normal_vs_pneumonia"]
+    epochs = f"  best epoch {m['best_epoch']}/{m['epochs_run']}," if "best_epoch" in m else ""
+    print(f"model: {out}{epochs} threshold {m['threshold']:.3f}")
+    print(f"validation: 3-class acc {m['val_metrics']['three_class']['accuracy']:.3f}; normal vs pneumonia "
+          f"acc {v['accuracy']:.3f} sens {v['sensitivity']:.3f} spec {v['specificity']:.3f} AUC {v['auc']:.4f}")

@@ -60,7 +60,6 @@ def unique_stems(files: list) -> list[str]:
 def run(args) -> int:
     import csv
     import io
-    import json
     import math
     import sys
     from pathlib import Path

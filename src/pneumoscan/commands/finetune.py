@@ -44,7 +44,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import json
     import shlex
     import sys
 
@@ -52,7 +51,7 @@ def run(args) -> int:
     from ..errors import PneumoscanError
     from ..finetune import FinetuneConfig, finetune
 
-    from . import tame_lightning
+    from . import print_model_summary, tame_lightning
 
     tame_lightning()
     devices = args.devices if args.devices == "auto" else _int(args.devices)
@@ -73,11 +72,7 @@ def run(args) -> int:
                    command="pneumoscan " + shlex.join(sys.argv[1:]))
     if out is None:  # a non-zero DDP rank: rank 0 reports
         return 0
-    m = json.loads((out / "config.json").read_text())
-    v = m["val_metrics"]["normal_vs_pneumonia"]
-    print(f"model: {out}  best epoch {m['best_epoch']}/{m['epochs_run']}, threshold {m['threshold']:.3f}")
-    print(f"validation: 3-class acc {m['val_metrics']['three_class']['accuracy']:.3f}; normal vs pneumonia "
-          f"acc {v['accuracy']:.3f} sens {v['sensitivity']:.3f} spec {v['specificity']:.3f} AUC {v['auc']:.4f}")
+    print_model_summary(out)
     return 0
 
 

@@ -22,6 +22,11 @@ def run(args) -> int:
     from ..errors import PneumoscanError
     from ..robustness import HEADERS, robustness
 
+    import logging
+
+    if args.verbose < 2:  # the on-the-fly ONNX export logs every graph pass at INFO
+        for name in ("onnx_ir", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if args.n_boot < 0:
         raise PneumoscanError(f"--n-boot {args.n_boot} must be 0 or more")
     r = robustness(args.data, args.out, args.model, seed=args.seed, batch_size=args.batch_size,

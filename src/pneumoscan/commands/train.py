@@ -45,21 +45,16 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    import json
     import shlex
     import sys
 
     from ..train import train
 
-    from . import tame_lightning
+    from . import print_model_summary, tame_lightning
 
     tame_lightning()
     cfg = config_from_args(args)
     out = train(args.data, args.out, cfg, cache_dir=args.cache, progress=progress_enabled(),
                 command="pneumoscan " + shlex.join(sys.argv[1:]), batch_size=args.batch_size, workers=args.workers)
-    m = json.loads((out / "config.json").read_text())
-    v = m["val_metrics"]["normal_vs_pneumonia"]
-    print(f"model: {out}  best epoch {m['best_epoch']}/{m['epochs_run']}, threshold {m['threshold']:.3f}")
-    print(f"validation: 3-class acc {m['val_metrics']['three_class']['accuracy']:.3f}; normal vs pneumonia "
-          f"acc {v['accuracy']:.3f} sens {v['sensitivity']:.3f} spec {v['specificity']:.3f} AUC {v['auc']:.4f}")
+    print_model_summary(out)
     return 0
