@@ -237,7 +237,11 @@ def split_patients(samples: Sequence[Sample], val_fraction: float = 0.2, seed: i
     if len(set(groups)) < n_folds:
         raise DataError(f"only {len(set(groups))} patients: too few for a {val_fraction:.0%} validation split")
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    _, val_idx = next(sgkf.split(np.zeros(len(idx)), y, groups))
+    try:
+        _, val_idx = next(sgkf.split(np.zeros(len(idx)), y, groups))
+    except ValueError as e:  # e.g. a class with fewer patients than folds
+        raise DataError(f"cannot make a {val_fraction:.0%} patient-grouped validation split of "
+                        f"{len(idx)} images ({e}); add images or raise --val-fraction") from None
     val = {idx[i] for i in val_idx}
     for i in idx:
         out[i] = replace(samples[i], split="val" if i in val else "train")

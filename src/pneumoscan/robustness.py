@@ -313,7 +313,7 @@ def markdown(report: dict) -> str:
                                                             else None) for k in keys) + " |")
     if report["worst_drop"]:
         lines += ["", "Largest drop per metric: " + "; ".join(
-            f"{HEADERS[k]} {w['drop']:+.3f} under {w['shift']}" for k, w in report["worst_drop"].items()) + "."]
+            f"{HEADERS[k]} {-w['drop']:+.3f} under {w['shift']}" for k, w in report["worst_drop"].items()) + "."]
     lines += ["", "![metrics under each shift](robustness.png)", "",
               f"N/P: normal vs pneumonia; B/V: bacterial vs viral (pneumonia images only). {report['seconds']:.0f} s.",
               ""]
