@@ -45,8 +45,12 @@ def _unavailable(sub, name: str, err: Exception) -> None:
     sub.add_parser(name, help=f"(unavailable: {err})").set_defaults(func=fail)
 
 
-def _quiet_lightning(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not record.name.startswith(("lightning", "pytorch_lightning"))
+_CHATTY = ("lightning", "pytorch_lightning", "onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo", "torch.export")
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Library INFO chatter (Lightning, the ONNX exporter's passes) stays out of the CLI's output."""
+    return record.levelno >= logging.WARNING or not record.name.startswith(_CHATTY)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose < 2:  # Lightning sets its loggers to INFO at import: keep its chatter out of our output
+    if args.verbose < 2:  # libraries set their own loggers to INFO: keep their chatter out of our output
         for handler in logging.getLogger().handlers:
-            handler.addFilter(_quiet_lightning)
+            handler.addFilter(_quiet_libraries)
     # Lightning 2.6 warns about its own use of a deprecated torch API on every fit: not actionable here.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     os.environ.setdefault("PNEUMOSCAN_PROGRESS", "0" if args.quiet else "1")

@@ -248,7 +248,8 @@ def split_patients(samples: Sequence[Sample], val_fraction: float = 0.2, seed: i
     return out
 
 
-def index_dataset(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> Manifest:
+def index_dataset(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
+                  progress: bool = False) -> Manifest:
     """Index ``root`` into a :class:`Manifest` with a patient-grouped train/val split.
 
     Images under a ``test/`` folder keep ``split="test"``; everything else is split by patient.
@@ -261,8 +262,10 @@ def index_dataset(root: str | os.PathLike, val_fraction: float = 0.2, seed: int 
             f"no labelled images under {root}: expected NORMAL/ and PNEUMONIA/ (optionally under "
             "train/ test/ val/) or normal/ bacterial/ viral/ folders holding JPEG, PNG or DICOM files"
         )
+    from tqdm.auto import tqdm
+
     samples = []
-    for path, label, src in found:
+    for path, label, src in tqdm(found, desc="index", unit="img", disable=not progress):
         rel = path.relative_to(root)
         samples.append(Sample(path=str(path), relpath=rel.as_posix(), label=label,
                               patient=patient_key(path.name, label),

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import ModelError
+from .modeldir import has_onnx  # noqa: F401  (re-exported)
 from .modeling import CONFIG_NAME, atomic_write_json, load_model, read_config, sha256_file
 
 log = logging.getLogger(__name__)
@@ -144,9 +145,3 @@ def export_onnx(model_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig()
     return d / ONNX_NAME
 
 
-def has_onnx(model_dir: str | os.PathLike) -> bool:
-    """Whether the model directory has an ONNX export recorded in its config."""
-    d = Path(model_dir)
-    conf = read_config(d)
-    name = conf.get("onnx", {}).get("file")
-    return bool(name) and (d / name).is_file() and name in conf.get("files", {})

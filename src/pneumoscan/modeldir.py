@@ -105,3 +105,11 @@ def default_model_dir() -> Path:
 
 def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     return Path(model) if model else default_model_dir()
+
+
+def has_onnx(model_dir: str | os.PathLike) -> bool:
+    """Whether the model directory has an ONNX export recorded in its config (torch-free check)."""
+    d = Path(model_dir)
+    conf = read_config(d)
+    name = conf.get("onnx", {}).get("file")
+    return bool(name) and (d / name).is_file() and name in conf.get("files", {})

@@ -35,7 +35,7 @@ def _stages(data: Path, cache: Path, work: Path, extra: list[str], train_args: l
         "index": ["data", "index", str(data), "--out", str(manifest)],
         "extract": ["extract", str(manifest), "--cache", str(cache), *extra],
         "train": ["train", str(manifest), "--out", str(model), "--cache", str(cache), *extra, *train_args],
-        "evaluate": ["evaluate", "--data", str(data), "--model", str(model), "--out", str(report)],
+        "evaluate": ["evaluate", "--data", str(data), "--model", str(model), "--out", str(report), "--cache", str(cache)],
     }
     out = {}
     for name, argv in steps.items():

@@ -29,7 +29,7 @@ def run_index(args) -> int:
 
     from ..data import index_dataset
 
-    m = index_dataset(args.dir, args.val_fraction, args.seed)
+    m = index_dataset(args.dir, args.val_fraction, args.seed, progress=progress_enabled())
     out = Path(args.out) if args.out else Path(args.dir) / "manifest.csv"
     if args.out is None and not os.access(Path(args.dir), os.W_OK):
         out = Path("manifest.csv")

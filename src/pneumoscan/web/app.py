@@ -160,10 +160,11 @@ class Service:
 
     def _onnx_dir(self) -> Path:
         """The model dir if it has a verified ONNX export; otherwise a temp copy exported now."""
-        from ..export import export_onnx, has_onnx
+        from ..modeldir import has_onnx
 
         if has_onnx(self.model_dir):
             return self.model_dir
+        from ..export import export_onnx  # imports torch: only when an export must be made
         log.warning("%s has no ONNX export; exporting into a temporary folder (run 'pneumoscan export "
                     "--model %s' once to skip this)", self.model_dir, self.model_dir)
         self._tmp = tempfile.TemporaryDirectory(prefix="pneumoscan-serve-")
