@@ -48,3 +48,23 @@ def test_evaluate_from_feature_cache_matches_full_inference(tiny_model_dir, data
         for lab in LABELS:
             assert abs(float(r[f"p_{lab}"]) - float(rows["cache"][path][f"p_{lab}"])) < 1e-4
         assert r["predicted"] == rows["cache"][path]["predicted"]
+
+
+def test_main_job_run_command(dataset_dir, tmp_path):
+    """`pneumoscan run`: index + extract + train + evaluate on the validation split, in one call."""
+    out = tmp_path / "main"
+    rc = main(["-q", "run", str(dataset_dir), "--out", str(out), "--backbone", "test_efficientnet", "--size", "64",
+               "--no-pretrained", "--cache", str(tmp_path / "cache")])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["seconds"]) == {"index_s", "extract_and_train_s", "evaluate_s"}
+    m = json.loads((out / "eval-val" / "metrics.json").read_text())
+    assert m["n"] == sum(summary["counts"]["val"].values())
+    assert (out / "model" / "model.safetensors").is_file() and (out / "manifest.csv").is_file()
+
+
+def test_main_job_without_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PNEUMOSCAN_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setattr("pneumoscan.pipeline.default_data_dir", lambda: None)
+    assert main(["run", "--out", str(tmp_path / "o")]) == 2
+    assert "pneumoscan data download" in capsys.readouterr().err
