@@ -11,7 +11,8 @@ def register(sub) -> None:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output")
     fmt.add_argument("--csv", action="store_true", help="CSV output")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="inference engine")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="inference engine (auto: ONNX Runtime when the model has a verified export, else PyTorch)")
     p.add_argument("--prevalence", type=float, default=None,
                    help="expected share of pneumonia in your data: corrects probabilities for the prior shift")
     p.add_argument("--batch-size", type=positive_int, default=32, help="inference batch size")
@@ -32,7 +33,12 @@ def run(args) -> int:
     if not files:
         what = "; ".join(f"{p}: {e}" for p, e in missing) or "no JPEG, PNG or DICOM files in the given folders"
         raise PneumoscanError(f"nothing to predict ({what})")
-    pred = Predictor(args.model, backend=args.backend, prevalence=args.prevalence)
+    backend = args.backend
+    if backend == "auto":
+        from ..modeldir import has_onnx, resolve_model_dir
+
+        backend = "onnx" if has_onnx(resolve_model_dir(args.model)) else "torch"
+    pred = Predictor(args.model, backend=backend, prevalence=args.prevalence)
     preds, errors = pred.predict_files([str(f) for f in files], batch_size=args.batch_size)
     errors = missing + errors
     if not preds:  # nothing usable at all: one line and exit 2, like every other user mistake
