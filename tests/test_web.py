@@ -22,7 +22,7 @@ from pneumoscan.cli import build_parser, main
 from pneumoscan.errors import ModelError
 from pneumoscan.export import export_onnx
 from pneumoscan.predict import Predictor
-from pneumoscan.web.app import Service, check_model_dir, create_app, explain_available, safe_name
+from pneumoscan.web.app import Service, check_model_dir, create_app, safe_name
 from pneumoscan.web.config import ServeConfig
 
 
@@ -349,7 +349,6 @@ def test_default_bind_is_localhost():
 
 # -- explanation overlay -------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not explain_available(), reason="pneumoscan.explain.explain_overlay_png not available")
 def test_explain_returns_png(client):
     r = post(client, jpeg(size=128), path="/api/explain")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -357,9 +356,3 @@ def test_explain_returns_png(client):
     im = Image.open(io.BytesIO(r.content))
     assert min(im.size) >= 64
     assert post(client, b"garbage", "bad.png", path="/api/explain").status_code == 400
-
-
-@pytest.mark.skipif(explain_available(), reason="explanations are installed")
-def test_explain_is_501_until_installed(client):
-    r = post(client, jpeg(), path="/api/explain")
-    assert r.status_code == 501 and "explain" in r.json()["detail"]
