@@ -23,8 +23,7 @@ from typing import Any, Iterable
 
 from . import INTENDED_USE, LABELS, __version__
 from .errors import PneumoscanError
-from .modeldir import json_safe
-from .modeling import atomic_write_bytes, read_config
+from .modeldir import atomic_write_bytes, json_safe, read_config
 from .scope import describe_thresholds
 
 log = logging.getLogger(__name__)

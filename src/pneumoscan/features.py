@@ -311,9 +311,3 @@ def _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers,
             info["computed"] += len(keys)
         bar.update(len(idx) + len(bad))
     bar.close()
-
-
-def check_batch_size(batch_size: int) -> int:
-    if batch_size < 1:
-        raise PneumoscanError(f"batch size {batch_size} must be at least 1")
-    return batch_size

@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from . import LABELS
 from .augment import AugmentConfig, BatchAugment
 from .backbones import create_backbone, default_preprocess, get_spec
+from .card import write_card
 from .data import Manifest, resolve_manifest
 from .errors import DataError, PneumoscanError
 from .features import ImageFiles, _collate
 from .metrics import choose_threshold, compute_metrics
 from .modeling import Head, PneumoNet, save_model
 from .preprocess import PreprocessConfig
-from .train import KeepBest, _hardware, _write_card, class_weights, write_history
+from .train import KeepBest, _hardware, class_weights, write_history
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +308,6 @@ def finetune(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Fi
     save_model(out, module.net.cpu().float(), config)
     write_history(keep.history, out)
     manifest.save(out / "manifest.csv")
-    _write_card(out)
+    write_card(out)
     log.info("fine-tuned model written to %s (val AUC %.4f)", out, val_metrics["normal_vs_pneumonia"]["auc"])
     return out

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from . import INTENDED_USE, LABELS
+from . import LABELS
 from .errors import ImageError, ModelError
 from .imaging import DEFAULT_MAX_PIXELS, XRay, load_xray
 from .metrics import decide, pneumonia_score, prior_shift
 from .modeldir import read_config, resolve_model_dir, verify_file
 from .preprocess import Preprocess, PreprocessConfig
+from .scope import check_scope  # out-of-scope hints: a warning, never a refusal
 
 if TYPE_CHECKING:  # torch loads only for the torch backend: ONNX serving stays light
     import torch
@@ -44,12 +45,6 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def scope_warnings(x: XRay) -> list[str]:
-    """Out-of-scope hints (a warning, never a refusal); thresholds are documented in the model card."""
-    from .scope import check_scope
-    return check_scope(x)
 
 
 class Predictor:
@@ -124,7 +119,7 @@ class Predictor:
 
     def predict_xray(self, x: XRay, name: str = "image") -> Prediction:
         p = self.probabilities(self.pre.array(x.pixels)[None])[0]
-        return self.result(name, p, scope_warnings(x))
+        return self.result(name, p, check_scope(x))
 
     def predict_bytes(self, data: bytes, name: str = "upload") -> Prediction:
         return self.predict_xray(load_xray(data, name=name, max_pixels=self.max_pixels,
@@ -149,7 +144,7 @@ class Predictor:
                     continue
                 xs.append(self.pre.array(x.pixels))
                 names.append(str(p))
-                warns.append(scope_warnings(x))
+                warns.append(check_scope(x))
             if xs:
                 probs = self.probabilities(np.stack(xs))
                 preds.extend(self.result(n, p, w) for n, p, w in zip(names, probs, warns))
@@ -213,6 +208,3 @@ def _onnx_session(model_dir: Path, config: dict, threads: int | None):
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ModelError(f"{path} cannot be loaded by ONNX Runtime: {e}") from None
-
-
-HEADER = f"# {INTENDED_USE}"

@@ -7,7 +7,7 @@ so that training, evaluation, serving and export all use the same numbers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -17,7 +17,6 @@ from .errors import PneumoscanError
 if TYPE_CHECKING:  # torch is imported lazily: the ONNX serving path never loads it
     import torch
 
-SIZES = (224, 299, 320, 128, 160, 192, 240, 256, 260, 288, 384)  # study sizes first
 INTENSITY = ("none", "equalize", "clahe")
 
 
@@ -107,10 +106,3 @@ def normalize_batch(batch_u8: "torch.Tensor", cfg: PreprocessConfig) -> "torch.T
     std = torch.tensor(cfg.std, dtype=torch.float32, device=batch_u8.device).view(1, 3, 1, 1) * 255.0
     x = batch_u8.to(torch.float32).unsqueeze(1)
     return (x - mean) / std
-
-
-def check_size(size: int, allowed: Sequence[int] | None = None) -> int:
-    """Validate an image size option early, with the fix in the message."""
-    if allowed and size not in allowed:
-        raise PneumoscanError(f"image size {size} is not supported here; use one of {', '.join(map(str, allowed))}")
-    return int(size)

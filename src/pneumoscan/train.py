@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from . import LABELS
 from .backbones import create_backbone, default_preprocess, get_spec
+from .card import write_card
 from .data import Manifest, resolve_manifest
 from .errors import DataError, PneumoscanError
 from .features import extract_features
@@ -262,16 +263,8 @@ def train(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Train
     write_history(history, out)
     manifest.save(out / "manifest.csv")
     log.info("model written to %s (val AUC %.4f)", out, val_metrics["normal_vs_pneumonia"]["auc"])
-    _write_card(out)
-    return out
-
-
-def _write_card(out: Path) -> None:
-    try:
-        from .card import write_card
-    except ImportError:  # the model card module is optional at this layer
-        return
     write_card(out)
+    return out
 
 
 def _hardware() -> dict:

@@ -34,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--val-fraction", type=fraction, default=0.2, help="patient-grouped validation share")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
-    p.add_argument("--devices", default="1", help="devices per node (an integer or 'auto')")
+    p.add_argument("--devices", type=_devices, default=1, help="devices per node (an integer or 'auto')")
     p.add_argument("--num-nodes", type=positive_int, default=1, help="machines for DDP")
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     p.add_argument("--precision", default="auto", help="auto (bf16-mixed on GPU), 32-true, bf16-mixed, 16-mixed")
@@ -50,11 +50,9 @@ def run(args) -> int:
     from ..augment import AugmentConfig
     from ..errors import PneumoscanError
     from ..finetune import FinetuneConfig, finetune
-
     from . import print_model_summary, tame_lightning
 
     tame_lightning()
-    devices = args.devices if args.devices == "auto" else _int(args.devices)
     aug = AugmentConfig(0, 0, 0, 0, 0, 0, False) if args.no_augment else AugmentConfig(rotate=args.rotate, flip=args.flip)
     if args.workers < 0:
         raise PneumoscanError(f"--workers {args.workers} must be 0 or more")
@@ -65,7 +63,7 @@ def run(args) -> int:
                          ema_decay=args.ema_decay, unfreeze=args.unfreeze, augment=aug, patience=args.patience,
                          threshold_method=args.threshold_method, target_sensitivity=args.target_sensitivity,
                          val_fraction=args.val_fraction, seed=args.seed, pretrained=not args.no_pretrained,
-                         weights=args.weights, accelerator=args.accelerator, devices=devices,
+                         weights=args.weights, accelerator=args.accelerator, devices=args.devices,
                          num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision,
                          max_steps=args.max_steps, workers=args.workers)
     out = finetune(args.data, args.out, cfg, progress=progress_enabled(),
@@ -76,12 +74,6 @@ def run(args) -> int:
     return 0
 
 
-def _int(text: str) -> int:
-    from ..errors import PneumoscanError
-    try:
-        v = int(text)
-    except ValueError:
-        raise PneumoscanError(f"--devices {text!r} must be an integer or 'auto'") from None
-    if v < 1:
-        raise PneumoscanError(f"--devices {v} must be at least 1")
-    return v
+
+def _devices(text: str) -> int | str:
+    return text if text == "auto" else positive_int(text)
