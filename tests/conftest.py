@@ -6,6 +6,7 @@ use ``real_data_dir`` and are skipped when ``../shared/data`` is absent.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,22 @@ def real_data_dir() -> Path:
     if not (SHARED_DATA / "train").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def no_network(monkeypatch, tmp_path):
+    """Any connection attempt fails at once (no hang on a timeout), and no weights cache is visible."""
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    try:
+        import huggingface_hub.constants as c
+        monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    except ImportError:
+        pass

