@@ -13,6 +13,13 @@ def add_model_arg(p) -> None:
                    help="model directory (default: the shipped model, or $PNEUMOSCAN_MODEL)")
 
 
+def add_threshold_args(p) -> None:
+    """How the pneumonia threshold is chosen on validation (ensemble, threshold)."""
+    p.add_argument("--method", default="youden", choices=["youden", "sensitivity"],
+                   help="youden: max sensitivity + specificity; sensitivity: highest threshold meeting a target")
+    p.add_argument("--target-sensitivity", type=float, default=None, help="with --method sensitivity, e.g. 0.97")
+
+
 def positive_int(text: str) -> int:
     import argparse
     try:

@@ -1,7 +1,7 @@
 """pneumoscan ensemble: one model directory from several (averaged probabilities, optional flip TTA)."""
 from __future__ import annotations
 
-from . import positive_int, progress_enabled
+from . import add_threshold_args, positive_int, progress_enabled
 
 
 def register(sub) -> None:
@@ -13,9 +13,7 @@ def register(sub) -> None:
     p.add_argument("--data", default=None,
                    help="training folder or manifest CSV whose val split re-chooses the threshold "
                         "(default: the members' shared manifest.csv)")
-    p.add_argument("--method", default="youden", choices=["youden", "sensitivity"],
-                   help="how the pneumonia threshold is chosen on validation")
-    p.add_argument("--target-sensitivity", type=float, default=None, help="with --method sensitivity, e.g. 0.97")
+    add_threshold_args(p)
     p.add_argument("--force", action="store_true",
                    help="allow members trained on different manifests (validation may overlap training)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="inference batch size")

@@ -1,7 +1,7 @@
 """pneumoscan threshold: re-choose a model's pneumonia threshold on its validation split."""
 from __future__ import annotations
 
-from . import positive_int, progress_enabled
+from . import add_threshold_args, positive_int, progress_enabled
 
 
 def register(sub) -> None:
@@ -9,9 +9,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="model directory whose config.json is updated")
     p.add_argument("--data", default=None,
                    help="training folder or manifest CSV (its val split is used; default: the model's manifest.csv)")
-    p.add_argument("--method", default="youden", choices=["youden", "sensitivity"],
-                   help="youden: max sensitivity + specificity; sensitivity: highest threshold meeting a target")
-    p.add_argument("--target-sensitivity", type=float, default=None, help="with --method sensitivity, e.g. 0.97")
+    add_threshold_args(p)
     p.add_argument("--force", action="store_true",
                    help="accept data other than the model's training manifest (validation may overlap training)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="inference batch size")
