@@ -105,3 +105,16 @@ def test_train_needs_train_and_val_images(tmp_path):
     with pytest.raises(DataError, match="no train/val images"):
         train(root, tmp_path / "m", _cfg(), cache_dir=tmp_path / "c", progress=False, workers=0)
     assert not (tmp_path / "m").exists()
+
+
+def test_cli_head_defaults_are_the_config_defaults():
+    import argparse
+
+    from pneumoscan.commands.train import add_head_args
+
+    p = argparse.ArgumentParser()
+    add_head_args(p)
+    args = p.parse_args([])
+    d = TrainConfig()
+    assert (args.lr, args.head_batch_size, args.dropout, args.patience, args.epochs) == \
+        (d.lr, d.batch_size, d.dropout, d.patience, d.max_epochs)

@@ -48,7 +48,7 @@ class CompareConfig:
 
     backbones: tuple[str, ...] = ("efficientnet_lite0",)  # registered backbones to compare
     sizes: tuple[int | None, ...] = (None,)  # image sides; None = each backbone's own default size
-    lrs: tuple[float, ...] = (1e-3,)  # Adam learning rates
+    lrs: tuple[float, ...] = (2e-3,)  # Adam learning rates
     dropouts: tuple[float, ...] = (0.2,)  # dropout before the dense layer
     schedules: tuple[str, ...] = ("none",)  # "none" and/or "step"
     select_by: str = "loss"  # "loss" (validation loss, lower wins) or "auc" (validation AUC, higher wins)

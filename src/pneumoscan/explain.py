@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import logging
 import threading
 import time
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -35,11 +33,12 @@ from .backbones import gradcam_layer
 from .errors import ModelError, PneumoscanError
 from .imaging import XRay
 from .modeling import Ensemble, verify_file
+from .onnxgraph import export_fast
 
 log = logging.getLogger(__name__)
 
 METHODS = ("occlusion", "gradcam")
-ENGINES = ("auto", "torch", "onnx")
+ENGINES = ("auto", "incremental", "onnx", "torch")
 CENTRAL_REGION = (0.20, 0.80, 0.15, 0.85)
 """(left, right, top, bottom) of the central chest region as fractions of width and height.
 
@@ -106,8 +105,9 @@ class OcclusionSensitivity:
         return f"OcclusionSensitivity(patch={self.patch}, stride={self.stride}, batch_size={self.batch_size})"
 
     def n_copies(self, size: int) -> int:
-        """Number of occluded copies evaluated for a ``size x size`` input."""
-        per_side = (size - self.patch) // self.stride + 1
+        """Number of occluded copies evaluated for a ``size x size`` input (Captum's count: the
+        last patch of a row may hang over the edge and is clipped)."""
+        per_side = -(-(size - self.patch) // self.stride) + 1
         return per_side * per_side
 
     def __call__(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, target: int) -> np.ndarray:
@@ -161,16 +161,8 @@ def onnx_forward(net: nn.Module, size: int, model_dir=None, config: dict | None 
         log.info("occlusion runs on the model's ONNX export %s", src)
     else:
         t0 = time.perf_counter()
-        buf = io.BytesIO()
-        dummy = torch.zeros(1, 3, size, size)
-        with eval_mode(net), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            warnings.simplefilter("ignore", category=FutureWarning)
-            torch.onnx.export(net, dummy, buf, input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                              opset_version=17, dynamo=False)
-        src = buf.getvalue()
+        with eval_mode(net):
+            src = export_fast(net, size, "input", "logits")
         log.info("exported the model to ONNX in memory for occlusion (%.1f s, once per model)",
                  time.perf_counter() - t0)
     return _OnnxForward(ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]))
@@ -277,8 +269,10 @@ class Explainer:
 
     The explainer works on its own copy of the network (channels-last, eval mode), so Captum's
     hooks never touch the predictor that serves predictions, and a lock serialises its calls.
-    ``engine`` picks what runs the occluded copies: "torch", "onnx" (ONNX Runtime on the model's
-    export, or an in-memory export), or "auto" (ONNX Runtime when it works, else torch).
+    ``engine`` picks what runs the occluded copies: "incremental" (:mod:`pneumoscan.occlusion`:
+    the early layers recomputed only around the patch, exact, EfficientNet-family backbones),
+    "onnx" (Captum over ONNX Runtime on the model's export, or an in-memory export), "torch"
+    (Captum over eager PyTorch), or "auto" (the first of those that works for the model).
     """
 
     def __init__(self, predictor, *, patch: int = 16, stride: int = 8, batch_size: int = 64,
@@ -297,16 +291,49 @@ class Explainer:
                                   f"use a patch of at most {self.size // 4} px")
         self.net = copy.deepcopy(predictor.net).cpu().eval().to(memory_format=torch.channels_last)
         self._forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._incremental = None  # IncrementalOcclusion, False when the model does not support it
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Explainer({self.predictor!r}, {self.occlusion!r}, engine={self.engine!r})"
 
+    def incremental(self):
+        """The incremental occlusion engine, or None when the engine or the model rules it out."""
+        if self.engine not in ("auto", "incremental") or self._incremental is False:
+            return None
+        if self._incremental is None:
+            from .occlusion import IncrementalOcclusion
+
+            o = self.occlusion
+            try:
+                self._incremental = IncrementalOcclusion(self.net, self.size, o.patch, o.stride, o.batch_size)
+                log.info("occlusion runs incrementally: %r", self._incremental)
+            except PneumoscanError as e:
+                if self.engine == "incremental":
+                    raise ModelError(f"incremental occlusion does not support this model ({e}); "
+                                     "use --engine onnx or torch") from None
+                log.info("incremental occlusion unavailable (%s); occluding the full network", e)
+                self._incremental = False
+            except Exception as e:  # an exporter or runtime gap for this architecture
+                if self.engine == "incremental":
+                    raise ModelError(f"incremental occlusion failed to build ({type(e).__name__}: {e}); "
+                                     "use --engine onnx or torch") from None
+                log.warning("incremental occlusion unavailable (%s); occluding the full network", e)
+                self._incremental = False
+        return self._incremental or None
+
+    def occlusion_map(self, tensor: torch.Tensor, target: int) -> np.ndarray:
+        """The occlusion map of one normalised image (1, 3, S, S) for class ``target``."""
+        inc = self.incremental()
+        if inc is not None:
+            return inc(_check_input(tensor), _check_target(target))
+        return self.occlusion(self.occlusion_forward(), tensor, target)
+
     def occlusion_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Batch -> probabilities for the occluded copies (built on first use, then reused)."""
         if self._forward is not None:
             return self._forward
-        if self.engine in ("auto", "onnx"):
+        if self.engine in ("auto", "incremental", "onnx"):
             try:
                 self._forward = onnx_forward(self.net, self.size, self.predictor.model_dir, self.predictor.config)
                 return self._forward
@@ -338,7 +365,7 @@ class Explainer:
                 if method == "gradcam":
                     heat = self.gradcam(self.net, tensor, target)
                 else:
-                    heat = self.occlusion(self.occlusion_forward(), tensor, target)
+                    heat = self.occlusion_map(tensor, target)
                 out.append(Explanation(method, heat, target, result.label, result.probabilities,
                                        time.perf_counter() - t0))
         return out

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +30,7 @@ from .backbones import create_backbone, default_preprocess
 from .errors import ImageError, PneumoscanError
 from .imaging import load_xray
 from .modeling import atomic_write_bytes
+from .onnxgraph import export_fast
 from .preprocess import Preprocess, PreprocessConfig, normalize_batch
 
 log = logging.getLogger(__name__)
@@ -231,6 +231,9 @@ def net_digest(net: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+GRAPH_VERSION = "g2"  # in the export's file name: g2 = static padding folded into the convs (onnxgraph)
+
+
 def export_backbone_onnx(net: torch.nn.Module, size: int, folder: Path, atol: float = 1e-4) -> Path:
     """Export ``net`` (dynamic batch) to ``folder/backbone-<digest>.onnx`` once; reuses the file after.
 
@@ -239,7 +242,7 @@ def export_backbone_onnx(net: torch.nn.Module, size: int, folder: Path, atol: fl
     """
     import onnxruntime as ort
 
-    path = Path(folder) / f"backbone-{net_digest(net)[:16]}-s{size}.onnx"
+    path = Path(folder) / f"backbone-{net_digest(net)[:16]}-s{size}-{GRAPH_VERSION}.onnx"
     if path.is_file():
         return path
     net = net.cpu().eval()
@@ -247,12 +250,7 @@ def export_backbone_onnx(net: torch.nn.Module, size: int, folder: Path, atol: fl
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: fast, no extra deps
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(net, (x,), str(tmp), input_names=["input"], output_names=["features"],
-                              dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}},
-                              opset_version=17, dynamo=False)
+        tmp.write_bytes(export_fast(net, size, "input", "features"))
         with torch.inference_mode():
             ref = net(x).float().numpy()
         got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]

@@ -39,7 +39,7 @@ def register(sub) -> None:
                         "resnet50,inception_v3,xception,inception_resnet_v2,vgg16)")
     p.add_argument("--sizes", type=_list(_size), default=(None,),
                    help="comma-separated image sides, e.g. 224,299,320 (default: each backbone's own)")
-    p.add_argument("--lrs", type=_list(float), default=(1e-3,), help="comma-separated learning rates (default 1e-3)")
+    p.add_argument("--lrs", type=_list(float), default=(2e-3,), help="comma-separated learning rates (default 2e-3)")
     p.add_argument("--dropouts", type=_list(float), default=(0.2,), help="comma-separated dropouts (default 0.2)")
     p.add_argument("--schedules", type=_list(str), default=("none",), help="comma-separated: none,step (default none)")
     p.add_argument("--select-by", default="loss", choices=["loss", "auc"],

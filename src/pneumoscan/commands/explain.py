@@ -16,8 +16,10 @@ def register(sub) -> None:
     p.add_argument("--patch", type=positive_int, default=16, help="occlusion patch side in model-input px")
     p.add_argument("--stride", type=positive_int, default=8, help="occlusion stride in model-input px")
     p.add_argument("--batch-size", type=positive_int, default=64, help="occluded copies per forward pass")
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
-                   help="what runs the occluded copies (auto: ONNX Runtime when possible, else PyTorch)")
+    p.add_argument("--engine", default="auto", choices=["auto", "incremental", "onnx", "torch"],
+                   help="what runs the occluded copies: incremental (exact, recomputes only the layers "
+                        "around the patch; EfficientNet-family backbones), onnx or torch (Captum over the "
+                        "full network); auto: the first that works")
     p.add_argument("--grid", action="store_true",
                    help="also a summary figure per method with up to 16 of the images")
     p.add_argument("--sample", type=positive_int, default=None, metavar="N",

@@ -6,7 +6,9 @@ from .extract import add_backbone_args
 
 
 def add_head_args(p) -> None:
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    p.add_argument("--head-batch-size", type=positive_int, default=256,
+                   help="batch size of head training (default 256; --batch-size is extraction's)")
     p.add_argument("--dropout", type=float, default=0.2, help="dropout before the dense layer (default 0.2)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     p.add_argument("--epochs", type=positive_int, default=200, help="maximum epochs (default 200)")
@@ -36,8 +38,8 @@ def config_from_args(args):
     from ..train import TrainConfig
 
     return TrainConfig(backbone=args.backbone, size=args.size, intensity=args.intensity, lr=args.lr,
-                       weight_decay=args.weight_decay, dropout=args.dropout, max_epochs=args.epochs,
-                       patience=args.patience, schedule=args.schedule, step_size=args.step_size,
+                       batch_size=args.head_batch_size, weight_decay=args.weight_decay, dropout=args.dropout,
+                       max_epochs=args.epochs, patience=args.patience, schedule=args.schedule, step_size=args.step_size,
                        step_gamma=args.step_gamma, class_weight=args.class_weight,
                        label_smoothing=args.label_smoothing, threshold_method=args.threshold_method,
                        target_sensitivity=args.target_sensitivity, val_fraction=args.val_fraction,

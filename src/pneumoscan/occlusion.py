@@ -1,0 +1,467 @@
+"""Occlusion sensitivity by incremental inference: the same map, a fraction of the work.
+
+An occluded copy differs from the image in one patch only, and a convolution's output depends
+on a small window of its input. So the network is cut in two at the end of its stride-4 stage:
+
+* the *prefix* (stem and the 112 and 56 px stages of an EfficientNet) runs once on the whole
+  image, and then, for each occluded copy, only on a crop around the patch, just large enough
+  to hold every prefix output the patch can reach (patch + receptive field, aligned to the
+  prefix's stride so that the crop's grid is the image's grid);
+* those outputs are pasted into the image's prefix output, and the *suffix* (the rest of the
+  network and the head) runs on the whole map as usual.
+
+Every number is computed exactly as in a full pass (the crop's borders are either the image's
+borders, padded the same way, or lie outside every kept output's receptive field), so the map
+equals Captum's ``Occlusion`` on the full network to float rounding; :class:`IncrementalOcclusion`
+checks that on sample positions before it is used. This is the idea of Krypton (Nakandala,
+Kumar and Papakonstantinou, "Incremental and approximate inference for faster occlusion-based
+deep CNN explanations", SIGMOD 2019), restricted to the early layers where the saving is large:
+for EfficientNet-Lite0 at 224 px the stride-4 prefix is about a third of a forward pass and
+the crops are 56-64 px wide, about 1/14 of the image (``benchmarks/results/explain-*.json``).
+
+Both halves run in ONNX Runtime (exported once per network and cached on disk, see
+:func:`graph_cache_dir`). Supported: timm EfficientNet-family backbones without squeeze-excite
+(EfficientNet-Lite0/1/2 and the tiny test network), alone, with a head, or in an ensemble with
+flip test-time augmentation. Anything else uses Captum on the full network
+(:class:`pneumoscan.explain.OcclusionSensitivity`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ModelError, PneumoscanError
+from .modeling import Ensemble, atomic_write_bytes
+from .onnxgraph import StaticPadConv2d, export_fast, static_same_padding
+
+log = logging.getLogger(__name__)
+
+SPLIT_STRIDES = (4, 8)  # segment boundaries: after the last stage at output stride 4, then 8
+GRAPH_VERSION = "occ1"
+
+
+def graph_cache_dir() -> Path:
+    """Where exported segment graphs are kept: ``graphs/`` in the feature cache ($PNEUMOSCAN_CACHE)."""
+    from .features import default_cache_dir
+
+    return default_cache_dir() / "graphs"
+
+
+class UnsupportedNetwork(ModelError):
+    """The network cannot be split for incremental occlusion (use the full-network path)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# splitting a network
+
+
+class _Stem(nn.Module):
+    """The stem and the first ``k`` stages: the first segment."""
+
+    def __init__(self, backbone: nn.Module, k: int) -> None:
+        super().__init__()
+        self.conv_stem, self.bn1, self.blocks = backbone.conv_stem, backbone.bn1, backbone.blocks[:k]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.bn1(self.conv_stem(x)))
+
+
+class _Suffix(nn.Module):
+    """Stages ``k`` on, the head convolution, pooling, classifier and the pneumoscan head."""
+
+    def __init__(self, net: nn.Module, k: int) -> None:
+        super().__init__()
+        bb = net.backbone if hasattr(net, "backbone") else net
+        self.blocks, self.conv_head, self.bn2 = bb.blocks[k:], bb.conv_head, bb.bn2
+        self.pool, self.classifier = bb.global_pool, bb.classifier
+        self.head = net.head if hasattr(net, "backbone") else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv_head(self.blocks(x)))
+        return self.head(self.classifier(self.pool(x)))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a segment's output looks: output ``o`` reads input ``[o*stride - offset, o*stride - offset + reach)``."""
+
+    stride: int
+    reach: int  # receptive field, input pixels
+    offset: int  # total left/top padding, input pixels
+
+
+def _conv_geometry(m: nn.Module) -> tuple[int, int, int]:
+    """(kernel extent, stride, left pad) of a square convolution along one axis."""
+    conv = m.conv if isinstance(m, StaticPadConv2d) else m
+    k, s, d = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
+    if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1]:
+        raise UnsupportedNetwork("non-square convolutions are not supported by incremental occlusion")
+    if isinstance(m, StaticPadConv2d):
+        if m.pads[0] != m.pads[2]:
+            raise UnsupportedNetwork("padding that differs between the axes is not supported")
+        pad = m.pads[0]
+    elif isinstance(conv.padding, str):
+        if conv.padding != "same" or s != 1:
+            raise UnsupportedNetwork(f"padding {conv.padding!r} is not supported")
+        pad = d * (k - 1) // 2
+    else:
+        pad = conv.padding[0]
+    return d * (k - 1) + 1, s, pad
+
+
+def segment_geometry(segment: nn.Module, example: torch.Tensor) -> Geometry:
+    """Stride, receptive field and offset of ``segment`` (a chain of convolutions with pointwise
+    layers and identity shortcuts between them), from its convolutions in the order they run."""
+    pooling: tuple[type, ...] = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    try:
+        from timm.layers import SEModule, SqueezeExcite
+        from timm.models._efficientnet_blocks import SqueezeExcite as BlockSE
+        pooling += (SEModule, SqueezeExcite, BlockSE)
+    except ImportError:  # pragma: no cover - other timm layouts; the self-check still guards
+        pass
+    if any(isinstance(m, pooling) for m in segment.modules()):
+        raise UnsupportedNetwork("the early layers pool globally (squeeze-excite): occlusion needs the full network")
+    inner = {id(m.conv) for m in segment.modules() if isinstance(m, StaticPadConv2d)}
+    convs = [m for m in segment.modules()
+             if isinstance(m, StaticPadConv2d) or (isinstance(m, nn.Conv2d) and id(m) not in inner)]
+    calls: list[nn.Module] = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: calls.append(m) and None) for m in convs]
+    try:
+        with torch.no_grad():
+            segment(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    stride, reach, offset = 1, 1, 0
+    for m in calls:
+        k, s, pad = _conv_geometry(m)
+        reach += (k - 1) * stride
+        offset += pad * stride
+        stride *= s
+    return Geometry(stride, reach, offset)
+
+
+def split_indices(backbone: nn.Module, size: int, strides: tuple[int, ...] = SPLIT_STRIDES) -> list[int]:
+    """Stage counts at the segment boundaries: after the last stage at each output stride in ``strides``."""
+    if not all(hasattr(backbone, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")):
+        raise UnsupportedNetwork(f"{type(backbone).__name__} is not a timm EfficientNet-family backbone")
+    out_strides = []
+    with torch.no_grad():
+        x = backbone.bn1(backbone.conv_stem(torch.zeros(1, 3, size, size)))
+        for stage in backbone.blocks:
+            x = stage(x)
+            out_strides.append(size // x.shape[-1])
+    cuts = [max((i + 1 for i, st in enumerate(out_strides) if st <= s), default=0) for s in strides]
+    cuts = sorted({c for c in cuts if 0 < c < len(out_strides)})
+    if not cuts:
+        raise UnsupportedNetwork(f"no stage ends at stride <= {strides[0]}")
+    return cuts
+
+
+# ----------------------------------------------------------------------------------------------
+# one network (an ensemble member or a single model) as ONNX Runtime segments
+
+
+def _session(data: bytes, threads: int | None = None):
+    import onnxruntime as ort
+
+    from .features import cpu_count
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or cpu_count()
+    # the segments run in turn: a session whose threads spin after its run steals the cores the
+    # next session needs (measured: every segment 1.4-2.4x slower with spinning on)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def _digest(net: nn.Module) -> str:
+    h = hashlib.sha1()
+    for k, v in net.state_dict().items():
+        h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class SplitNet:
+    """A single network as ONNX Runtime segments: convolutional ones that take any input size
+    (run on crops), then the suffix on the whole map. ``geometry[i]`` and ``sizes[i]`` describe
+    segment ``i``'s input side and receptive field."""
+
+    def __init__(self, net: nn.Module, size: int, cache_dir: str | os.PathLike | None = None,
+                 strides: tuple[int, ...] = SPLIT_STRIDES) -> None:
+        net = net.cpu().eval()
+        cuts = split_indices(getattr(net, "backbone", net), size, strides)
+        static = static_same_padding(net, size)
+        sbb = getattr(static, "backbone", static)
+        modules: list[nn.Module] = [_Stem(sbb, cuts[0])]
+        modules += [sbb.blocks[a:b] for a, b in zip(cuts, cuts[1:])]
+        suffix = _Suffix(static, cuts[-1]).eval()
+        self.geometry: list[Geometry] = []
+        self.sizes: list[int] = []
+        x = torch.zeros(1, 3, size, size)
+        examples = []
+        for m in modules:
+            m.eval()
+            side = x.shape[-1]
+            g = segment_geometry(m, x)
+            examples.append(x)
+            with torch.no_grad():
+                y = m(x)
+            if side % g.stride or y.shape[-1] * g.stride != side:
+                raise UnsupportedNetwork(f"input side {side} is not tiled by the stride {g.stride}")
+            self.geometry.append(g)
+            self.sizes.append(side)
+            x = y
+        self.map_shape = tuple(x.shape[1:])
+        folder = Path(cache_dir) if cache_dir else graph_cache_dir()
+        key = f"{_digest(net)}-s{size}-k{'-'.join(map(str, cuts))}-{GRAPH_VERSION}"
+        self.segments = [_session(self._graph(folder / f"seg{i}-{key}.onnx", m, ex.shape[-1], True, ex))
+                         for i, (m, ex) in enumerate(zip(modules, examples))]
+        self.suffix = _session(self._graph(folder / f"suffix-{key}.onnx", suffix, size, False,
+                                           torch.zeros(2, *self.map_shape)))
+
+    @staticmethod
+    def _graph(path: Path, module: nn.Module, size: int, dynamic_hw: bool, example: torch.Tensor) -> bytes:
+        try:
+            if path.is_file():
+                return path.read_bytes()
+        except OSError:
+            pass
+        example = example.expand(2, *example.shape[1:]).contiguous()
+        data = export_fast(module, size, "input", "output", dynamic_hw=dynamic_hw, example=example)
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as e:  # a read-only cache only costs the export next time
+            log.debug("graph cache %s not writable: %s", path, e)
+        return data
+
+    def run(self, i: int, x: np.ndarray) -> np.ndarray:
+        """Segment ``i`` (``len(segments)`` = the suffix) on a batch."""
+        sess = self.suffix if i == len(self.segments) else self.segments[i]
+        return sess.run(None, {"input": np.ascontiguousarray(x, np.float32)})[0]
+
+    def bases(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every segment's input for the unoccluded image, and the suffix's input last."""
+        out = [x]
+        for i in range(len(self.segments)):
+            out.append(self.run(i, out[-1]))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# crop planning
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One segment, one axis: for each patch position, the changed window of the segment's input,
+    the crop it runs on, and the outputs kept from it (which become the next changed window)."""
+
+    window: np.ndarray  # (n, 2) changed input range [a, b)
+    crop: int  # crop length, input px (a multiple of the stride)
+    starts: np.ndarray  # (n,) crop start, input px
+    keep: np.ndarray  # (n, 2) kept output range [a, b), crop-output coordinates
+    stride: int
+
+    def next_window(self) -> np.ndarray:
+        return self.keep + (self.starts // self.stride)[:, None]
+
+
+def plan_axis(size: int, window: np.ndarray, g: Geometry) -> Plan:
+    """Crops along one axis: each holds every output whose receptive field meets the changed
+    ``window``, with those outputs' whole receptive fields inside the crop or beyond the edge."""
+    first = np.arange(size // g.stride) * g.stride - g.offset  # field [first, first + reach) per output
+    lo = np.array([np.nonzero((first < b) & (first + g.reach > a))[0][0] for a, b in window])
+    hi = np.array([np.nonzero((first < b) & (first + g.reach > a))[0][-1] + 1 for a, b in window])
+    c = np.maximum(0, (lo * g.stride - g.offset) // g.stride * g.stride)  # o_lo's field start, on the grid
+    e = np.minimum(size, -(-((hi - 1) * g.stride - g.offset + g.reach) // g.stride) * g.stride)
+    length = int((e - c).max())
+    c = np.minimum(c, size - length)  # one crop length for all, shifted back inside the image
+    keep = np.stack([lo - c // g.stride, hi - c // g.stride], 1)
+    return Plan(np.asarray(window, int), length, c.astype(int), keep.astype(int), g.stride)
+
+
+def plan_chain(split: SplitNet, window: np.ndarray) -> list[Plan]:
+    """The plans of every segment for the patch ``window`` ((n, 2) [start, end) along one axis)."""
+    plans = []
+    for g, side in zip(split.geometry, split.sizes):
+        plans.append(plan_axis(side, window, g))
+        window = plans[-1].next_window()
+    return plans
+
+
+def patch_windows(size: int, patch: int, stride: int) -> np.ndarray:
+    """Patch ranges [start, end) along one axis, as Captum's ``Occlusion`` places them: starts
+    0, stride, ... up to ceil((size - patch) / stride) strides, the last one clipped at the edge."""
+    n = -(-(size - patch) // stride) + 1
+    starts = np.arange(n) * stride
+    return np.stack([starts, np.minimum(starts + patch, size)], 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the explainer
+
+
+class IncrementalOcclusion:
+    """Occlusion sensitivity of a PneumoNet or an :class:`~pneumoscan.modeling.Ensemble` of them.
+
+    Same conventions as :class:`pneumoscan.explain.OcclusionSensitivity` (patch filled with the
+    image mean per channel, the drop of the target class's probability averaged over the patch
+    positions covering each pixel) and the same result, in a fraction of the time.
+    """
+
+    def __init__(self, net: nn.Module, size: int, patch: int = 16, stride: int = 8, batch_size: int = 64,
+                 cache_dir: str | os.PathLike | None = None, check: bool = True,
+                 strides: tuple[int, ...] = SPLIT_STRIDES) -> None:
+        t0 = time.perf_counter()
+        self.size, self.patch, self.stride, self.batch_size = int(size), int(patch), int(stride), int(batch_size)
+        for name, v in (("patch", self.patch), ("stride", self.stride), ("batch size", self.batch_size)):
+            if v < 1:
+                raise PneumoscanError(f"occlusion {name} {v!r} must be a positive integer (e.g. 16)")
+        if self.patch > self.size:
+            raise PneumoscanError(f"occlusion patch {patch} px is larger than the model input ({size} px)")
+        members = list(net.members) if isinstance(net, Ensemble) else [net]
+        self.views: list[tuple[SplitNet, int, np.ndarray | None, bool]] = []  # (net, member, affine, flipped)
+        for i, m in enumerate(members):
+            split = SplitNet(m, self.size, cache_dir, strides)
+            affine = None
+            if isinstance(net, Ensemble) and net._renorm[i]:
+                affine = np.stack([getattr(net, f"in_scale_{i}").numpy().reshape(3),
+                                   getattr(net, f"in_shift_{i}").numpy().reshape(3)])
+            self.views.append((split, i, affine, False))
+            if isinstance(net, Ensemble) and net.tta == "flip":
+                self.views.append((split, i, affine, True))
+        self.windows = patch_windows(self.size, self.patch, self.stride)
+        first = self.views[0][0]
+        self.rows = plan_chain(first, self.windows)  # rows and columns share the windows
+        self.cols_flipped = plan_chain(first, self.size - self.windows[:, ::-1])  # seen in the mirrored image
+        self.setup_seconds = time.perf_counter() - t0
+        if check:
+            self.self_check(net)
+
+    def __repr__(self) -> str:
+        crops = "/".join(f"{p.crop}" for p in self.rows)
+        return (f"IncrementalOcclusion(patch={self.patch}, stride={self.stride}, views={len(self.views)}, "
+                f"segments={len(self.rows)}, crops={crops} px)")
+
+    def n_copies(self) -> int:
+        return len(self.windows) ** 2
+
+    # -- probabilities of occluded copies -------------------------------------------------------
+
+    @staticmethod
+    def _view_input(x: np.ndarray, affine, flipped: bool) -> np.ndarray:
+        v = x * affine[0].reshape(1, 3, 1, 1) + affine[1].reshape(1, 3, 1, 1) if affine is not None else x
+        return np.ascontiguousarray(v[..., ::-1] if flipped else v, np.float32)
+
+    def _view_probabilities(self, split: SplitNet, v: np.ndarray, vfill: np.ndarray, cells: np.ndarray,
+                            flipped: bool) -> np.ndarray:
+        cols = self.cols_flipped if flipped else self.rows  # rows and columns share the windows
+        last_rows, last_cols = self.rows[-1].next_window(), cols[-1].next_window()
+        bases = split.bases(v)
+        out = []
+        for b0 in range(0, len(cells), self.batch_size):
+            ri, ci = cells[b0:b0 + self.batch_size, 0], cells[b0:b0 + self.batch_size, 1]
+            n = len(ri)
+            changed = [vfill[0]] * n  # level 0: the patch holds the fill value (broadcast)
+            for level, (rp, cp) in enumerate(zip(self.rows, cols)):
+                base, L = bases[level][0], rp.crop
+                crops = np.empty((n, base.shape[0], L, L), np.float32)
+                for j in range(n):
+                    cy, cx = rp.starts[ri[j]], cp.starts[ci[j]]
+                    (ya, yb), (xa, xb) = rp.window[ri[j]], cp.window[ci[j]]
+                    crops[j] = base[:, cy:cy + L, cx:cx + L]
+                    crops[j, :, ya - cy:yb - cy, xa - cx:xb - cx] = changed[j]
+                mids = split.run(level, crops)
+                changed = [mids[j, :, rp.keep[ri[j], 0]:rp.keep[ri[j], 1], cp.keep[ci[j], 0]:cp.keep[ci[j], 1]]
+                           for j in range(n)]
+            feats = np.repeat(bases[-1], n, axis=0)
+            for j in range(n):
+                (ya, yb), (xa, xb) = last_rows[ri[j]], last_cols[ci[j]]
+                feats[j, :, ya:yb, xa:xb] = changed[j]
+            out.append(_softmax(split.run(len(split.segments), feats)))
+        return np.concatenate(out)
+
+    def _combine(self, per_view: list[tuple[int, np.ndarray]]) -> np.ndarray:
+        """Mean over each member's views (flip TTA), then over the members, as Ensemble does."""
+        groups: dict[int, list[np.ndarray]] = {}
+        for member, p in per_view:
+            groups.setdefault(member, []).append(p)
+        return np.mean([np.mean(ps, axis=0) for ps in groups.values()], axis=0)
+
+    def probabilities(self, x: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        """Probabilities (n, C) of the copies of ``x`` (1, 3, S, S) occluded at ``cells`` ((n, 2)
+        row and column indices into :attr:`windows`)."""
+        fill = x.mean(axis=(2, 3), keepdims=True)
+        cells = np.asarray(cells, int).reshape(-1, 2)
+        return self._combine([(member, self._view_probabilities(split, self._view_input(x, affine, flipped),
+                                                                  self._view_input(fill, affine, False), cells,
+                                                                  flipped))
+                              for split, member, affine, flipped in self.views])
+
+    def full_probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities of ``x`` itself (1, C), through the same segments."""
+        per_view = []
+        for split, member, affine, flipped in self.views:
+            mid = split.bases(self._view_input(x, affine, flipped))[-1]
+            per_view.append((member, _softmax(split.run(len(split.segments), mid))))
+        return self._combine(per_view)
+
+    # -- the map --------------------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor | np.ndarray, target: int) -> np.ndarray:
+        x = x.detach().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        if x.shape != (1, 3, self.size, self.size):
+            raise PneumoscanError(f"expected one normalised image of shape (3, {self.size}, {self.size}), "
+                                  f"got {tuple(x.shape)}")
+        if not np.isfinite(x).all():
+            raise PneumoscanError("the input tensor holds NaN or infinite values")
+        n = len(self.windows)
+        cells = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1).reshape(-1, 2)
+        p0 = self.full_probabilities(x)[0, target]
+        drop = p0 - self.probabilities(x, cells)[:, target]
+        total = np.zeros((self.size, self.size), np.float64)
+        count = np.zeros((self.size, self.size), np.float64)
+        for (i, k), d in zip(cells, drop):
+            (ya, yb), (xa, xb) = self.windows[i], self.windows[k]
+            total[ya:yb, xa:xb] += d
+            count[ya:yb, xa:xb] += 1
+        return np.divide(total, count, out=np.zeros_like(total), where=count > 0).astype(np.float32)
+
+    def self_check(self, net: nn.Module, tol: float = 1e-4) -> None:
+        """Compare with the full network on a few occluded copies; raises :class:`UnsupportedNetwork`."""
+        rng = np.random.default_rng(0)
+        x = rng.normal(0, 1, (1, 3, self.size, self.size)).astype(np.float32)
+        n = len(self.windows)
+        cells = np.array(sorted({(0, 0), (n - 1, n - 1), (0, n - 1), (n // 2, n // 3)}))
+        got = self.probabilities(x, cells)
+        fill = x.mean(axis=(2, 3))[0]
+        occluded = np.repeat(x, len(cells), axis=0)
+        for j, (i, k) in enumerate(cells):
+            (ya, yb), (xa, xb) = self.windows[i], self.windows[k]
+            occluded[j, :, ya:yb, xa:xb] = fill[:, None, None]
+        with torch.inference_mode():
+            want = net(torch.from_numpy(occluded)).float().softmax(-1).numpy()
+        err = float(np.abs(got - want).max())
+        if not err <= tol:
+            raise UnsupportedNetwork(f"incremental occlusion differs from the full network by {err:.1e}")
+        log.debug("incremental occlusion self-check: max difference %.1e", err)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
