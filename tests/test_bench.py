@@ -63,9 +63,12 @@ def test_extract_bench_writes_json(tmp_path):
     from pneumoscan.bench.extract import run
 
     line, path = run(["test_efficientnet"], [64], images=8, image_px=96, pretrained=False, gemm_seconds=0.1,
-                     big_px=256, out_dir=tmp_path)
+                     big_px=256, out_dir=tmp_path, repeats=2, memory_counts=[4, 12])
     doc = json.loads(path.read_text())
-    assert path == tmp_path / "extract.json" and "img/s" in line
+    assert path == tmp_path / "extract.json" and "img/s" in line and "peak memory" in line
+    assert [m["images"] for m in doc["memory_scan"]] == [4, 12]  # the scan may use more images than the runs
+    assert all(m["peak_rss_mb"] > 0 for m in doc["memory_scan"])
+    assert doc["runs"][0]["repeats"] == 2 and len(doc["runs"][0]["runs_images_per_s"]) == 2
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["versions"]["torch"] == torch.__version__
     (r,) = doc["runs"]
     assert r["images"] == 8 and r["failed"] == 0 and r["images_per_s"] > 0 and r["peak_rss_mb"] > 0
@@ -107,6 +110,27 @@ def test_cli_gpu_skips_cleanly_and_summary(tmp_path, capsys):
     assert not (tmp_path / "gpu.json").exists()
     summary = (tmp_path / "SUMMARY.md").read_text()
     assert "p50 9.0 ms" in summary and "| yes |" in summary
+
+
+def test_summary_reads_the_memory_scan_and_the_newest_explain_result(tmp_path):
+    from pneumoscan.bench.summary import write_summary
+
+    machine = {"cpu_model": "x", "cores": 2, "load_avg_1m": 0.1}
+    run = {"backbone": "efficientnet_lite0", "size": 224, "images_per_s": 90.0, "engine": "onnx", "workers": 0,
+           "cpu_ms_per_image": 20.0, "share_of_compute_bound": 0.6, "peak_rss_mb": 900.0, "images": 64}
+    (tmp_path / "extract.json").write_text(json.dumps({
+        "machine": machine, "when": "2026-01-01T00:00:00", "gemm_gflops": 120.0, "runs": [run],
+        "memory_scan": [{"images": 256, "peak_rss_mb": 900.0}, {"images": 5216, "peak_rss_mb": 2500.0}]}))
+    for date, seconds in (("2026-01-01T00:00:00", 9.0), ("2026-02-01T00:00:00", 4.0)):
+        (tmp_path / f"explain-{date[:10]}-2cpu.json").write_text(json.dumps({
+            "date": date, "machine": {"cpu": "x", "usable_cpus": 2, "loadavg_1_5_15_before": [0.1, 0, 0]},
+            "results": {"occlusion_incremental": {"copies": 729, "median_wall_s": seconds},
+                        "occlusion_onnx": {"copies": 729, "median_wall_s": 8.0},
+                        "gradcam": {"median_wall_s": 0.1}}}))
+    text = write_summary(tmp_path).read_text()
+    assert "| 90.0 img/s" in text
+    assert "900 -> 2500 MB | **no** |" in text  # grew with the image count: not flat
+    assert "4.0 s (incremental; Captum over ONNX Runtime 8.0 s) | yes |" in text  # the newer result
 
 
 def test_cli_rejects_bad_numbers(capsys):

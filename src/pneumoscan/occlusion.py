@@ -1,33 +1,36 @@
 """Occlusion sensitivity by incremental inference: the same map, a fraction of the work.
 
 An occluded copy differs from the image in one patch only, and a convolution's output depends
-on a small window of its input. So the network is cut in two at the end of its stride-4 stage:
+on a small window of its input. So the network is cut into segments: the stem with the
+stride-2 blocks, then one segment per block up to the end of the first stride-16 stage, then
+the *suffix* (the rest of the network and the head).
 
-* the *prefix* (stem and the 112 and 56 px stages of an EfficientNet) runs once on the whole
-  image, and then, for each occluded copy, only on a crop around the patch, just large enough
-  to hold every prefix output the patch can reach (patch + receptive field, aligned to the
-  prefix's stride so that the crop's grid is the image's grid);
-* those outputs are pasted into the image's prefix output, and the *suffix* (the rest of the
-  network and the head) runs on the whole map as usual.
+* Every segment runs once on the whole image (the "base" activations).
+* For each occluded copy, a segment runs only on a crop of its input: the changed window (the
+  patch, then the outputs the previous segment changed) plus the segment's receptive field,
+  aligned to the segment's stride so that the crop's grid is the map's grid. The outputs the
+  change can reach are kept and become the next segment's changed window, pasted into that
+  segment's base input.
+* The suffix runs on the whole map, with the last changed window pasted in.
 
-Every number is computed exactly as in a full pass (the crop's borders are either the image's
+Every number is computed exactly as in a full pass (the crop's borders are either the map's
 borders, padded the same way, or lie outside every kept output's receptive field), so the map
 equals Captum's ``Occlusion`` on the full network to float rounding; :class:`IncrementalOcclusion`
 checks that on sample positions before it is used. This is the idea of Krypton (Nakandala,
 Kumar and Papakonstantinou, "Incremental and approximate inference for faster occlusion-based
-deep CNN explanations", SIGMOD 2019), restricted to the early layers where the saving is large:
-for EfficientNet-Lite0 at 224 px the stride-4 prefix is about a third of a forward pass and
-the crops are 56-64 px wide, about 1/14 of the image (``benchmarks/results/explain-*.json``).
+deep CNN explanations", SIGMOD 2019), restricted to the layers where a 16-px patch reaches only
+part of the map: for EfficientNet-Lite0 at 224 px the crops are 11-28 px wide and the copies
+cost about half a full pass each (``benchmarks/results/explain-*.json``). From the stride-16
+stage with 5x5 kernels on, a patch reaches the whole map, so the suffix runs in full.
 
-Both halves run in ONNX Runtime (exported once per network and cached on disk, see
-:func:`graph_cache_dir`). Supported: timm EfficientNet-family backbones without squeeze-excite
-(EfficientNet-Lite0/1/2 and the tiny test network), alone, with a head, or in an ensemble with
-flip test-time augmentation. Anything else uses Captum on the full network
-(:class:`pneumoscan.explain.OcclusionSensitivity`).
+All segments run in ONNX Runtime (exported once per network and cached on disk, see
+:func:`graph_cache_dir`). Supported: timm EfficientNet-family backbones whose early blocks do not
+pool globally (squeeze-excite blocks go to the suffix; EfficientNet-Lite0/1/2 have none), alone,
+with a head, or in an ensemble with flip test-time augmentation. Anything else uses Captum on the
+full network (:class:`pneumoscan.explain.OcclusionSensitivity`).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -39,19 +42,18 @@ import torch
 from torch import nn
 
 from .errors import ModelError, PneumoscanError
+from .features import cpu_count, default_cache_dir, net_digest
 from .modeling import Ensemble, atomic_write_bytes
 from .onnxgraph import StaticPadConv2d, export_fast, static_same_padding
 
 log = logging.getLogger(__name__)
 
-SPLIT_STRIDES = (4, 8)  # segment boundaries: after the last stage at output stride 4, then 8
-GRAPH_VERSION = "occ1"
+LAST_STRIDE = 16  # blocks run on crops up to the end of the first stage at this output stride
+GRAPH_VERSION = "occ2"
 
 
 def graph_cache_dir() -> Path:
     """Where exported segment graphs are kept: ``graphs/`` in the feature cache ($PNEUMOSCAN_CACHE)."""
-    from .features import default_cache_dir
-
     return default_cache_dir() / "graphs"
 
 
@@ -63,24 +65,30 @@ class UnsupportedNetwork(ModelError):
 # splitting a network
 
 
+def _flat_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's blocks in order, stage after stage."""
+    return [block for stage in backbone.blocks for block in stage]
+
+
 class _Stem(nn.Module):
-    """The stem and the first ``k`` stages: the first segment."""
+    """The stem and the first ``k`` blocks: the first segment."""
 
     def __init__(self, backbone: nn.Module, k: int) -> None:
         super().__init__()
-        self.conv_stem, self.bn1, self.blocks = backbone.conv_stem, backbone.bn1, backbone.blocks[:k]
+        self.conv_stem, self.bn1 = backbone.conv_stem, backbone.bn1
+        self.blocks = nn.Sequential(*_flat_blocks(backbone)[:k])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.bn1(self.conv_stem(x)))
 
 
 class _Suffix(nn.Module):
-    """Stages ``k`` on, the head convolution, pooling, classifier and the pneumoscan head."""
+    """Blocks ``k`` on, the head convolution, pooling, classifier and the pneumoscan head."""
 
     def __init__(self, net: nn.Module, k: int) -> None:
         super().__init__()
         bb = net.backbone if hasattr(net, "backbone") else net
-        self.blocks, self.conv_head, self.bn2 = bb.blocks[k:], bb.conv_head, bb.bn2
+        self.blocks, self.conv_head, self.bn2 = nn.Sequential(*_flat_blocks(bb)[k:]), bb.conv_head, bb.bn2
         self.pool, self.classifier = bb.global_pool, bb.classifier
         self.head = net.head if hasattr(net, "backbone") else nn.Identity()
 
@@ -117,9 +125,8 @@ def _conv_geometry(m: nn.Module) -> tuple[int, int, int]:
     return d * (k - 1) + 1, s, pad
 
 
-def segment_geometry(segment: nn.Module, example: torch.Tensor) -> Geometry:
-    """Stride, receptive field and offset of ``segment`` (a chain of convolutions with pointwise
-    layers and identity shortcuts between them), from its convolutions in the order they run."""
+def _pooling_types() -> tuple[type, ...]:
+    """Layers that pool over the whole map (an occluded patch changes every output of theirs)."""
     pooling: tuple[type, ...] = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
     try:
         from timm.layers import SEModule, SqueezeExcite
@@ -127,7 +134,13 @@ def segment_geometry(segment: nn.Module, example: torch.Tensor) -> Geometry:
         pooling += (SEModule, SqueezeExcite, BlockSE)
     except ImportError:  # pragma: no cover - other timm layouts; the self-check still guards
         pass
-    if any(isinstance(m, pooling) for m in segment.modules()):
+    return pooling
+
+
+def segment_geometry(segment: nn.Module, example: torch.Tensor) -> Geometry:
+    """Stride, receptive field and offset of ``segment`` (a chain of convolutions with pointwise
+    layers and identity shortcuts between them), from its convolutions in the order they run."""
+    if any(isinstance(m, _pooling_types()) for m in segment.modules()):
         raise UnsupportedNetwork("the early layers pool globally (squeeze-excite): occlusion needs the full network")
     inner = {id(m.conv) for m in segment.modules() if isinstance(m, StaticPadConv2d)}
     convs = [m for m in segment.modules()
@@ -149,20 +162,36 @@ def segment_geometry(segment: nn.Module, example: torch.Tensor) -> Geometry:
     return Geometry(stride, reach, offset)
 
 
-def split_indices(backbone: nn.Module, size: int, strides: tuple[int, ...] = SPLIT_STRIDES) -> list[int]:
-    """Stage counts at the segment boundaries: after the last stage at each output stride in ``strides``."""
+def split_indices(backbone: nn.Module, size: int, last_stride: int = LAST_STRIDE) -> list[int]:
+    """Segment ends as counts of blocks (in :func:`_flat_blocks` order): the first segment is the
+    stem with the stride-2 blocks, then one segment per block up to the end of the first stage
+    that reaches ``last_stride``; the suffix is the rest. One block per segment keeps each crop's
+    margin (the segment's receptive field) small."""
     if not all(hasattr(backbone, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")):
         raise UnsupportedNetwork(f"{type(backbone).__name__} is not a timm EfficientNet-family backbone")
-    out_strides = []
+    strides, stage_of = [], []
     with torch.no_grad():
         x = backbone.bn1(backbone.conv_stem(torch.zeros(1, 3, size, size)))
-        for stage in backbone.blocks:
-            x = stage(x)
-            out_strides.append(size // x.shape[-1])
-    cuts = [max((i + 1 for i, st in enumerate(out_strides) if st <= s), default=0) for s in strides]
-    cuts = sorted({c for c in cuts if 0 < c < len(out_strides)})
+        for i, stage in enumerate(backbone.blocks):
+            for block in stage:
+                x = block(x)
+                strides.append(size // x.shape[-1])
+                stage_of.append(i)
+    first = max((k + 1 for k, st in enumerate(strides) if st <= 2), default=0)
+    reach = [k for k, st in enumerate(strides) if st >= last_stride]
+    if not reach:
+        raise UnsupportedNetwork(f"no block reaches stride {last_stride}")
+    last = max(k + 1 for k, st in enumerate(stage_of) if st == stage_of[reach[0]])
+    pools = [k for k, block in enumerate(_flat_blocks(backbone))
+             if any(isinstance(m, _pooling_types()) for m in block.modules())]
+    if pools:  # squeeze-excite and the like belong in the suffix, which runs on the whole map
+        last = min(last, pools[0])
+        if last < max(first, 1):
+            raise UnsupportedNetwork("the early layers pool globally (squeeze-excite): "
+                                     "occlusion needs the full network")
+    cuts = [c for c in range(max(first, 1), last + 1) if c < len(strides)]
     if not cuts:
-        raise UnsupportedNetwork(f"no stage ends at stride <= {strides[0]}")
+        raise UnsupportedNetwork("the network is too shallow to split")
     return cuts
 
 
@@ -172,8 +201,6 @@ def split_indices(backbone: nn.Module, size: int, strides: tuple[int, ...] = SPL
 
 def _session(data: bytes, threads: int | None = None):
     import onnxruntime as ort
-
-    from .features import cpu_count
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -185,27 +212,20 @@ def _session(data: bytes, threads: int | None = None):
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
-def _digest(net: nn.Module) -> str:
-    h = hashlib.sha1()
-    for k, v in net.state_dict().items():
-        h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class SplitNet:
     """A single network as ONNX Runtime segments: convolutional ones that take any input size
     (run on crops), then the suffix on the whole map. ``geometry[i]`` and ``sizes[i]`` describe
     segment ``i``'s input side and receptive field."""
 
     def __init__(self, net: nn.Module, size: int, cache_dir: str | os.PathLike | None = None,
-                 strides: tuple[int, ...] = SPLIT_STRIDES) -> None:
+                 last_stride: int = LAST_STRIDE) -> None:
         net = net.cpu().eval()
-        cuts = split_indices(getattr(net, "backbone", net), size, strides)
+        cuts = split_indices(getattr(net, "backbone", net), size, last_stride)
         static = static_same_padding(net, size)
         sbb = getattr(static, "backbone", static)
+        flat = _flat_blocks(sbb)
         modules: list[nn.Module] = [_Stem(sbb, cuts[0])]
-        modules += [sbb.blocks[a:b] for a, b in zip(cuts, cuts[1:])]
+        modules += [nn.Sequential(*flat[a:b]) for a, b in zip(cuts, cuts[1:])]
         suffix = _Suffix(static, cuts[-1]).eval()
         self.geometry: list[Geometry] = []
         self.sizes: list[int] = []
@@ -225,7 +245,7 @@ class SplitNet:
             x = y
         self.map_shape = tuple(x.shape[1:])
         folder = Path(cache_dir) if cache_dir else graph_cache_dir()
-        key = f"{_digest(net)}-s{size}-k{'-'.join(map(str, cuts))}-{GRAPH_VERSION}"
+        key = f"{net_digest(net)[:16]}-s{size}-k{'-'.join(map(str, cuts))}-{GRAPH_VERSION}"
         self.segments = [_session(self._graph(folder / f"seg{i}-{key}.onnx", m, ex.shape[-1], True, ex))
                          for i, (m, ex) in enumerate(zip(modules, examples))]
         self.suffix = _session(self._graph(folder / f"suffix-{key}.onnx", suffix, size, False,
@@ -323,7 +343,7 @@ class IncrementalOcclusion:
 
     def __init__(self, net: nn.Module, size: int, patch: int = 16, stride: int = 8, batch_size: int = 64,
                  cache_dir: str | os.PathLike | None = None, check: bool = True,
-                 strides: tuple[int, ...] = SPLIT_STRIDES) -> None:
+                 last_stride: int = LAST_STRIDE) -> None:
         t0 = time.perf_counter()
         self.size, self.patch, self.stride, self.batch_size = int(size), int(patch), int(stride), int(batch_size)
         for name, v in (("patch", self.patch), ("stride", self.stride), ("batch size", self.batch_size)):
@@ -334,7 +354,7 @@ class IncrementalOcclusion:
         members = list(net.members) if isinstance(net, Ensemble) else [net]
         self.views: list[tuple[SplitNet, int, np.ndarray | None, bool]] = []  # (net, member, affine, flipped)
         for i, m in enumerate(members):
-            split = SplitNet(m, self.size, cache_dir, strides)
+            split = SplitNet(m, self.size, cache_dir, last_stride)
             affine = None
             if isinstance(net, Ensemble) and net._renorm[i]:
                 affine = np.stack([getattr(net, f"in_scale_{i}").numpy().reshape(3),

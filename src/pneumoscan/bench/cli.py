@@ -24,6 +24,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="store_true", help="extract: time every engine x workers variant")
     p.add_argument("--workers", type=int, default=None, help="decoding workers (default: the pipeline's choice)")
     p.add_argument("--batch-size", type=int, default=64, help="extraction batch size (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="extract: runs per variant, the median reported (default 3)")
+    p.add_argument("--memory-scan", default=None, metavar="N,N,...",
+                   help="extract: also the peak memory at these image counts (e.g. 256,1024,5216)")
     p.add_argument("--iters", type=int, default=200, help="latency: timed calls per variant (default 200)")
     p.add_argument("--model", default=None, metavar="DIR", help="latency: a model directory (default: backbone + fresh head)")
     p.add_argument("--limit", type=int, default=None, help="pipeline: use every k-th image, this many in all")
@@ -37,8 +40,16 @@ def run(args) -> int:
     from ..errors import PneumoscanError
     from . import summary
 
-    if args.images < 1 or args.iters < 1 or (args.limit is not None and args.limit < 2):
-        raise PneumoscanError("--images and --iters must be at least 1, --limit at least 2")
+    if args.images < 1 or args.iters < 1 or args.repeats < 1 or (args.limit is not None and args.limit < 2):
+        raise PneumoscanError("--images, --iters and --repeats must be at least 1, --limit at least 2")
+    counts = None
+    if args.memory_scan:
+        try:
+            counts = [int(v) for v in args.memory_scan.split(",") if v.strip()]
+        except ValueError:
+            counts = []
+        if not counts or min(counts) < 1:
+            raise PneumoscanError(f"--memory-scan {args.memory_scan!r}: give image counts like 256,1024,5216")
     which = ["extract", "latency", "gpu"] if args.which == "all" else [args.which]
     pretrained = not args.no_pretrained
     backbones = args.backbone or ["efficientnet_lite0"]
@@ -46,7 +57,8 @@ def run(args) -> int:
         if name == "extract":
             from .extract import run as bench
             line, path = bench(backbones, args.size or [None], args.images, args.data, args.image_px,
-                               args.compare, args.batch_size, args.workers, pretrained, out_dir=args.out)
+                               args.compare, args.batch_size, args.workers, pretrained, out_dir=args.out,
+                               repeats=args.repeats, memory_counts=counts)
         elif name == "latency":
             from .latency import run as bench
             line, path = bench(args.model, backbones[0], args.iters, pretrained=pretrained, out_dir=args.out)

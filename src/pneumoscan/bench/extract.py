@@ -88,10 +88,42 @@ def decode_figures(samples: list[Sample], size: int, big_px: int = 2000, n_big: 
     return out
 
 
+def _median_run(spec: dict, repeats: int) -> dict:
+    """``repeats`` fresh-process runs of one variant; the run with the median throughput, with
+    every run's throughput and peak memory beside it (the machine's speed drifts between runs)."""
+    runs = sorted((_spawn(spec) for _ in range(max(1, repeats))), key=lambda r: r["images_per_s"])
+    r = dict(runs[len(runs) // 2])
+    r["repeats"] = len(runs)
+    r["runs_images_per_s"] = [x["images_per_s"] for x in runs]
+    r["peak_rss_mb"] = max(x["peak_rss_mb"] for x in runs)
+    return r
+
+
+def memory_scan(listing: Path, counts: list[int], backbone: str, size: int, batch_size: int, workers,
+                pretrained: bool) -> list[dict]:
+    """Peak memory of extraction (fresh process, empty cache) at growing image counts: features
+    stream to disk batch by batch, so the peak must not grow with the count."""
+    samples = json.loads(listing.read_text())
+    out = []
+    for n in counts:
+        part = listing.with_name(f"samples-{n}.json")
+        part.write_text(json.dumps(samples[:n]))
+        r = _spawn({"samples": str(part), "backbone": backbone, "size": size, "engine": "auto", "workers": workers,
+                    "batch_size": batch_size, "pretrained": pretrained})
+        out.append({"images": r["images"], "peak_rss_mb": r["peak_rss_mb"], "images_per_s": r["images_per_s"]})
+        log.info("memory scan %s", out[-1])
+    return out
+
+
 def run(backbones=("efficientnet_lite0",), sizes=(None,), images: int = 512, data: str | None = None,
         image_px: int = 224, compare: bool = False, batch_size: int = 64, workers: int | None = None,
-        pretrained: bool = True, gemm_seconds: float = 3.0, big_px: int = 2000, out_dir=None) -> tuple[str, Path]:
-    """Run the extraction benchmark; returns (one-line summary, JSON path)."""
+        pretrained: bool = True, gemm_seconds: float = 3.0, big_px: int = 2000, out_dir=None,
+        repeats: int = 3, memory_counts: list[int] | None = None) -> tuple[str, Path]:
+    """Run the extraction benchmark; returns (one-line summary, JSON path).
+
+    Each variant runs ``repeats`` times (the median run is reported); ``memory_counts`` adds a
+    peak-memory scan over those image counts (the largest must not exceed the images available).
+    """
     from ..backbones import create_backbone, default_preprocess
     from ..features import cpu_count
 
@@ -101,10 +133,14 @@ def run(backbones=("efficientnet_lite0",), sizes=(None,), images: int = 512, dat
             if not data:
                 from ..errors import PneumoscanError
                 raise PneumoscanError("--data shared: ../shared/data/chest_xray/train not found; pass a folder")
-        samples = dataset_samples(data, images) if data else make_images(Path(tmp) / "img", images, image_px)
+        wanted = max([images, *(memory_counts or [])])
+        pool = dataset_samples(data, wanted) if data else make_images(Path(tmp) / "img", wanted, image_px)
+        samples = pool[:images]
         source = {"data": str(data) if data else f"generated {image_px}px RGB JPEG", "images": len(samples)}
         listing = Path(tmp) / "samples.json"
         listing.write_text(json.dumps([[s.path, s.sha1] for s in samples]))
+        pool_listing = Path(tmp) / "pool.json"
+        pool_listing.write_text(json.dumps([[s.path, s.sha1] for s in pool]))
         gemm = gemm_gflops(gemm_seconds, threads=cpu_count())
         runs, lines = [], []
         for backbone in backbones:
@@ -117,7 +153,7 @@ def run(backbones=("efficientnet_lite0",), sizes=(None,), images: int = 512, dat
                 for engine, w in variants:
                     spec = {"samples": str(listing), "backbone": backbone, "size": prep.size, "engine": engine,
                             "workers": w, "batch_size": batch_size, "pretrained": pretrained}
-                    r = _spawn(spec)
+                    r = _median_run(spec, repeats)
                     r["requested"] = {"engine": engine, "workers": w}
                     r["gflop_per_image"] = round(flops / 1e9, 3)
                     r["achieved_gflops"] = round(flops * r["images_per_s"] / 1e9, 3)
@@ -133,8 +169,16 @@ def run(backbones=("efficientnet_lite0",), sizes=(None,), images: int = 512, dat
                              f"the {gemm} GFLOP/s fp32 GEMM bound ({best['compute_bound_images_per_s']} img/s); "
                              f"peak {best['peak_rss_mb']:.0f} MB")
         decode = decode_figures(samples, default_preprocess(backbones[0], sizes[0]).size, big_px)
-    path = write_result("extract", {"source": source, "gemm_gflops": gemm, "gemm_threads": cpu_count(),
-                                    "runs": runs, "decode": decode}, out_dir)
+        figures = {"source": source, "gemm_gflops": gemm, "gemm_threads": cpu_count(), "runs": runs, "decode": decode}
+        if memory_counts:
+            counts = sorted({min(int(n), len(pool)) for n in memory_counts})
+            figures["memory_scan"] = memory_scan(pool_listing, counts, backbones[0],
+                                                 default_preprocess(backbones[0], sizes[0]).size, batch_size,
+                                                 workers, pretrained)
+            scan = figures["memory_scan"]
+            lines.append(f"peak memory {scan[0]['peak_rss_mb']:.0f} MB at {scan[0]['images']} images, "
+                         f"{scan[-1]['peak_rss_mb']:.0f} MB at {scan[-1]['images']}")
+    path = write_result("extract", figures, out_dir)
     line = "extract " + "; ".join(lines) + f"; JPEG draft decode {decode['draft_speedup']}x faster at {big_px} px"
     return line, path
 
