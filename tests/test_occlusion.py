@@ -168,3 +168,11 @@ def test_incremental_occlusion_rejects_bad_input(lite0):
         inc(torch.full((1, 3, 64, 64), float("nan")), 0)
     with pytest.raises(PneumoscanError, match="larger than the model input"):
         IncrementalOcclusion(lite0, 64, 80, 8)
+
+
+def test_lanes_split_the_copies_without_changing_the_map(lite0):
+    x = _image(64, seed=5)
+    one = IncrementalOcclusion(lite0, 64, 16, 8, batch_size=8, lanes=1, check=False)
+    three = IncrementalOcclusion(lite0, 64, 16, 8, batch_size=8, lanes=3, check=False)
+    assert one.n_lanes == 1 and three.n_lanes == 3 and len(three.views[0][0].lanes) == 3
+    assert np.array_equal(one(x, 1), three(x, 1))
