@@ -178,8 +178,8 @@ def _member_views(net: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, torc
         return [(net, x, False)]
     views = []
     for i, m in enumerate(net.members):
-        scale, shift = getattr(net, f"in_scale_{i}", None), getattr(net, f"in_shift_{i}", None)
-        v = x * scale + shift if scale is not None and shift is not None else x
+        affine = net.member_affine(i)
+        v = x * affine[0] + affine[1] if affine is not None else x
         views.append((m, v, False))
         if getattr(net, "tta", "none") == "flip":
             views.append((m, v.flip(-1), True))

@@ -82,12 +82,20 @@ class Ensemble(nn.Module):
             self.register_buffer(f"in_shift_{i}", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1),
                                  persistent=False)
 
+    def member_affine(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(scale, shift), each (1, 3, 1, 1), taking the ensemble's input to member ``i``'s
+        normalisation; None when the member shares the ensemble's."""
+        if not self._renorm[i]:
+            return None
+        return getattr(self, f"in_scale_{i}"), getattr(self, f"in_shift_{i}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         views = torch.cat([x, x.flip(-1)]) if self.tta == "flip" else x
         probs = []
         for i, m in enumerate(self.members):
-            v = views * getattr(self, f"in_scale_{i}") + getattr(self, f"in_shift_{i}") if self._renorm[i] else views
+            affine = self.member_affine(i)
+            v = views * affine[0] + affine[1] if affine is not None else views
             p = m(v).softmax(-1)
             probs.append(p.view(-1, n, p.shape[-1]).mean(0) if self.tta == "flip" else p)
         p = torch.stack(probs).mean(0)

@@ -367,10 +367,8 @@ class IncrementalOcclusion:
         self.views: list[tuple[SplitNet, int, np.ndarray | None, bool]] = []  # (net, member, affine, flipped)
         for i, m in enumerate(members):
             split = SplitNet(m, self.size, cache_dir, last_stride, self.n_lanes)
-            affine = None
-            if isinstance(net, Ensemble) and net._renorm[i]:
-                affine = np.stack([getattr(net, f"in_scale_{i}").numpy().reshape(3),
-                                   getattr(net, f"in_shift_{i}").numpy().reshape(3)])
+            pair = net.member_affine(i) if isinstance(net, Ensemble) else None
+            affine = None if pair is None else np.stack([t.detach().cpu().numpy().reshape(3) for t in pair])
             self.views.append((split, i, affine, False))
             if isinstance(net, Ensemble) and net.tta == "flip":
                 self.views.append((split, i, affine, True))
