@@ -308,17 +308,16 @@ class Explainer:
             try:
                 self._incremental = IncrementalOcclusion(self.net, self.size, o.patch, o.stride, o.batch_size)
                 log.info("occlusion runs incrementally: %r", self._incremental)
-            except PneumoscanError as e:
+            except Exception as e:
+                # PneumoscanError: a model it cannot split (expected); anything else: an exporter
+                # or runtime gap for this architecture (worth a warning)
+                expected = isinstance(e, PneumoscanError)
                 if self.engine == "incremental":
-                    raise ModelError(f"incremental occlusion does not support this model ({e}); "
-                                     "use --engine onnx or torch") from None
-                log.info("incremental occlusion unavailable (%s); occluding the full network", e)
-                self._incremental = False
-            except Exception as e:  # an exporter or runtime gap for this architecture
-                if self.engine == "incremental":
-                    raise ModelError(f"incremental occlusion failed to build ({type(e).__name__}: {e}); "
-                                     "use --engine onnx or torch") from None
-                log.warning("incremental occlusion unavailable (%s); occluding the full network", e)
+                    why = f"does not support this model ({e})" if expected else \
+                        f"failed to build ({type(e).__name__}: {e})"
+                    raise ModelError(f"incremental occlusion {why}; use --engine onnx or torch") from None
+                (log.info if expected else log.warning)(
+                    "incremental occlusion unavailable (%s); occluding the full network", e)
                 self._incremental = False
         return self._incremental or None
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import ModelError
+from .metrics import softmax
 from .modeldir import has_onnx  # noqa: F401  (re-exported)
 from .modeling import CONFIG_NAME, atomic_write_json, load_model, read_config, sha256_file
 
@@ -40,12 +41,6 @@ class ExportConfig:
     seed: int = 0  # seed of the sample inputs
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def sample_inputs(size: int, n: int, seed: int = 0) -> np.ndarray:
     """Seeded inputs in the normalised range: smooth 'images' plus noise (not only zeros)."""
     rng = np.random.default_rng(seed)
@@ -63,8 +58,8 @@ def parity(net: torch.nn.Module, onnx_path: str | os.PathLike, size: int, cfg: E
     x = sample_inputs(size, cfg.samples, cfg.seed)
     with torch.inference_mode():
         p_torch = net(torch.from_numpy(x)).float().softmax(-1).numpy()
-    p_batch = _softmax(sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
-    p_single = np.concatenate([_softmax(sess.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + 1]})[0])
+    p_batch = softmax(sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
+    p_single = np.concatenate([softmax(sess.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + 1]})[0])
                                for i in range(len(x))])
     diff = float(max(np.abs(p_torch - p_batch).max(), np.abs(p_torch - p_single).max()))
     same = bool((p_torch.argmax(1) == p_batch.argmax(1)).all() and (p_torch.argmax(1) == p_single.argmax(1)).all())
@@ -143,5 +138,3 @@ def export_onnx(model_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig()
     atomic_write_json(d / CONFIG_NAME, conf)
     log.info("exported %s (opset %d, parity max diff %.2e)", d / ONNX_NAME, opset, check["max_abs_prob_diff"])
     return d / ONNX_NAME
-
-

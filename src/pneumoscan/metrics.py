@@ -26,6 +26,13 @@ def decide(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return np.where(pneumonia_score(probs) >= threshold, subtype, NORMAL)
 
 
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits (numerically stable); ONNX Runtime outputs are logits."""
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def _safe_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
 

@@ -44,6 +44,7 @@ from torch import nn
 
 from .errors import ModelError, PneumoscanError
 from .features import cpu_count, default_cache_dir, net_digest
+from .metrics import softmax
 from .modeling import Ensemble, atomic_write_bytes
 from .onnxgraph import StaticPadConv2d, export_fast, static_same_padding
 
@@ -279,11 +280,11 @@ class SplitNet:
         """Segment ``i`` (``n_segments`` = the suffix) on a batch, in ``lane``'s sessions."""
         return self.lanes[lane][i].run(None, {"input": np.ascontiguousarray(x, np.float32)})[0]
 
-    def bases(self, x: np.ndarray, lane: int = 0) -> list[np.ndarray]:
+    def bases(self, x: np.ndarray) -> list[np.ndarray]:
         """Every segment's input for the unoccluded image, and the suffix's input last."""
         out = [x]
         for i in range(self.n_segments):
-            out.append(self.run(i, out[-1], lane))
+            out.append(self.run(i, out[-1]))
         return out
 
 
@@ -395,11 +396,10 @@ class IncrementalOcclusion:
         v = x * affine[0].reshape(1, 3, 1, 1) + affine[1].reshape(1, 3, 1, 1) if affine is not None else x
         return np.ascontiguousarray(v[..., ::-1] if flipped else v, np.float32)
 
-    def _view_probabilities(self, split: SplitNet, v: np.ndarray, vfill: np.ndarray, cells: np.ndarray,
+    def _view_probabilities(self, split: SplitNet, bases: list[np.ndarray], vfill: np.ndarray, cells: np.ndarray,
                             flipped: bool, lane: int = 0) -> np.ndarray:
         cols = self.cols_flipped if flipped else self.rows  # rows and columns share the windows
         last_rows, last_cols = self.rows[-1].next_window(), cols[-1].next_window()
-        bases = split.bases(v, lane)
         step = max(1, self.batch_size // self.n_lanes)
         out = []
         for b0 in range(0, len(cells), step):
@@ -421,7 +421,7 @@ class IncrementalOcclusion:
             for j in range(n):
                 (ya, yb), (xa, xb) = last_rows[ri[j]], last_cols[ci[j]]
                 feats[j, :, ya:yb, xa:xb] = changed[j]
-            out.append(_softmax(split.run(split.n_segments, feats, lane)))
+            out.append(softmax(split.run(split.n_segments, feats, lane)))
         return np.concatenate(out)
 
     def _combine(self, per_view: list[tuple[int, np.ndarray]]) -> np.ndarray:
@@ -431,31 +431,33 @@ class IncrementalOcclusion:
             groups.setdefault(member, []).append(p)
         return np.mean([np.mean(ps, axis=0) for ps in groups.values()], axis=0)
 
-    def probabilities(self, x: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    def _prepare(self, x: np.ndarray) -> list[tuple]:
+        """Per view: (split net, member, flipped, the unoccluded image's segment inputs, fill value)."""
+        fill = x.mean(axis=(2, 3), keepdims=True)
+        return [(split, member, flipped, split.bases(self._view_input(x, affine, flipped)),
+                 self._view_input(fill, affine, False)) for split, member, affine, flipped in self.views]
+
+    def probabilities(self, x: np.ndarray, cells: np.ndarray, prepared: list[tuple] | None = None) -> np.ndarray:
         """Probabilities (n, C) of the copies of ``x`` (1, 3, S, S) occluded at ``cells`` ((n, 2)
         row and column indices into :attr:`windows`)."""
-        fill = x.mean(axis=(2, 3), keepdims=True)
         cells = np.asarray(cells, int).reshape(-1, 2)
         parts = [p for p in np.array_split(cells, self.n_lanes) if len(p)]
 
-        def view(split, affine, flipped):
-            v, vfill = self._view_input(x, affine, flipped), self._view_input(fill, affine, False)
+        def view(split, flipped, bases, vfill):
             if len(parts) == 1:
-                return self._view_probabilities(split, v, vfill, cells, flipped)
+                return self._view_probabilities(split, bases, vfill, cells, flipped)
             with ThreadPoolExecutor(len(parts)) as pool:  # ONNX Runtime releases the GIL while it runs
-                futures = [pool.submit(self._view_probabilities, split, v, vfill, part, flipped, lane)
+                futures = [pool.submit(self._view_probabilities, split, bases, vfill, part, flipped, lane)
                            for lane, part in enumerate(parts)]
                 return np.concatenate([f.result() for f in futures])
 
-        return self._combine([(member, view(split, affine, flipped)) for split, member, affine, flipped in self.views])
+        return self._combine([(member, view(split, flipped, bases, vfill))
+                              for split, member, flipped, bases, vfill in prepared or self._prepare(x)])
 
-    def full_probabilities(self, x: np.ndarray) -> np.ndarray:
+    def full_probabilities(self, x: np.ndarray, prepared: list[tuple] | None = None) -> np.ndarray:
         """Probabilities of ``x`` itself (1, C), through the same segments."""
-        per_view = []
-        for split, member, affine, flipped in self.views:
-            mid = split.bases(self._view_input(x, affine, flipped))[-1]
-            per_view.append((member, _softmax(split.run(split.n_segments, mid))))
-        return self._combine(per_view)
+        return self._combine([(member, softmax(split.run(split.n_segments, bases[-1])))
+                              for split, member, _, bases, _ in prepared or self._prepare(x)])
 
     # -- the map --------------------------------------------------------------------------------
 
@@ -470,8 +472,9 @@ class IncrementalOcclusion:
             raise PneumoscanError("the input tensor holds NaN or infinite values")
         n = len(self.windows)
         cells = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1).reshape(-1, 2)
-        p0 = self.full_probabilities(x)[0, target]
-        drop = p0 - self.probabilities(x, cells)[:, target]
+        prepared = self._prepare(x)  # the unoccluded image through every segment, once per view
+        p0 = self.full_probabilities(x, prepared)[0, target]
+        drop = p0 - self.probabilities(x, cells, prepared)[:, target]
         total = np.zeros((self.size, self.size), np.float64)
         count = np.zeros((self.size, self.size), np.float64)
         for (i, k), d in zip(cells, drop):
@@ -498,9 +501,3 @@ class IncrementalOcclusion:
         if not err <= tol:
             raise UnsupportedNetwork(f"incremental occlusion differs from the full network by {err:.1e}")
         log.debug("incremental occlusion self-check: max difference %.1e", err)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)

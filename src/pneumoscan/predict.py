@@ -18,7 +18,7 @@ import numpy as np
 from . import LABELS
 from .errors import ImageError, ModelError
 from .imaging import DEFAULT_MAX_PIXELS, XRay, load_xray
-from .metrics import decide, pneumonia_score, prior_shift
+from .metrics import decide, pneumonia_score, prior_shift, softmax
 from .modeldir import read_config, resolve_model_dir, verify_file
 from .preprocess import Preprocess, PreprocessConfig
 from .scope import check_scope  # out-of-scope hints: a warning, never a refusal
@@ -93,7 +93,7 @@ class Predictor:
         if self._session is not None:
             x = np.asarray(batch.numpy() if hasattr(batch, "numpy") else batch, np.float32)
             logits = self._session.run(None, {"input": x.astype(np.float32, copy=False)})[0]
-            p = _softmax(logits)
+            p = softmax(logits)
         else:
             import torch
 
@@ -185,12 +185,6 @@ def prevalence_prior(config: dict, prevalence: float) -> np.ndarray:
     train_prior = np.asarray(config.get("train_prior", [1.0 / k] * k), float)
     pn = train_prior[1:] / train_prior[1:].sum()
     return np.array([1.0 - prevalence, *(prevalence * pn)])
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _onnx_session(model_dir: Path, config: dict, threads: int | None):

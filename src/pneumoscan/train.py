@@ -43,8 +43,8 @@ class TrainConfig:
     lr: float = 2e-3  # Adam learning rate
     weight_decay: float = 0.0  # L2 penalty of Adam
     dropout: float = 0.2  # dropout before the dense layer
-    batch_size: int = 256  # head-training batch size (256 with lr 2e-3: same validation figures as
-    # 64 with 1e-3, a quarter of the optimizer steps; measured in benchmarks/results/pipeline.json)
+    batch_size: int = 256  # head-training batch size (256 with lr 2e-3: validation figures within a
+    # seed's variation of 64 with 1e-3, in a quarter of the optimizer steps)
     max_epochs: int = 200  # upper bound; early stopping usually ends far sooner
     patience: int = 15  # epochs without validation-loss improvement before stopping
     schedule: str = "none"  # "none" or "step" (multiply lr by step_gamma every step_size epochs)

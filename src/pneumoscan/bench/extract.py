@@ -168,12 +168,12 @@ def run(backbones=("efficientnet_lite0",), sizes=(None,), images: int = 512, dat
                              f"{best['achieved_gflops']} GFLOP/s, {100 * best['share_of_compute_bound']:.0f}% of "
                              f"the {gemm} GFLOP/s fp32 GEMM bound ({best['compute_bound_images_per_s']} img/s); "
                              f"peak {best['peak_rss_mb']:.0f} MB")
-        decode = decode_figures(samples, default_preprocess(backbones[0], sizes[0]).size, big_px)
+        first_size = default_preprocess(backbones[0], sizes[0]).size
+        decode = decode_figures(samples, first_size, big_px)
         figures = {"source": source, "gemm_gflops": gemm, "gemm_threads": cpu_count(), "runs": runs, "decode": decode}
         if memory_counts:
             counts = sorted({min(int(n), len(pool)) for n in memory_counts})
-            figures["memory_scan"] = memory_scan(pool_listing, counts, backbones[0],
-                                                 default_preprocess(backbones[0], sizes[0]).size, batch_size,
+            figures["memory_scan"] = memory_scan(pool_listing, counts, backbones[0], first_size, batch_size,
                                                  workers, pretrained)
             scan = figures["memory_scan"]
             lines.append(f"peak memory {scan[0]['peak_rss_mb']:.0f} MB at {scan[0]['images']} images, "

@@ -1,7 +1,8 @@
 """pneumoscan compare: backbones x image size x learning rate x dropout x schedule, chosen on validation."""
 from __future__ import annotations
 
-from . import fraction, positive_int, progress_enabled
+from . import positive_int, progress_enabled
+from .train import add_fit_args
 
 
 def _list(kind):
@@ -48,13 +49,7 @@ def register(sub) -> None:
                    help="ImageNet weights file for a backbone without offline weights (repeatable)")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests only)")
     p.add_argument("--intensity", default="none", choices=["none", "equalize", "clahe"], help="intensity normalisation")
-    p.add_argument("--epochs", type=positive_int, default=200, help="maximum epochs per head (default 200)")
-    p.add_argument("--patience", type=positive_int, default=15, help="early-stopping patience (default 15)")
-    p.add_argument("--step-size", type=positive_int, default=10, help="epochs between step-decay drops")
-    p.add_argument("--step-gamma", type=float, default=0.5, help="step-decay factor")
-    p.add_argument("--class-weight", default="balanced", choices=["none", "balanced"], help="loss class weighting")
-    p.add_argument("--val-fraction", type=fraction, default=0.2, help="patient-grouped validation share")
-    p.add_argument("--seed", type=int, default=0, help="seed for split, init and batch order")
+    add_fit_args(p)
     p.add_argument("--cache", default=None, metavar="DIR", help="feature cache folder")
     p.add_argument("--batch-size", type=positive_int, default=64, help="extraction batch size")
     p.add_argument("--workers", type=int, default=None, help="decoding worker processes")

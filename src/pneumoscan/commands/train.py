@@ -5,24 +5,29 @@ from . import fraction, positive_int, progress_enabled
 from .extract import add_backbone_args
 
 
+def add_fit_args(p) -> None:
+    """Early stopping, step decay, class weighting, split and seed: shared by train and compare."""
+    p.add_argument("--epochs", type=positive_int, default=200, help="maximum epochs of a head (default 200)")
+    p.add_argument("--patience", type=positive_int, default=15, help="early-stopping patience in epochs (default 15)")
+    p.add_argument("--step-size", type=positive_int, default=10, help="epochs between step-decay drops")
+    p.add_argument("--step-gamma", type=float, default=0.5, help="step-decay factor")
+    p.add_argument("--class-weight", default="balanced", choices=["none", "balanced"], help="loss class weighting")
+    p.add_argument("--val-fraction", type=fraction, default=0.2, help="patient-grouped validation share")
+    p.add_argument("--seed", type=int, default=0, help="seed for split, init and batch order")
+
+
 def add_head_args(p) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
     p.add_argument("--head-batch-size", type=positive_int, default=256,
                    help="batch size of head training (default 256; --batch-size is extraction's)")
     p.add_argument("--dropout", type=float, default=0.2, help="dropout before the dense layer (default 0.2)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
-    p.add_argument("--epochs", type=positive_int, default=200, help="maximum epochs (default 200)")
-    p.add_argument("--patience", type=positive_int, default=15, help="early-stopping patience in epochs (default 15)")
     p.add_argument("--schedule", default="none", choices=["none", "step"], help="learning-rate schedule")
-    p.add_argument("--step-size", type=positive_int, default=10, help="epochs between step-decay drops")
-    p.add_argument("--step-gamma", type=float, default=0.5, help="step-decay factor")
-    p.add_argument("--class-weight", default="balanced", choices=["none", "balanced"], help="loss class weighting")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     p.add_argument("--threshold-method", default="youden", choices=["youden", "sensitivity"],
                    help="how the pneumonia threshold is chosen on validation")
     p.add_argument("--target-sensitivity", type=float, default=None, help="with --threshold-method sensitivity")
-    p.add_argument("--val-fraction", type=fraction, default=0.2, help="patient-grouped validation share")
-    p.add_argument("--seed", type=int, default=0, help="seed for split, init and batch order")
+    add_fit_args(p)
 
 
 def register(sub) -> None:
