@@ -13,7 +13,7 @@ import warnings
 from . import INTENDED_USE, __version__
 from .errors import PneumoscanError
 
-ORDER = ["run", "data", "extract", "train", "evaluate", "predict", "compare", "finetune", "ensemble", "threshold",
+ORDER = ["run", "data", "extract", "train", "evaluate", "predict", "compare", "finetune", "ensemble", "soup", "threshold",
          "robustness", "explain", "visualize", "export", "serve", "card", "bench", "backbones"]
 
 

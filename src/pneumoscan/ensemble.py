@@ -170,3 +170,88 @@ def _rechoose_threshold(model_dir: Path, data, force: bool, method: str, target:
                        "matches_members": ev.matches_model}
     atomic_write_json(model_dir / CONFIG_NAME, cfg)
     log.info("ensemble threshold %.4f (%s) on %d validation images", thr, how, len(y))
+
+
+SOUP_KEEP = ("backbone", "timm_name", "weights_source", "preprocess", "labels", "head", "train_prior",
+             "manifest_sha256", "data")  # member fields that hold for the averaged network too
+
+
+def build_soup(model_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+               coefficients: Sequence[float] | None = None, data: str | os.PathLike | None = None,
+               force: bool = False, method: str = "youden", target_sensitivity: float | None = None,
+               batch_size: int = 32, progress: bool = False, command: str | None = None) -> Path:
+    """One network whose weights are the (weighted) mean of the members' (a "model soup").
+
+    Members must be single models of one architecture that started from the same weights: fine-tunes
+    of one linear-probe model (``finetune --init-from``) for a uniform soup (Wortsman et al. 2022),
+    or a linear-probe model and its fine-tune for WiSE-FT (``coefficients`` 1 - alpha, alpha).
+    Unlike an ensemble the result costs one network at inference. Every tensor is averaged (batch-norm
+    statistics included); integer counters are taken from the first member. The threshold is
+    re-chosen on validation as for :func:`build_ensemble`.
+    """
+    from .modeling import PneumoNet  # noqa: F401  (the members' class)
+    from .threshold import check_method
+
+    dirs = [Path(d) for d in model_dirs]
+    out = Path(out)
+    if len(dirs) < 2:
+        raise ModelError("a soup needs two or more model directories")
+    if len({d.resolve() for d in dirs}) != len(dirs):
+        raise ModelError("a model directory is given twice; list each member once")
+    w = np.full(len(dirs), 1.0 / len(dirs)) if coefficients is None else np.asarray(coefficients, float)
+    if len(w) != len(dirs) or (w < 0).any() or not w.sum() > 0:
+        raise ModelError(f"--coefficients needs {len(dirs)} non-negative numbers, one per model (got {list(w)})")
+    w = w / w.sum()
+    check_method(method, target_sensitivity)
+    _check_out(out, dirs)
+    configs = [read_config(d) for d in dirs]
+    for d, c in zip(dirs, configs):
+        if c.get("kind", "single") != "single":
+            raise ModelError(f"{d} is an ensemble; a soup averages single networks of one architecture")
+        if c.get("timm_name") != configs[0].get("timm_name") or c.get("head") != configs[0].get("head"):
+            raise ModelError(f"{d} ({c.get('timm_name')}) and {dirs[0]} ({configs[0].get('timm_name')}) differ in "
+                             "architecture; only networks of one architecture can be averaged")
+    check_compatible(dirs, configs, force)
+    bundles = [load_model(d) for d in dirs]  # verifies every member's SHA-256
+    states = [b.net.state_dict() for b in bundles]
+    soup = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            soup[k] = sum(float(wi) * s[k].double() for wi, s in zip(w, states)).to(v.dtype)
+        else:
+            soup[k] = v.clone()
+    net = bundles[0].net
+    net.load_state_dict(soup)
+    first = configs[0]
+    cfg = {k: first[k] for k in SOUP_KEEP if k in first}
+    cfg.update({
+        "name": f"soup-{first.get('backbone', 'model')}x{len(dirs)}",
+        "kind": "single",
+        "finetuned": any(bool(c.get("finetuned")) for c in configs),
+        "soup": {"members": [_member_config(c) for c in configs], "member_dirs": [str(d) for d in dirs],
+                 "coefficients": [float(v) for v in w]},
+        "threshold": float(np.mean([float(c.get("threshold", 0.5)) for c in configs])),
+        "threshold_method": "mean of the members' thresholds (no validation data)",
+        "command": command,
+    })
+    if any("train_config" in c for c in configs):
+        cfg["train_config"] = next(c["train_config"] for c in reversed(configs) if "train_config" in c)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
+    try:
+        save_model(tmp, net, cfg)
+        shared_manifest = dirs[0] / "manifest.csv"
+        if cfg.get("manifest_sha256") is not None and shared_manifest.is_file():
+            shutil.copyfile(shared_manifest, tmp / "manifest.csv")
+        if data is not None or (tmp / "manifest.csv").is_file():
+            _rechoose_threshold(tmp, data, force, method, target_sensitivity, batch_size, progress)
+        else:
+            log.warning("no validation data (no --data and no shared manifest.csv): threshold is the mean of "
+                        "the members' thresholds")
+        write_card_if_available(tmp)
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("soup of %d written to %s", len(dirs), out)
+    return out

@@ -43,9 +43,10 @@ def default_cache_dir() -> Path:
 class ImageFiles(Dataset):
     """Decodes and resizes images to uint8 ``size x size``; failures come back as ``None``."""
 
-    def __init__(self, paths: Sequence[str], prep: PreprocessConfig) -> None:
+    def __init__(self, paths: Sequence[str], prep: PreprocessConfig, intensity: bool = True) -> None:
         self.paths = list(paths)
         self.prep = prep
+        self.intensity = intensity  # False: resize only (the fine-tuner normalises intensity per batch)
         self._pp: Preprocess | None = None
 
     def __len__(self) -> int:
@@ -56,7 +57,8 @@ class ImageFiles(Dataset):
             self._pp = Preprocess(self.prep)
         try:
             x = load_xray(self.paths[i], size_hint=self.prep.size)  # JPEG draft: decode big files at 1/2-1/8 scale
-            px = self._pp.resize(x.pixels)  # may be Pillow's read-only buffer when no resize was needed
+            px = (self._pp.resize if self.intensity else self._pp.resize_only)(x.pixels)
+            # px may be Pillow's read-only buffer when no resize was needed
             return i, torch.from_numpy(px if px.flags.writeable else px.copy()), ""
         except ImageError as e:
             return i, None, str(e)

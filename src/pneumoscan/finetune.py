@@ -31,10 +31,14 @@ from .errors import DataError, PneumoscanError
 from .features import ImageFiles, _collate
 from .metrics import choose_threshold, compute_metrics
 from .modeling import Head, PneumoNet, save_model
-from .preprocess import PreprocessConfig
+from .preprocess import Preprocess, PreprocessConfig
 from .train import KeepBest, _hardware, class_weights, write_history
 
 log = logging.getLogger(__name__)
+
+
+LOSSES = ("ce", "gce")
+AUGMENT_ORDERS = ("augment-then-intensity", "intensity-then-augment")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,14 @@ class FinetuneConfig:
     precision: str = "auto"  # "auto" = bf16-mixed on GPU, 32-true on CPU
     max_steps: int = -1  # stop after this many optimizer steps (tests); -1 = no limit
     workers: int = 2  # data-loading workers per device
+    init_from: str | None = None  # model dir whose weights start the run (LP-FT: a 'pneumoscan train' head)
+    layer_decay: float = 1.0  # layer-wise lr decay: each backbone layer group gets this times the next one's lr
+    loss: str = "ce"  # "ce" (cross-entropy) or "gce" (generalised cross-entropy: tolerates label noise)
+    gce_q: float = 0.7  # GCE exponent q in (0, 1]: 1 = MAE (most tolerant), towards 0 = cross-entropy
+    mixup: float = 0.0  # mixup Beta(alpha, alpha) on batches; 0 = off
+    cutmix: float = 0.0  # cutmix Beta(alpha, alpha) on batches; 0 = off (with mixup: one of the two per batch)
+    drop_noisy: float = 0.0  # share of each class's training images dropped as likely mislabelled
+    augment_order: str = "augment-then-intensity"  # or "intensity-then-augment" (the shipped v0.1 members)
 
     def __post_init__(self) -> None:
         get_spec(self.backbone)
@@ -84,6 +96,19 @@ class FinetuneConfig:
             raise PneumoscanError(f"EMA decay {self.ema_decay} must lie in [0, 1)")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1:
             raise PneumoscanError("label smoothing and dropout must lie in [0, 1)")
+        if not 0 < self.layer_decay <= 1:
+            raise PneumoscanError(f"layer decay {self.layer_decay} must lie in (0, 1] (1 = off, e.g. 0.8)")
+        if self.loss not in LOSSES:
+            raise PneumoscanError(f"loss {self.loss!r} is unknown; use one of {', '.join(LOSSES)}")
+        if not 0 < self.gce_q <= 1:
+            raise PneumoscanError(f"GCE q {self.gce_q} must lie in (0, 1] (e.g. 0.7)")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise PneumoscanError("mixup and cutmix alphas must be 0 (off) or positive (e.g. 0.2)")
+        if not 0 <= self.drop_noisy < 0.5:
+            raise PneumoscanError(f"drop-noisy share {self.drop_noisy} must lie in [0, 0.5) (e.g. 0.05)")
+        if self.augment_order not in AUGMENT_ORDERS:
+            raise PneumoscanError(f"augment order {self.augment_order!r} is unknown; use one of "
+                                  + ", ".join(AUGMENT_ORDERS))
 
 
 def set_trainable(backbone: nn.Module, unfreeze: str) -> list[str]:
@@ -101,14 +126,19 @@ def set_trainable(backbone: nn.Module, unfreeze: str) -> list[str]:
     return names[start:]
 
 
-def load_images(samples, prep: PreprocessConfig, workers: int, progress: bool) -> tuple[torch.Tensor, np.ndarray, list]:
-    """All images decoded and resized once into a uint8 tensor (N, S, S); failures listed."""
+def load_images(samples, prep: PreprocessConfig, workers: int, progress: bool,
+                intensity: bool = True) -> tuple[torch.Tensor, np.ndarray, list]:
+    """All images decoded and resized once into a uint8 tensor (N, S, S); failures listed.
+
+    ``intensity=False`` leaves out the intensity normalisation (it then runs per batch, after
+    the augmentation)."""
     from tqdm.auto import tqdm
 
     out = torch.zeros((len(samples), prep.size, prep.size), dtype=torch.uint8)
     ok = np.zeros(len(samples), bool)
     failed = []
-    loader = DataLoader(ImageFiles([s.path for s in samples], prep), batch_size=64, num_workers=workers,
+    loader = DataLoader(ImageFiles([s.path for s in samples], prep, intensity=intensity), batch_size=64,
+                        num_workers=workers,
                         collate_fn=_collate)
     with tqdm(total=len(samples), desc="decode", unit="img", disable=not progress) as bar:
         for idx, xs, bad in loader:
@@ -123,53 +153,93 @@ def load_images(samples, prep: PreprocessConfig, workers: int, progress: bool) -
 def make_module(net: PneumoNet, cfg: FinetuneConfig, prep: PreprocessConfig, weight: torch.Tensor | None):
     import lightning.pytorch as pl
 
+    n_classes = len(LABELS)
+
     class FinetuneModule(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net = net
             self.augment = BatchAugment(cfg.augment)
+            self.pre = Preprocess(prep)
+            # intensity normalisation per batch, after the augmentation (see FinetuneConfig.augment_order)
+            self.batch_intensity = cfg.augment_order == "augment-then-intensity" and prep.intensity != "none"
             self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
             self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("weight", weight if weight is not None else torch.ones(n_classes), persistent=False)
             self.train_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
             self.val_loss = nn.CrossEntropyLoss()
 
-        def forward(self, x_u8: torch.Tensor) -> torch.Tensor:
-            x = x_u8.float().div_(255.0).unsqueeze(1)
-            x = self.augment(x)
+        def prepare(self, x_u8: torch.Tensor, augment: bool) -> torch.Tensor:
+            """uint8 (N, S, S) -> normalised (N, 3, S, S): [augmentation], intensity step, mean/std."""
+            if augment:
+                self.augment.train()
+                x = self.augment(x_u8.float().div_(255.0).unsqueeze(1))
+                if self.batch_intensity:
+                    x_u8 = x.squeeze(1).mul(255.0).round_().to(torch.uint8)
+            if self.batch_intensity:
+                eq = self.pre.intensity_batch(x_u8.cpu().numpy())
+                x = torch.from_numpy(eq).to(x_u8.device).float().div_(255.0).unsqueeze(1)
+            elif not augment:
+                x = x_u8.float().div_(255.0).unsqueeze(1)
             x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
-            return self.net(x.contiguous(memory_format=torch.channels_last))
+            return x.contiguous(memory_format=torch.channels_last)
+
+        def forward(self, x_u8: torch.Tensor) -> torch.Tensor:
+            """Logits for uint8 images, without augmentation (validation and prediction)."""
+            return self.net(self.prepare(x_u8, augment=False))
+
+        def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """mixup or cutmix of the batch with a permutation of itself; soft targets, or None when off."""
+            modes = [m for m, a in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix)) if a > 0]
+            if not modes or len(y) < 2:
+                return x, None
+            mode = modes[int(torch.randint(len(modes), ()))]
+            alpha = cfg.mixup if mode == "mixup" else cfg.cutmix
+            lam = float(torch.distributions.Beta(alpha, alpha).sample())
+            perm = torch.randperm(len(y), device=x.device)
+            if mode == "mixup":
+                x = lam * x + (1 - lam) * x[perm]
+            else:  # one box from the partner image; lam becomes the kept area
+                s = x.shape[-1]
+                cut = int(round(s * math.sqrt(1 - lam)))
+                cy, cx = (int(v) for v in torch.randint(s, (2,)))
+                t, b, l, r = max(cy - cut // 2, 0), min(cy + cut // 2, s), max(cx - cut // 2, 0), min(cx + cut // 2, s)
+                x = x.clone()
+                x[..., t:b, l:r] = x[perm][..., t:b, l:r]
+                lam = 1 - (b - t) * (r - l) / (s * s)
+            onehot = nn.functional.one_hot(y, n_classes).float()
+            return x, lam * onehot + (1 - lam) * onehot[perm]
+
+        def _loss(self, logits: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+            if cfg.loss == "ce" and soft is None:
+                return self.train_loss(logits, y)  # hard labels: the weighted mean of nn.CrossEntropyLoss
+            t = soft if soft is not None else nn.functional.one_hot(y, n_classes).float()
+            t = t * (1 - cfg.label_smoothing) + cfg.label_smoothing / n_classes
+            w = (t * self.weight).sum(1)  # each image's class weight (mixed for mixed targets)
+            if cfg.loss == "ce":
+                per = -(t * self.weight * logits.float().log_softmax(-1)).sum(1)
+            else:  # generalised cross-entropy (Zhang & Sabuncu 2018): (1 - p^q) / q, weighted like CE
+                p = logits.float().softmax(-1).clamp_min(1e-7)
+                per = (t * self.weight * (1 - p ** cfg.gce_q) / cfg.gce_q).sum(1)
+            return per.sum() / w.sum().clamp_min(1e-12)
 
         def training_step(self, batch, _):
             x, y = batch
-            self.augment.train()
-            logits = self(x)
-            loss = self.train_loss(logits, y)
+            x, soft = self._mix(self.prepare(x, augment=True), y)
+            logits = self.net(x)
+            loss = self._loss(logits, y, soft)
             self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True)
             self.log("train_acc", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True, sync_dist=True)
             return loss
 
         def validation_step(self, batch, _):
             x, y = batch
-            self.augment.eval()
             logits = self(x)
             self.log("val_loss", self.val_loss(logits.float(), y), on_epoch=True, sync_dist=True, prog_bar=True)
             self.log("val_acc", (logits.argmax(-1) == y).float().mean(), on_epoch=True, sync_dist=True, prog_bar=True)
 
         def configure_optimizers(self):
-            decay, no_decay, head = [], [], []
-            for n, p in self.net.named_parameters():
-                if not p.requires_grad:
-                    continue
-                if n.startswith("head."):
-                    head.append(p)
-                elif p.ndim <= 1:
-                    no_decay.append(p)
-                else:
-                    decay.append(p)
-            groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
-                      {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
-                      {"params": head, "weight_decay": 0.0, "lr": cfg.lr * cfg.head_lr_mult}]
-            opt = torch.optim.AdamW([g for g in groups if g["params"]])
+            opt = torch.optim.AdamW(param_groups(self.net, cfg))
             total = max(1, int(self.trainer.estimated_stepping_batches))
             if cfg.schedule == "onecycle":
                 sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -189,6 +259,47 @@ def make_module(net: PneumoNet, cfg: FinetuneConfig, prep: PreprocessConfig, wei
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return FinetuneModule()
+
+
+def param_groups(net: PneumoNet, cfg: FinetuneConfig) -> list[dict]:
+    """AdamW groups: backbone weights with decay, norms and biases without, the head at
+    ``head_lr_mult`` times the rate. With ``layer_decay`` < 1 the backbone's groups come from timm's
+    layer-wise decay (BEiT's recipe): the last block learns at ``lr``, each earlier one ``layer_decay``
+    times slower, so the pretrained early features move least."""
+    head = [p for p in net.head.parameters() if p.requires_grad]
+    head_group = {"params": head, "weight_decay": 0.0, "lr": cfg.lr * cfg.head_lr_mult}
+    if cfg.layer_decay < 1.0:
+        from timm.optim._param_groups import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(net.backbone, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+        for g in groups:
+            g["lr"] = cfg.lr * g.pop("lr_scale", 1.0)
+        return [g for g in groups if g["params"]] + ([head_group] if head else [])
+    decay, no_decay = [], []
+    for p in net.backbone.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr}, head_group]
+    return [g for g in groups if g["params"]]
+
+
+def _init_model(cfg: FinetuneConfig, prep: PreprocessConfig):
+    """The model directory ``cfg.init_from`` loaded (LP-FT); it must match the backbone and preprocessing."""
+    from .modeling import load_model
+
+    bundle = load_model(cfg.init_from)
+    c = bundle.config
+    if c.get("kind", "single") != "single" or c.get("backbone") != cfg.backbone:
+        raise PneumoscanError(f"--init-from {cfg.init_from} is a {c.get('kind', 'single')} model of "
+                              f"{c.get('backbone')!r}, not a single {cfg.backbone!r} model; train one with "
+                              f"'pneumoscan train DATA --backbone {cfg.backbone}' first")
+    theirs = PreprocessConfig.from_dict(c["preprocess"])
+    if theirs != prep:
+        raise PneumoscanError(f"--init-from {cfg.init_from} was trained with size {theirs.size} and intensity "
+                              f"{theirs.intensity!r}; this run uses size {prep.size} and {prep.intensity!r}: "
+                              "pass the same --size and --intensity")
+    return bundle
 
 
 def _ema_callback(decay: float):
@@ -237,18 +348,33 @@ def finetune(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Fi
     if not samples:
         raise DataError(f"{manifest.root} has no train/val images")
     prep = default_preprocess(cfg.backbone, cfg.size, cfg.intensity)
-    images, ok, failed = load_images(samples, prep, cfg.workers, progress)
+    init = _init_model(cfg, prep) if cfg.init_from else None  # checked before the images are decoded
+    batch_intensity = cfg.augment_order == "augment-then-intensity"
+    images, ok, failed = load_images(samples, prep, cfg.workers, progress, intensity=not batch_intensity)
     y = torch.tensor([s.target for s in samples])
     split = np.array([s.split for s in samples])
     tr, va = np.flatnonzero(ok & (split == "train")), np.flatnonzero(ok & (split == "val"))
     if len(tr) == 0 or len(va) == 0:
         raise DataError("the train or validation split is empty; index more images or change --val-fraction")
     backbone, weights_id = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, seed=cfg.seed)
+    noisy = None
+    if cfg.drop_noisy > 0:
+        from .noisy import drop_noisy
+
+        keep, noisy = drop_noisy([samples[i] for i in tr], cfg.backbone, backbone, weights_id, prep, cfg.drop_noisy,
+                                 cfg.seed, progress=progress)
+        tr = tr[keep]
+    if init is not None:
+        backbone = init.net.backbone
+        weights_id = f"init-{init.model_id}"
     trained_children = set_trainable(backbone, cfg.unfreeze)
     with torch.no_grad():
         dim = backbone.eval()(torch.zeros(1, 3, prep.size, prep.size)).shape[1]
     backbone.train()
-    net = PneumoNet(backbone, Head(dim, len(LABELS), cfg.dropout))
+    head = Head(dim, len(LABELS), cfg.dropout)
+    if init is not None:
+        head.fc.load_state_dict(init.net.head.fc.state_dict())
+    net = PneumoNet(backbone, head)
     weight = class_weights(y[tr].numpy()) if cfg.class_weight == "balanced" else None
     module = make_module(net, cfg, prep, weight)
 
@@ -286,6 +412,8 @@ def finetune(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Fi
         "weights_source": weights_id,
         "finetuned": True,
         "trained_children": trained_children,
+        "init_from": None if init is None else {"dir": str(cfg.init_from), "model_id": init.model_id},
+        "noisy_labels": None if noisy is None else {k: v for k, v in noisy.items() if k != "images"},
         "preprocess": prep.to_dict(),
         "labels": list(LABELS),
         "head": {"in_features": int(dim), "dropout": cfg.dropout},
@@ -308,6 +436,9 @@ def finetune(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Fi
     save_model(out, module.net.cpu().float(), config)
     write_history(keep.history, out)
     manifest.save(out / "manifest.csv")
+    if noisy is not None:
+        from .noisy import write_dropped
+        write_dropped(noisy, out / "dropped.csv")
     write_card(out)
     log.info("fine-tuned model written to %s (val AUC %.4f)", out, val_metrics["normal_vs_pneumonia"]["auc"])
     return out

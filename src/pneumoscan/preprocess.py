@@ -65,20 +65,34 @@ class Preprocess:
         return f"Preprocess({self.cfg})"
 
     def resize(self, gray: np.ndarray) -> np.ndarray:
-        """Intensity normalisation then resize to ``size x size`` (uint8 in, uint8 out)."""
+        """Resize to ``size x size``, then the intensity normalisation (uint8 in, uint8 out)."""
+        return self.intensity(self.resize_only(gray))
+
+    def resize_only(self, gray: np.ndarray) -> np.ndarray:
+        """Resize to ``size x size`` (area when shrinking, bilinear when enlarging); no intensity step."""
         if gray.dtype != np.uint8 or gray.ndim != 2:
             raise PneumoscanError(f"expected an 8-bit grayscale image, got {gray.dtype} with shape {gray.shape}")
         s = self.cfg.size
         h, w = gray.shape
         interp = cv2.INTER_AREA if (h > s or w > s) else cv2.INTER_LINEAR
-        out = cv2.resize(gray, (s, s), interpolation=interp) if (h, w) != (s, s) else gray
+        return cv2.resize(gray, (s, s), interpolation=interp) if (h, w) != (s, s) else gray
+
+    def intensity(self, img: np.ndarray) -> np.ndarray:
+        """The configured intensity normalisation of one uint8 image (global histogram
+        equalisation, or CLAHE with clip limit 2 on an 8 x 8 tile grid); identity for "none"."""
         if self.cfg.intensity == "equalize":
-            out = cv2.equalizeHist(out)
+            img = cv2.equalizeHist(img)
         elif self.cfg.intensity == "clahe":
             if self._clahe is None:
                 self._clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
-            out = self._clahe.apply(out)
-        return np.ascontiguousarray(out)
+            img = self._clahe.apply(img)
+        return np.ascontiguousarray(img)
+
+    def intensity_batch(self, batch: np.ndarray) -> np.ndarray:
+        """:meth:`intensity` of every image of a uint8 (N, S, S) batch (a copy; the input is kept)."""
+        if self.cfg.intensity == "none":
+            return batch
+        return np.stack([self.intensity(np.ascontiguousarray(b)) for b in batch])
 
     def normalize_np(self, resized: np.ndarray) -> np.ndarray:
         """uint8 ``size x size`` -> normalised float32 array (3, size, size) of identical channels."""

@@ -40,6 +40,24 @@ def register(sub) -> None:
     p.add_argument("--precision", default="auto", help="auto (bf16-mixed on GPU), 32-true, bf16-mixed, 16-mixed")
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (smoke tests)")
     p.add_argument("--workers", type=int, default=2, help="decoding workers")
+    p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                   help="start from this model's weights (LP-FT: a 'pneumoscan train' model of the same backbone)")
+    p.add_argument("--layer-decay", type=float, default=1.0,
+                   help="layer-wise lr decay per backbone block (e.g. 0.8; 1 = off)")
+    p.add_argument("--loss", default="ce", choices=["ce", "gce"], help="ce, or gce (generalised CE, label-noise tolerant)")
+    p.add_argument("--gce-q", type=float, default=0.7, help="GCE exponent q in (0, 1] (default 0.7)")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha (e.g. 0.2; 0 = off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta alpha (e.g. 1.0; 0 = off)")
+    p.add_argument("--drop-noisy", type=float, default=0.0,
+                   help="drop this share of each class's training images as likely mislabelled (e.g. 0.05)")
+    p.add_argument("--augment-order", default="augment-then-intensity",
+                   choices=["augment-then-intensity", "intensity-then-augment"],
+                   help="augment before the intensity normalisation (default) or after it (the shipped v0.1 members)")
+    p.add_argument("--blur", type=float, default=0.0, help="max Gaussian blur sigma in px for augmentation")
+    p.add_argument("--noise", type=float, default=0.0, help="max pixel-noise sigma on [0, 1] intensities")
+    p.add_argument("--erase", type=float, default=0.0, help="random-erasing probability per image")
+    p.add_argument("--gamma", type=float, default=0.25, help="max |log gamma| of the exposure jitter")
+    p.add_argument("--contrast", type=float, default=0.20, help="max relative contrast jitter")
     p.set_defaults(func=run)
 
 
@@ -53,7 +71,9 @@ def run(args) -> int:
     from . import print_model_summary, tame_lightning
 
     tame_lightning()
-    aug = AugmentConfig(0, 0, 0, 0, 0, 0, False) if args.no_augment else AugmentConfig(rotate=args.rotate, flip=args.flip)
+    aug = AugmentConfig(0, 0, 0, 0, 0, 0, False) if args.no_augment else AugmentConfig(
+        rotate=args.rotate, flip=args.flip, blur=args.blur, noise=args.noise, erase=args.erase, gamma=args.gamma,
+        contrast=args.contrast)
     if args.workers < 0:
         raise PneumoscanError(f"--workers {args.workers} must be 0 or more")
     cfg = FinetuneConfig(backbone=args.backbone, size=args.size, intensity=args.intensity, epochs=args.epochs,
@@ -65,7 +85,9 @@ def run(args) -> int:
                          val_fraction=args.val_fraction, seed=args.seed, pretrained=not args.no_pretrained,
                          weights=args.weights, accelerator=args.accelerator, devices=args.devices,
                          num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision,
-                         max_steps=args.max_steps, workers=args.workers)
+                         max_steps=args.max_steps, workers=args.workers, init_from=args.init_from,
+                         layer_decay=args.layer_decay, loss=args.loss, gce_q=args.gce_q, mixup=args.mixup,
+                         cutmix=args.cutmix, drop_noisy=args.drop_noisy, augment_order=args.augment_order)
     out = finetune(args.data, args.out, cfg, progress=progress_enabled(),
                    command="pneumoscan " + shlex.join(sys.argv[1:]))
     if out is None:  # a non-zero DDP rank: rank 0 reports
