@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from pneumoscan.features.config import ExtractConfig
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,13 +50,18 @@ def dataset_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, dataset_dir) -> Path:
     """A real model directory trained by the real pipeline on the tiny test backbone (random init)."""
-    from pneumoscan.train import TrainConfig, train
+    from pneumoscan.train.config import TrainConfig
+    from pneumoscan.train.head import train
 
     out = tmp_path_factory.mktemp("model") / "tiny"
     cfg = TrainConfig(backbone="test_efficientnet", size=64, pretrained=False, max_epochs=30, patience=10,
                       lr=1e-2, seed=0)
-    return train(dataset_dir, out, cfg, cache_dir=tmp_path_factory.mktemp("cache"), progress=False,
-                 command="pytest fixture", workers=0)
+    from pneumoscan.evaluate.card import write_card
+
+    train(dataset_dir, out, cfg, extract=ExtractConfig(cache=str(tmp_path_factory.mktemp("cache")), workers=0),
+          progress=False, command="pytest fixture")
+    write_card(out)  # as 'pneumoscan train' does
+    return out
 
 
 @pytest.fixture(scope="session")

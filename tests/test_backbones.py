@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 
-from pneumoscan.backbones import (_read_state_dict, create_backbone, default_preprocess, get_spec, list_backbones,
-                                  load_weights, map_in_order)
+from pneumoscan.nets.backbones import _read_state_dict, create_backbone, default_preprocess, load_weights, map_in_order
+from pneumoscan.nets.registry import get_spec, list_backbones
 from pneumoscan.errors import PneumoscanError, WeightsError
 
 ALL = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "inception_v3", "xception",

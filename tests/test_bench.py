@@ -10,9 +10,9 @@ import torch
 
 from pneumoscan.bench import count_flops, gemm_gflops
 from pneumoscan.cli import main
-from pneumoscan.data import index_dataset
+from pneumoscan.data.index import index_dataset
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.features import extract_features
+from pneumoscan.features.extract import extract_features
 
 TINY = dict(pretrained=False, size=64)
 

@@ -85,7 +85,7 @@ def test_page_upload_verdict_overlay(server, artifacts, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     from pneumoscan import INTENDED_USE
-    from pneumoscan.web.app import explain_available
+    from pneumoscan.web.service import explain_available
 
     image = xray_png(tmp_path / "synthetic-xray.png")
     with sync_playwright() as pw:

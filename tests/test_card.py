@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from pneumoscan import INTENDED_USE, LABELS
-from pneumoscan.card import CARD_NAME, EVAL_DIR, NOT_RECORDED, CardError, write_card
+from pneumoscan.evaluate.card import EVAL_DIR, NOT_RECORDED, write_card
+from pneumoscan.evaluate.schema import CardError
+from pneumoscan.nets.modeldir import CARD_NAME
 from pneumoscan.cli import main
-from pneumoscan.modeling import FORMAT, load_model
+from pneumoscan.nets.checkpoint import load_model
+from pneumoscan.nets.modeldir import FORMAT
 from pneumoscan.scope import DEFAULT_THRESHOLDS
 
 SECTIONS = ("Model", "Training data", "Training procedure", "Validation results", "Evaluations on other data",
@@ -30,10 +33,11 @@ def model_dir(tiny_model_dir, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def eval_metrics(tiny_model_dir, dataset_dir, tmp_path_factory) -> Path:
     """metrics.json of the real evaluator on the synthetic data set."""
-    from pneumoscan.evaluate import evaluate
+    from pneumoscan.evaluate.config import EvaluateConfig
+    from pneumoscan.evaluate.evaluate import evaluate
 
     out = tmp_path_factory.mktemp("eval")
-    evaluate(dataset_dir, out, tiny_model_dir, progress=False, n_boot=200)
+    evaluate(dataset_dir, out, tiny_model_dir, EvaluateConfig(n_boot=200), progress=False)
     return out / "metrics.json"
 
 
@@ -240,9 +244,12 @@ def test_predict_outputs_carry_intended_use_and_card(tiny_model_dir, dataset_dir
 
 
 def test_card_of_a_real_ensemble(tiny_model_dir, tmp_path):
-    from pneumoscan.ensemble import build_ensemble
+    from pneumoscan.train.ensemble import build_ensemble
+
+    from pneumoscan.evaluate.operating_point import retune
 
     out = build_ensemble([tiny_model_dir], tmp_path / "ens", tta="flip", command="pneumoscan ensemble test")
+    retune(out)  # as 'pneumoscan ensemble' does
     cfg = json.loads((out / "config.json").read_text())
     s = sections(write_card(out).read_text())
     assert f"| pneumonia threshold | {cfg['threshold']:.4f} |" in s["Model"]

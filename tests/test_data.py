@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_dataset
-from pneumoscan.data import Manifest, index_dataset, label_from_path, patient_key, resolve_manifest
+from pneumoscan.data.index import index_dataset, label_from_path, patient_key, resolve_manifest
+from pneumoscan.data.manifest import Manifest
 from pneumoscan.errors import DataError
 
 
@@ -164,7 +165,7 @@ def test_real_data(real_data_dir, tmp_path):
     """Reads ../shared/data: class counts of the whole train folder (cheap header scan), the 24 duplicate
     groups within one patient each, and a patient-grouped split of a 600-image subset (indexing all 5,216
     images would take most of the suite's time budget)."""
-    from pneumoscan.data import scan
+    from pneumoscan.data.index import scan
 
     found, skipped = scan(real_data_dir)
     assert not skipped

@@ -15,7 +15,7 @@ import pytest
 
 from pneumoscan import LABELS
 from pneumoscan.cli import main
-from pneumoscan.modeldir import default_model_dir, read_config, verify_file
+from pneumoscan.nets.modeldir import default_model_dir, read_config, verify_file
 from pneumoscan.predict import Predictor
 
 DEFAULT = default_model_dir()

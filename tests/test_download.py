@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pneumoscan.cli import main
-from pneumoscan.download import download_dataset, safe_extract
+from pneumoscan.data.download import download_dataset, safe_extract
 from pneumoscan.errors import DownloadError
 
 

@@ -6,29 +6,35 @@ import shutil
 
 import numpy as np
 import pytest
+
+from pneumoscan.features.config import ExtractConfig
 import torch
 from safetensors import safe_open
 
 from pneumoscan.cli import main
-from pneumoscan.data import Manifest
-from pneumoscan.ensemble import build_ensemble
+from pneumoscan.data.manifest import Manifest
+from pneumoscan.evaluate.config import ThresholdConfig
+from pneumoscan.evaluate.operating_point import retune
+from pneumoscan.train.ensemble import build_ensemble
 from pneumoscan.errors import ModelError
-from pneumoscan.imaging import load_xray
+from pneumoscan.data.imaging import load_xray
 from pneumoscan.metrics import choose_threshold
 from pneumoscan.predict import Predictor
-from pneumoscan.threshold import score, validation_set
+from pneumoscan.data.splits import validation_set
+from pneumoscan.evaluate.operating_point import score
 
 
 @pytest.fixture(scope="module")
 def second_model_dir(tiny_model_dir, tmp_path_factory):
     """A second tiny model, another seed, trained on the same manifest (so the same split)."""
-    from pneumoscan.train import TrainConfig, train
+    from pneumoscan.train.config import TrainConfig
+    from pneumoscan.train.head import train
 
     out = tmp_path_factory.mktemp("model2") / "tiny2"
     cfg = TrainConfig(backbone="test_efficientnet", size=64, pretrained=False, max_epochs=8, patience=4,
                       lr=1e-2, seed=1)
     return train(Manifest.load(tiny_model_dir / "manifest.csv"), out, cfg,
-                 cache_dir=tmp_path_factory.mktemp("cache2"), progress=False, command="pytest", workers=0)
+                 extract=ExtractConfig(cache=str(tmp_path_factory.mktemp("cache2")), workers=0), progress=False, command="pytest")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,7 @@ def test_ensemble_directory_format(ens_dir, tiny_model_dir, second_model_dir):
 
 def test_ensemble_threshold_rechosen_on_val(ens_dir):
     cfg = json.loads((ens_dir / "config.json").read_text())
-    assert "Youden" in cfg["threshold_method"] and cfg["val_data"]["matches_members"]
+    assert "Youden" in cfg["threshold_method"] and cfg["val_data"]["matches_model"]
     ev = validation_set(None, cfg, ens_dir)
     assert ev.split == "val" and len(ev) == cfg["val_data"]["n"]
     y, probs = score(Predictor(ens_dir), ev)
@@ -136,8 +142,8 @@ def test_refuses_mixed_manifests_unless_forced(tiny_model_dir, second_model_dir,
     with pytest.raises(ModelError, match="different manifests"):
         build_ensemble([tiny_model_dir, other], tmp_path / "e")
     assert not (tmp_path / "e").exists()
-    out = build_ensemble([tiny_model_dir, other], tmp_path / "e", force=True,
-                         data=tiny_model_dir / "manifest.csv")
+    out = build_ensemble([tiny_model_dir, other], tmp_path / "e", force=True)
+    retune(out, tiny_model_dir / "manifest.csv", ThresholdConfig(force=True))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["manifest_sha256"] is None and not (out / "manifest.csv").exists()
     assert "Youden" in cfg["threshold_method"]
@@ -153,7 +159,7 @@ def test_refuses_bad_requests(tiny_model_dir, tmp_path):
 
 
 def test_flip_tta_exports_to_onnx(flip_dir):
-    from pneumoscan.export import export_onnx
+    from pneumoscan.export.onnx import export_onnx
 
     out = flip_dir
     export_onnx(out)

@@ -11,13 +11,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pneumoscan.backbones import build_architecture, gradcam_layer, list_backbones
+from pneumoscan.nets.backbones import build_architecture, gradcam_layer
+from pneumoscan.nets.registry import list_backbones
 from pneumoscan.cli import main
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.explain import (CENTRAL_REGION, Explainer, GradCAM, OcclusionSensitivity, central_share,
-                                eval_mode, explain_overlay_png)
-from pneumoscan.imaging import load_xray
-from pneumoscan.modeling import Ensemble, Head, PneumoNet
+from pneumoscan.explain.explainer import CENTRAL_REGION, Explainer, central_share
+from pneumoscan.explain.figures import explain_overlay_png
+from pneumoscan.explain.gradcam import GradCAM
+from pneumoscan.explain.occlusion import OcclusionSensitivity
+from pneumoscan.nets.heads import eval_mode
+from pneumoscan.data.imaging import load_xray
+from pneumoscan.nets.heads import Ensemble, Head, PneumoNet
 from pneumoscan.predict import Predictor
 
 SIDE = 32
@@ -262,7 +266,7 @@ def test_explain_overlay_png_for_the_web(tiny_model_dir, images):
 
 
 def test_ensemble_gradcam_averages_members(tiny_model_dir):
-    from pneumoscan.modeling import load_model
+    from pneumoscan.nets.checkpoint import load_model
 
     member = load_model(tiny_model_dir).net
     x = torch.randn(1, 3, 64, 64)
@@ -310,7 +314,7 @@ def test_cli_explain_bad_inputs(tiny_model_dir, images, tmp_path, capsys):
 
 
 def test_pick_evenly_and_unique_names(tmp_path):
-    from pneumoscan.commands.explain import pick_evenly, unique_stems
+    from pneumoscan.cli.explain import pick_evenly, unique_stems
 
     files = [tmp_path / "NORMAL" / f"n{i:02d}.png" for i in range(10)] + \
             [tmp_path / "PNEUMONIA" / f"p{i:02d}.png" for i in range(30)]

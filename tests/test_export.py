@@ -10,8 +10,11 @@ import pytest
 
 from pneumoscan.cli import main
 from pneumoscan.errors import ModelError
-from pneumoscan.export import MAX_PROB_DIFF, export_onnx, has_onnx, parity, sample_inputs
-from pneumoscan.modeling import load_model, sha256_file
+from pneumoscan.export.config import MAX_PROB_DIFF
+from pneumoscan.export.onnx import export_onnx, parity, sample_inputs
+from pneumoscan.nets.modeldir import has_onnx
+from pneumoscan.io import file_digest as sha256_file
+from pneumoscan.nets.checkpoint import load_model
 from pneumoscan.predict import Predictor
 
 
@@ -78,7 +81,7 @@ def test_parity_check_detects_a_different_graph(exported, tiny_model_dir):
 
 
 def test_ensemble_export_parity(tiny_model_dir, tmp_path):
-    from pneumoscan.ensemble import build_ensemble
+    from pneumoscan.train.ensemble import build_ensemble
 
     a = copy_model(tiny_model_dir, tmp_path / "a")
     b = copy_model(tiny_model_dir, tmp_path / "b")

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from conftest import make_dataset
-from pneumoscan.backbones import create_backbone, default_preprocess
-from pneumoscan.data import index_dataset
-from pneumoscan.features import FeatureCache, extract_features
+from pneumoscan.nets.backbones import create_backbone, default_preprocess
+from pneumoscan.data.index import index_dataset
+from pneumoscan.features.cache import FeatureCache
+from pneumoscan.features.extract import extract_features
 
 SIZE = 32
 

@@ -9,11 +9,13 @@ import sys
 import pytest
 import torch
 
-from pneumoscan.augment import AugmentConfig, BatchAugment
+from pneumoscan.train.augment import BatchAugment
+from pneumoscan.train.config import AugmentConfig
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.finetune import FinetuneConfig, finetune, set_trainable
-from pneumoscan.modeling import load_model
-from pneumoscan.backbones import create_backbone
+from pneumoscan.train.config import FinetuneConfig
+from pneumoscan.train.finetune import finetune, set_trainable
+from pneumoscan.nets.checkpoint import load_model
+from pneumoscan.nets.backbones import create_backbone
 
 ARGS = ["--backbone", "test_efficientnet", "--no-pretrained", "--size", "64", "--workers", "0",
         "--batch-size", "16", "--epochs", "2"]
@@ -54,7 +56,7 @@ def test_ddp_two_cpu_processes(tmp_path, dataset_dir, ft_dir):
     assert cfg["hardware"]["devices"] == 2 and cfg["hardware"]["strategy"] == "ddp"
     ref = json.loads((ft_dir / "config.json").read_text())
     assert set(cfg) == set(ref)
-    assert {p.name for p in out.iterdir()} == {p.name for p in ft_dir.iterdir()}
+    assert {p.name for p in out.iterdir()} == {p.name for p in ft_dir.iterdir()} | {"MODEL_CARD.md"}  # the CLI adds the card
     load_model(out)
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pneumoscan.errors import ImageError, ImageTooLargeError, UnsupportedFormatError
-from pneumoscan.imaging import load_xray, sniff_format
+from pneumoscan.data.imaging import load_xray, sniff_format
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402

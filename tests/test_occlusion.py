@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pneumoscan.backbones import create_backbone
+from pneumoscan.nets.backbones import create_backbone
 from pneumoscan.errors import ModelError, PneumoscanError
-from pneumoscan.explain import Explainer, OcclusionSensitivity
-from pneumoscan.imaging import load_xray
-from pneumoscan.modeling import Ensemble, Head, PneumoNet
-from pneumoscan.occlusion import (Geometry, IncrementalOcclusion, UnsupportedNetwork, plan_axis,
-                                  segment_geometry)
-from pneumoscan.onnxgraph import StaticPadConv2d, export_fast, static_same_padding
+from pneumoscan.explain.explainer import Explainer
+from pneumoscan.explain.occlusion import OcclusionSensitivity
+from pneumoscan.data.imaging import load_xray
+from pneumoscan.nets.heads import Ensemble, Head, PneumoNet
+from pneumoscan.explain.incremental import Geometry, IncrementalOcclusion, UnsupportedNetwork, plan_axis, segment_geometry
+from pneumoscan.nets.graph import StaticPadConv2d, export_fast, static_same_padding
 from pneumoscan.predict import Predictor
 
 

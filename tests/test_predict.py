@@ -10,7 +10,7 @@ import pytest
 
 from pneumoscan import INTENDED_USE, LABELS
 from pneumoscan.cli import main
-from pneumoscan.metrics import decide
+from pneumoscan.labels import decide
 from pneumoscan.predict import Predictor
 
 

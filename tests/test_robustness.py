@@ -9,7 +9,7 @@ import pytest
 
 from pneumoscan.cli import main
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.robustness import DEFAULT_SHIFTS, SUMMARY, Shift, robustness
+from pneumoscan.evaluate.robustness import DEFAULT_SHIFTS, SUMMARY, Shift, robustness
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,9 @@ def test_identity_shift_gives_zero_drop(tiny_model_dir, tmp_path):
 
 
 def test_noise_is_seeded(tiny_model_dir, dataset_dir):
-    from pneumoscan.imaging import load_xray
+    from pneumoscan.data.imaging import load_xray
     from pneumoscan.predict import Predictor
-    from pneumoscan.robustness import shifted_probabilities
+    from pneumoscan.evaluate.robustness import shifted_probabilities
 
     pred = Predictor(tiny_model_dir)
     images = [load_xray(p).pixels for p in sorted((dataset_dir / "train" / "NORMAL").iterdir())[:6]]
@@ -116,10 +116,10 @@ def test_bad_shift_and_bad_data_are_clear_errors(tiny_model_dir, tmp_path, capsy
 
 def test_auto_backend_exports_for_large_runs(tiny_model_dir, tmp_path):
     from pneumoscan.predict import Predictor
-    from pneumoscan.robustness import _predictor
+    from pneumoscan.evaluate.robustness import _predictor
 
-    small = _predictor(tiny_model_dir, "auto", tmp_path, n_images=10)
-    large = _predictor(tiny_model_dir, "auto", tmp_path, n_images=10_000)
+    small = _predictor(tiny_model_dir, "auto", n_images=10)
+    large = _predictor(tiny_model_dir, "auto", n_images=10_000)
     assert small.backend == "torch" and large.backend == "onnx"
     assert large.model_dir == tiny_model_dir and not (tiny_model_dir / "model.onnx").exists()
     x = np.random.default_rng(0).normal(0, 1, (4, 3, 64, 64)).astype(np.float32)

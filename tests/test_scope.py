@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan.imaging import load_xray
+from pneumoscan.data.imaging import load_xray
 from pneumoscan.scope import (DEFAULT_THRESHOLDS, MAX_ASPECT, MAX_COLORFULNESS, MIN_SIDE, ScopeThresholds,
                               check_scope, describe_thresholds)
 

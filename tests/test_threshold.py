@@ -9,9 +9,11 @@ import pytest
 
 from pneumoscan.cli import main
 from pneumoscan.metrics import choose_threshold, prior_shift
-from pneumoscan.modeling import sha256_file
-from pneumoscan.predict import Predictor, model_prior, prevalence_prior
-from pneumoscan.threshold import score, validation_set
+from pneumoscan.io import file_digest as sha256_file
+from pneumoscan.metrics import model_prior, prevalence_prior
+from pneumoscan.predict import Predictor
+from pneumoscan.data.splits import validation_set
+from pneumoscan.evaluate.operating_point import score
 
 
 @pytest.fixture()
@@ -49,7 +51,7 @@ def test_threshold_changes_only_config_and_is_chosen_on_val(model_copy, capsys):
     hist = after["threshold_history"][-1]
     assert hist["threshold"] == before["threshold"] and hist["method"] == before["threshold_method"]
     assert hist["n_val"] == len(ev)
-    ignore = {"threshold", "threshold_method", "threshold_history", "val_metrics"}
+    ignore = {"threshold", "threshold_method", "threshold_history", "val_metrics", "val_data"}
     assert {k: v for k, v in after.items() if k not in ignore} == {k: v for k, v in before.items() if k not in ignore}
     assert after["val_metrics"]["normal_vs_pneumonia"]["threshold"] == pytest.approx(expected)
     assert Predictor(model_copy).threshold == pytest.approx(expected)
@@ -64,7 +66,7 @@ def test_threshold_youden_with_data_folder(model_copy, dataset_dir):
 def test_threshold_refuses_foreign_manifest_and_bad_options(model_copy, dataset_dir, tmp_path, capsys):
     before = (model_copy / "config.json").read_bytes()
     # the same folder split with another seed: its "val" overlaps the model's training images
-    from pneumoscan.data import index_dataset
+    from pneumoscan.data.index import index_dataset
     other = index_dataset(dataset_dir, 0.2, seed=7).save(tmp_path / "other.csv")
     assert main(["-q", "threshold", "--model", str(model_copy), "--data", str(other)]) == 2
     assert "not the manifest this model was trained on" in capsys.readouterr().err

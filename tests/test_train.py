@@ -6,12 +6,16 @@ import json
 
 import numpy as np
 import pytest
+
+from pneumoscan.features.config import ExtractConfig
 import torch
 
 from pneumoscan import LABELS
 from pneumoscan.errors import DataError, PneumoscanError
-from pneumoscan.modeling import load_model, sha256_file
-from pneumoscan.train import TrainConfig, class_weights, fit_head, predict_head, train
+from pneumoscan.io import file_digest as sha256_file
+from pneumoscan.nets.checkpoint import load_model
+from pneumoscan.train.config import TrainConfig
+from pneumoscan.train.head import class_weights, fit_head, predict_head, train
 
 
 def _features(seed: int = 0, n: int = 60, d: int = 16, noise: float = 1.0):
@@ -88,7 +92,7 @@ def test_same_seed_same_head():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    ({"lr": 0.0}, "lr 0.0"), ({"lr": -1.0}, "lr -1.0"), ({"dropout": 1.5}, "dropout 1.5"),
+    ({"lr": 0.0}, "learning rate 0.0"), ({"lr": -1.0}, "learning rate -1.0"), ({"dropout": 1.5}, "dropout 1.5"),
     ({"schedule": "cosine"}, "schedule 'cosine'"), ({"class_weight": "auto"}, "class weight 'auto'"),
     ({"backbone": "resnet9000"}, "unknown backbone"), ({"patience": 0}, "at least 1"),
     ({"label_smoothing": 1.0}, "label smoothing")])
@@ -103,18 +107,5 @@ def test_train_needs_train_and_val_images(tmp_path):
     root = make_dataset(tmp_path / "d", n_patients=3, per_patient=1, size=16)
     (root / "train").rename(root / "test")  # only a test split
     with pytest.raises(DataError, match="no train/val images"):
-        train(root, tmp_path / "m", _cfg(), cache_dir=tmp_path / "c", progress=False, workers=0)
+        train(root, tmp_path / "m", _cfg(), extract=ExtractConfig(cache=str(tmp_path / "c"), workers=0), progress=False)
     assert not (tmp_path / "m").exists()
-
-
-def test_cli_head_defaults_are_the_config_defaults():
-    import argparse
-
-    from pneumoscan.commands.train import add_head_args
-
-    p = argparse.ArgumentParser()
-    add_head_args(p)
-    args = p.parse_args([])
-    d = TrainConfig()
-    assert (args.lr, args.head_batch_size, args.dropout, args.patience, args.epochs) == \
-        (d.lr, d.batch_size, d.dropout, d.patience, d.max_epochs)

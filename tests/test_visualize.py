@@ -6,13 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumoscan.backbones import build_architecture
+from pneumoscan.nets.backbones import build_architecture
 from pneumoscan.cli import main
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.explain import Explanation
-from pneumoscan.modeling import Head, PneumoNet
-from pneumoscan.visualize import (activations, default_layer, display_pair, feature_layers, filters_figure,
-                                  first_conv, grid_figure, overlay_png, resolve_layer, save_figure)
+from pneumoscan.explain.explainer import Explanation
+from pneumoscan.nets.heads import Head, PneumoNet
+from pneumoscan.explain.figures import display_pair, grid_figure, overlay_png
+from pneumoscan.explain.inspect import activations, default_layer, feature_layers, filters_figure, first_conv, resolve_layer
+from pneumoscan.plots import save_figure
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pneumoscan import INTENDED_USE, LABELS
-from pneumoscan.cli import build_parser, main
+from pneumoscan.cli import main
+from pneumoscan.cli.main import build_parser
 from pneumoscan.errors import ModelError
-from pneumoscan.export import export_onnx
+from pneumoscan.export.onnx import export_onnx
 from pneumoscan.predict import Predictor
-from pneumoscan.web.app import Service, check_model_dir, create_app, safe_name
+from pneumoscan.predict import check_model as check_model_dir
+from pneumoscan.web.app import create_app
+from pneumoscan.web.limits import safe_name
+from pneumoscan.web.service import Service
 from pneumoscan.web.config import ServeConfig
 
 
@@ -148,7 +152,8 @@ def test_serves_a_model_without_onnx_by_exporting_a_temp_copy(tiny_model_dir, tm
     with serve(d) as c:
         assert c.service.predictor.backend == "onnx"
         assert post(c, jpeg()).status_code == 200
-        tmp = c.service.predictor.model_dir
+        assert c.service.predictor.model_dir == d
+        tmp = c.service.predictor.onnx_path.parent
         assert tmp != d and (tmp / "model.onnx").is_file()
     assert sorted(p.name for p in d.iterdir()) == before  # the user's model folder is untouched
     assert not tmp.exists()  # the temp export is cleaned up at shutdown
@@ -184,7 +189,7 @@ def _asgi_post(app, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> 
 
 @pytest.fixture(scope="module")
 def small_limit_app(model_dir):
-    app = create_app(ServeConfig(model_dir=str(model_dir), max_upload_bytes=1000))
+    app = create_app(ServeConfig(model_dir=str(model_dir), max_upload_mb=1000 / 2**20))
     app.state.service.ready.set()  # the size check comes before any model work; no load needed here
     return app
 

@@ -6,6 +6,10 @@ class PneumoscanError(Exception):
     """Base class for errors caused by user input (bad file, bad option, missing model)."""
 
 
+class ConfigError(PneumoscanError, ValueError):
+    """A setting or option has a value that cannot be used (out of range, unknown choice)."""
+
+
 class DataError(PneumoscanError, ValueError):
     """A dataset folder or manifest is missing, empty or not in a known layout."""
 

@@ -1,44 +1,31 @@
-"""Metrics of the study and more, on scikit-learn: one shared decision rule for every output.
+"""The study's figures and more, on scikit-learn, under the shared decision rule (:mod:`pneumoscan.labels`).
 
-Decision rule: an image is pneumonia when P(bacterial) + P(viral) >= the model's threshold;
-a pneumonia image is then bacterial or viral by the larger of the two. The 3-class prediction,
-the confusion matrix and the binary verdicts therefore always agree.
+Pure functions of true labels and probabilities: accuracy, sensitivity, specificity, F1 and AUC of
+each task with 95 % bootstrap intervals, the confusion matrix, ROC points, the choice of the
+pneumonia threshold on validation, and the prior-shift correction of probabilities. Training
+records validation figures with them and evaluation reports them, so they sit in the common base.
 """
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score, roc_curve
 
-from . import LABELS
+from .errors import ConfigError
+from .labels import BACTERIAL, DEFAULT_THRESHOLD, LABELS, NORMAL, VIRAL, decide, pneumonia_score
 
-NORMAL, BACTERIAL, VIRAL = 0, 1, 2
-
-
-def pneumonia_score(probs: np.ndarray) -> np.ndarray:
-    """P(pneumonia) = P(bacterial) + P(viral) = 1 - P(normal)."""
-    return 1.0 - np.asarray(probs)[:, NORMAL]
-
-
-def decide(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Class indices under the shared decision rule (see module docstring)."""
-    probs = np.asarray(probs)
-    subtype = np.where(probs[:, BACTERIAL] >= probs[:, VIRAL], BACTERIAL, VIRAL)
-    return np.where(pneumonia_score(probs) >= threshold, subtype, NORMAL)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of logits (numerically stable); ONNX Runtime outputs are logits."""
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+N_BOOT = 1000  # bootstrap resamples behind every 95 % interval (the one default; 0 = no intervals)
+THRESHOLD_METHODS = ("youden", "sensitivity")  # how the pneumonia threshold is chosen on validation
 
 
 def _safe_auc(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
 
 
 def binary_metrics(y: np.ndarray, pred: np.ndarray, score: np.ndarray) -> dict:
     """accuracy, sensitivity (recall of positives), specificity, F1 and AUC of a 0/1 task."""
+    from sklearn.metrics import f1_score
+
     y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(int)
     tp = int(((y == 1) & (pred == 1)).sum())
     tn = int(((y == 0) & (pred == 0)).sum())
@@ -81,7 +68,7 @@ def _binary_batch(yb: np.ndarray, pred: np.ndarray, score: np.ndarray) -> dict[s
         }
 
 
-def bootstrap_ci(y: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int = 1000,
+def bootstrap_ci(y: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int = N_BOOT,
                  seed: int = 0) -> dict[str, list[float]]:
     """95 % percentile-bootstrap intervals (resampling images) for the normal-vs-pneumonia figures."""
     rng = np.random.default_rng(seed)
@@ -105,9 +92,11 @@ def bootstrap_ci(y: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int
     return out
 
 
-def compute_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5, *, n_boot: int = 1000,
+def compute_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = DEFAULT_THRESHOLD, *, n_boot: int = N_BOOT,
                     seed: int = 0) -> dict:
     """The metrics.json dictionary for true labels ``y`` (indices into LABELS) and probabilities."""
+    from sklearn.metrics import confusion_matrix, f1_score
+
     y = np.asarray(y).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] != len(LABELS) or len(y) != len(probs):
@@ -136,17 +125,29 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5, *,
     }
 
 
+def check_method(method: str, target_sensitivity: float | None) -> None:
+    """Validate the threshold options where they enter."""
+    if method not in THRESHOLD_METHODS:
+        raise ConfigError(f"threshold method {method!r} is unknown; use youden or sensitivity")
+    if method == "sensitivity" and (target_sensitivity is None or not 0.0 < target_sensitivity <= 1.0):
+        raise ConfigError(f"--method sensitivity needs --target-sensitivity in (0, 1], e.g. 0.97 "
+                              f"(got {target_sensitivity})")
+
+
 def choose_threshold(y: np.ndarray, probs: np.ndarray, method: str = "youden",
                      target_sensitivity: float | None = None) -> tuple[float, str]:
-    """Pneumonia threshold chosen on validation data.
+    """Pneumonia threshold chosen on validation data, and how it was chosen.
 
     ``youden`` maximises sensitivity + specificity - 1; ``sensitivity`` takes the highest
     threshold whose sensitivity is still >= ``target_sensitivity`` (more specificity, same recall).
     """
+    from sklearn.metrics import roc_curve
+
+    check_method(method, target_sensitivity)
     yb = (np.asarray(y) != NORMAL).astype(int)
     score = pneumonia_score(probs)
     if not 0 < yb.sum() < len(yb):
-        return 0.5, "default 0.5 (validation has a single class)"
+        return DEFAULT_THRESHOLD, f"default {DEFAULT_THRESHOLD:g} (validation has a single class)"
     fpr, tpr, thr = roc_curve(yb, score)
     thr = np.clip(thr, 0.0, 1.0)
     if method == "youden":
@@ -154,13 +155,8 @@ def choose_threshold(y: np.ndarray, probs: np.ndarray, method: str = "youden",
         best = np.flatnonzero(j == j.max())
         i = best[len(best) // 2]  # middle of a plateau of equally good thresholds
         return float(thr[i]), f"Youden's J on validation (J={j[i]:.3f})"
-    if method == "sensitivity":
-        if target_sensitivity is None or not 0 < target_sensitivity <= 1:
-            raise ValueError(f"target sensitivity {target_sensitivity} must be in (0, 1]")
-        ok = np.flatnonzero(tpr >= target_sensitivity)
-        i = ok[0]
-        return float(thr[i]), f"highest threshold with validation sensitivity >= {target_sensitivity:g}"
-    raise ValueError(f"threshold method {method!r} is unknown; use youden or sensitivity")
+    i = np.flatnonzero(tpr >= target_sensitivity)[0]
+    return float(thr[i]), f"highest threshold with validation sensitivity >= {target_sensitivity:g}"
 
 
 def prior_shift(probs: np.ndarray, train_prior: np.ndarray, new_prior: np.ndarray) -> np.ndarray:
@@ -170,8 +166,33 @@ def prior_shift(probs: np.ndarray, train_prior: np.ndarray, new_prior: np.ndarra
     return p / p.sum(axis=1, keepdims=True)
 
 
+def model_prior(config: dict) -> np.ndarray:
+    """The class prior the model's probabilities answer to (Saerens et al.'s training prior).
+
+    A loss with inverse-frequency ("balanced") class weights cancels the data's class frequencies,
+    so such a model's posteriors are those of equal priors; without weights they follow the
+    training frequencies. An explicit ``model_prior`` in config.json (ensembles) wins.
+    """
+    k = len(LABELS)
+    if "model_prior" in config:
+        return np.asarray(config["model_prior"], float)
+    if config.get("train_config", {}).get("class_weight") == "balanced" or "train_prior" not in config:
+        return np.full(k, 1.0 / k)
+    return np.asarray(config["train_prior"], float)
+
+
+def prevalence_prior(config: dict, prevalence: float) -> np.ndarray:
+    """Class prior for a stated pneumonia prevalence; bacterial vs viral keep the training ratio."""
+    k = len(LABELS)
+    train_prior = np.asarray(config.get("train_prior", [1.0 / k] * k), float)
+    pn = train_prior[1:] / train_prior[1:].sum()
+    return np.array([1.0 - prevalence, *(prevalence * pn)])
+
+
 def roc_points(y: np.ndarray, probs: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """(fpr, tpr, auc) for each task of the report."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     y = np.asarray(y)
     out = {}
     tasks = {
@@ -182,7 +203,7 @@ def roc_points(y: np.ndarray, probs: np.ndarray) -> dict[str, tuple[np.ndarray, 
     pn = y != NORMAL
     if pn.any():
         tasks["bacterial vs viral"] = (y[pn] == BACTERIAL,
-                                       probs[pn, BACTERIAL] / np.clip(probs[pn, 1] + probs[pn, 2], 1e-12, None))
+                                       probs[pn, BACTERIAL] / np.clip(probs[pn, BACTERIAL] + probs[pn, VIRAL], 1e-12, None))
     for name, (t, s) in tasks.items():
         t = np.asarray(t).astype(int)
         if 0 < t.sum() < len(t):

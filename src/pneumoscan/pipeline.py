@@ -10,11 +10,14 @@ import os
 import time
 from pathlib import Path
 
-from .data import index_dataset
-from .evaluate import evaluate_items
-from .modeling import atomic_write_json
+from .data.index import index_dataset
+from .evaluate.card import write_card
+from .evaluate.evaluate import evaluate_items
+from .features.config import ExtractConfig
+from .io import atomic_dir, atomic_write_json
 from .predict import Predictor
-from .train import TrainConfig, train
+from .train.config import TrainConfig
+from .train.head import train
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ def default_data_dir() -> Path | None:
 
 
 def run_pipeline(data: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig = TrainConfig(), *,
-                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
+                 extract: ExtractConfig = ExtractConfig(), progress: bool = True) -> dict:
     """Index ``data``, train a frozen-feature model, evaluate it on the validation split.
 
     Writes ``out/manifest.csv``, ``out/model/`` and ``out/eval-val/`` (metrics.json, plots,
@@ -42,12 +45,15 @@ def run_pipeline(data: str | os.PathLike, out: str | os.PathLike, cfg: TrainConf
     manifest.save(out / "manifest.csv")
     times["index_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    model_dir = train(manifest, out / "model", cfg, cache_dir=cache_dir, progress=progress)
+    with atomic_dir(out / "model", overwrite=True) as tmp:
+        train(manifest, tmp, cfg, extract=extract, progress=progress, command="pneumoscan run")
+        write_card(tmp, shown_as=out / "model")
+    model_dir = out / "model"
     times["extract_and_train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     val = [(s.path, s.label) for s in manifest.subset("val")]
     metrics = evaluate_items(val, out / "eval-val", Predictor(model_dir), data_root=manifest.root,
-                             progress=progress, cache_dir=cache_dir)
+                             progress=progress, cache_dir=extract.cache)
     times["evaluate_s"] = time.perf_counter() - t
     summary = {"data": manifest.root, "counts": manifest.counts(), "model": str(model_dir),
                "validation": {k: metrics[k] for k in ("three_class", "normal_vs_pneumonia")},

@@ -1,4 +1,5 @@
-"""Figures (matplotlib, Agg backend): history, confusion matrix, ROC curves, comparison bars."""
+"""Figures of training and evaluation (matplotlib, Agg backend): history, confusion matrix, ROC
+curves, comparison bars; and :func:`save_figure`, the one way every figure reaches the disk."""
 from __future__ import annotations
 
 import os
@@ -11,17 +12,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import LABELS  # noqa: E402
+from .io import atomic_path  # noqa: E402
+from .labels import LABELS  # noqa: E402
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110, tight: bool = True) -> Path:
+    """Save ``fig`` to ``path`` atomically and close it (also when saving fails)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
+    finally:
+        plt.close(fig)
     return path
+
 
 
 def plot_history(history: Sequence[dict], path: str | os.PathLike) -> Path:
@@ -41,7 +45,7 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike) -> Path:
     if best and best.get("val_loss") is not None:
         axes[0].axvline(best["epoch"], color="grey", ls="--", lw=1)
         axes[0].set_title(f"best epoch {best['epoch']} (val loss {best['val_loss']:.3f})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(cm: Sequence[Sequence[int]], path: str | os.PathLike, labels: Sequence[str] = LABELS) -> Path:
@@ -60,7 +64,7 @@ def plot_confusion(cm: Sequence[Sequence[int]], path: str | os.PathLike, labels:
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(curves: dict, path: str | os.PathLike) -> Path:
@@ -75,7 +79,7 @@ def plot_roc(curves: dict, path: str | os.PathLike) -> Path:
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bars(names: Sequence[str], series: dict[str, Sequence[float]], path: str | os.PathLike,
@@ -92,4 +96,4 @@ def plot_bars(names: Sequence[str], series: dict[str, Sequence[float]], path: st
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

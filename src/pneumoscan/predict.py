@@ -1,32 +1,62 @@
 """Predict single images or folders with a model directory: the one inference entry point.
 
-:class:`Predictor` loads a model directory (PyTorch weights, or its ONNX export through ONNX
-Runtime), applies the preprocessing stored in the model's JSON and the shared decision rule,
-and returns :class:`Prediction` objects. The CLI, the evaluator and the web service all use it.
+:class:`Predictor` loads a model directory (its ONNX export through ONNX Runtime, or the PyTorch
+weights), applies the preprocessing stored in the model's JSON and the shared decision rule,
+and returns :class:`Prediction` objects. The CLI, the evaluator, the explainers and the web
+service all use it. On the ONNX backend nothing here imports torch.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
-from . import LABELS
+from .data.imaging import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, XRay, load_xray  # noqa: F401  (ALLOWED_FORMATS: for callers)
 from .errors import ImageError, ModelError
-from .imaging import DEFAULT_MAX_PIXELS, XRay, load_xray
-from .metrics import decide, pneumonia_score, prior_shift, softmax
-from .modeldir import read_config, resolve_model_dir, verify_file
+from .labels import DEFAULT_THRESHOLD, LABELS, decide, pneumonia_score, softmax
+from .metrics import model_prior, prevalence_prior, prior_shift
+from .nets.modeldir import (
+    CARD_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    has_onnx,
+    onnx_name,
+    read_config,
+    resolve_model_dir,
+    verify_file,
+)
 from .preprocess import Preprocess, PreprocessConfig
+from .runtime import ort_session
 from .scope import check_scope  # out-of-scope hints: a warning, never a refusal
 
 if TYPE_CHECKING:  # torch loads only for the torch backend: ONNX serving stays light
     import torch
 
-    from .modeling import ModelBundle
+    from .nets.checkpoint import ModelBundle
+
+BACKENDS = ("auto", "onnx", "torch")  # auto: ONNX Runtime when the model has a verified export, else PyTorch
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How images are predicted (``pneumoscan predict``; evaluation and robustness take the same engine)."""
+
+    backend: Literal["auto", "onnx", "torch"] = "auto"  # auto: ONNX Runtime when the model has a verified export, else PyTorch
+    batch_size: int = 32  # images per inference batch
+    prevalence: float | None = None  # expected share of pneumonia in your data: corrects probabilities for the prior shift
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ModelError(f"batch size {self.batch_size} must be at least 1")
+        if self.prevalence is not None and not 0.0 < self.prevalence < 1.0:
+            raise ModelError(f"prevalence {self.prevalence} must lie strictly between 0 and 1 (e.g. 0.3)")
 
 log = logging.getLogger(__name__)
 
@@ -48,34 +78,67 @@ class Prediction:
 
 
 class Predictor:
-    """Load once, predict many. ``backend`` is "torch" (default) or "onnx" (ONNX Runtime)."""
+    """Load once, predict many.
 
-    def __init__(self, model_dir: str | os.PathLike | None = None, *, backend: str = "torch",
+    ``backend`` is "auto" (ONNX Runtime when the model directory has a verified export, else
+    PyTorch), "onnx" or "torch". With ``export_missing`` an "onnx"/"auto" predictor of a model
+    without an export exports one into a temporary folder first (the model directory is never
+    written to).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike | None = None, *, backend: str = "auto",
                  device: str = "cpu", prevalence: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, export_missing: bool = False) -> None:
+        if backend not in BACKENDS:
+            raise ModelError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+        if prevalence is not None and not 0.0 < prevalence < 1.0:
+            raise ModelError(f"prevalence {prevalence} must lie strictly between 0 and 1 (e.g. 0.3)")
         self.model_dir = resolve_model_dir(model_dir)
+        self.config = read_config(self.model_dir)
+        if backend == "auto":
+            backend = "onnx" if has_onnx(self.model_dir) or export_missing else "torch"
         self.backend = backend
         self.device = device
         self.max_pixels = max_pixels
-        self.config = read_config(self.model_dir)
         self.prep_cfg = PreprocessConfig.from_dict(self.config["preprocess"])
         self.pre = Preprocess(self.prep_cfg)
-        self.threshold = float(self.config.get("threshold", 0.5))
-        self.labels = tuple(self.config.get("labels", LABELS))
+        self.threshold = float(self.config.get("threshold", DEFAULT_THRESHOLD))
+        self.labels = LABELS  # read_config checked that the model's outputs are in this order
         self.prevalence = prevalence
-        if prevalence is not None and not 0.0 < prevalence < 1.0:
-            raise ModelError(f"prevalence {prevalence} must lie strictly between 0 and 1 (e.g. 0.3)")
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.bundle: ModelBundle | None = None
+        self._session = None
+        self.onnx_path: Path | None = None  # the ONNX file that runs (a temporary export with export_missing)
         if backend == "torch":
-            from .modeling import load_model
+            from .nets.checkpoint import load_model
 
-            self.bundle: ModelBundle | None = load_model(self.model_dir)
+            self.bundle = load_model(self.model_dir)
             self.net = self.bundle.net.to(device).eval()
-            self._session = None
-        elif backend == "onnx":
-            self.bundle = None
-            self._session = _onnx_session(self.model_dir, self.config, threads)
         else:
-            raise ModelError(f"backend {backend!r} is unknown; use torch or onnx")
+            onnx_dir = self._exported_copy() if export_missing and not has_onnx(self.model_dir) else self.model_dir
+            onnx_cfg = read_config(onnx_dir)
+            self.onnx_path = onnx_dir / (onnx_name(onnx_cfg) or "model.onnx")
+            self._session = _onnx_session(onnx_dir, onnx_cfg, threads)
+
+    def _exported_copy(self) -> Path:
+        """A temporary copy of the model directory with an ONNX export (imports torch: only then)."""
+        from .export.onnx import export_onnx
+
+        log.warning("%s has no ONNX export; exporting into a temporary folder (run 'pneumoscan export "
+                    "--model %s' once to skip this)", self.model_dir, self.model_dir)
+        self._tmp = tempfile.TemporaryDirectory(prefix="pneumoscan-onnx-")
+        tmp = Path(self._tmp.name)
+        for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
+            if (self.model_dir / name).is_file():
+                shutil.copy2(self.model_dir / name, tmp / name)
+        export_onnx(tmp)
+        return tmp
+
+    def close(self) -> None:
+        """Remove the temporary export, if one was made."""
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def __repr__(self) -> str:
         return f"Predictor(model={self.model_id!r}, backend={self.backend!r}, size={self.prep_cfg.size})"
@@ -121,9 +184,12 @@ class Predictor:
         p = self.probabilities(self.pre.array(x.pixels)[None])[0]
         return self.result(name, p, check_scope(x))
 
+    def decode(self, data: bytes | str | os.PathLike, name: str | None = None) -> XRay:
+        """Decode an upload or a file with this predictor's pixel limit (JPEG draft at the model size)."""
+        return load_xray(data, name=name, max_pixels=self.max_pixels, size_hint=self.prep_cfg.size)
+
     def predict_bytes(self, data: bytes, name: str = "upload") -> Prediction:
-        return self.predict_xray(load_xray(data, name=name, max_pixels=self.max_pixels,
-                                           size_hint=self.prep_cfg.size), name)
+        return self.predict_xray(self.decode(data, name), name)
 
     def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 32,
                       progress: bool = False) -> tuple[list[Prediction], list[tuple[str, str]]]:
@@ -164,41 +230,24 @@ class Predictor:
         return dt
 
 
-def model_prior(config: dict) -> np.ndarray:
-    """The class prior the model's probabilities answer to (Saerens et al.'s training prior).
-
-    A loss with inverse-frequency ("balanced") class weights cancels the data's class frequencies,
-    so such a model's posteriors are those of equal priors; without weights they follow the
-    training frequencies. An explicit ``model_prior`` in config.json (ensembles) wins.
-    """
-    k = len(config.get("labels", LABELS))
-    if "model_prior" in config:
-        return np.asarray(config["model_prior"], float)
-    if config.get("train_config", {}).get("class_weight") == "balanced" or "train_prior" not in config:
-        return np.full(k, 1.0 / k)
-    return np.asarray(config["train_prior"], float)
-
-
-def prevalence_prior(config: dict, prevalence: float) -> np.ndarray:
-    """Class prior for a stated pneumonia prevalence; bacterial vs viral keep the training ratio."""
-    k = len(config.get("labels", LABELS))
-    train_prior = np.asarray(config.get("train_prior", [1.0 / k] * k), float)
-    pn = train_prior[1:] / train_prior[1:].sum()
-    return np.array([1.0 - prevalence, *(prevalence * pn)])
-
-
 def _onnx_session(model_dir: Path, config: dict, threads: int | None):
-    import onnxruntime as ort
-
-    name = config.get("onnx", {}).get("file", "model.onnx")
+    name = onnx_name(config) or "model.onnx"
     if not (model_dir / name).is_file():
         raise ModelError(f"{model_dir} has no ONNX export; run 'pneumoscan export --model {model_dir}' first")
     path = verify_file(model_dir, name, config)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return ort_session(path, threads=threads)
     except Exception as e:
         raise ModelError(f"{path} cannot be loaded by ONNX Runtime: {e}") from None
+
+
+def check_model(model_dir: str | os.PathLike | None) -> Path:
+    """Fail fast (:class:`ModelError`) on a missing model or a weight file whose SHA-256 does not
+    match its config; returns the model directory. Loads nothing."""
+    d = resolve_model_dir(model_dir)
+    cfg = read_config(d)
+    verify_file(d, WEIGHTS_NAME, cfg)
+    name = onnx_name(cfg)
+    if name and (d / name).exists():
+        verify_file(d, name, cfg)
+    return d

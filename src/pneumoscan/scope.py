@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .imaging import XRay
+from .data.imaging import XRay
 
 
 @dataclass(frozen=True)

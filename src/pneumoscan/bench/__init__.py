@@ -49,7 +49,7 @@ def machine_info() -> dict:
     """Where the figures were measured: CPU, cores, load, memory and library versions."""
     import torch
 
-    from ..features import cpu_count
+    from ..runtime import cpu_count
 
     info = {"host": platform.node(), "platform": platform.platform(), "cpu_model": cpu_model(),
             "cores": cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -73,7 +73,7 @@ def machine_info() -> dict:
 
 def write_result(name: str, figures: dict, out_dir: str | os.PathLike | None = None) -> Path:
     """Write ``<out_dir>/<name>.json`` atomically with the machine description; returns the path."""
-    from ..modeling import atomic_write_json
+    from ..io import atomic_write_json
 
     out = Path(out_dir) if out_dir else default_results_dir()
     doc = {"benchmark": name, "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -15,9 +15,17 @@ import tempfile
 import time
 from pathlib import Path
 
-
-from . import (MemoryPeak, Sample, count_flops, cpu_seconds, dataset_samples, gemm_gflops, make_images,
-               shared_data_dir, write_result)
+from . import (
+    MemoryPeak,
+    Sample,
+    count_flops,
+    cpu_seconds,
+    dataset_samples,
+    gemm_gflops,
+    make_images,
+    shared_data_dir,
+    write_result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +36,10 @@ def run_variant(spec: dict) -> dict:
     """One timed extraction into a fresh cache (runs inside its own process)."""
     import torch
 
-    from ..backbones import create_backbone, default_preprocess
-    from ..features import FeatureCache, ONNX_MIN_IMAGES, export_backbone_onnx, extract_features
+    from ..features.cache import FeatureCache
+    from ..features.engines import ONNX_MIN_IMAGES, export_backbone_onnx
+    from ..features.extract import extract_features
+    from ..nets.backbones import create_backbone, default_preprocess
 
     if spec.get("torch_threads"):
         torch.set_num_threads(int(spec["torch_threads"]))
@@ -67,7 +77,7 @@ def _spawn(spec: dict) -> dict:
 
 def decode_figures(samples: list[Sample], size: int, big_px: int = 2000, n_big: int = 12) -> dict:
     """CPU ms per image for decode + resize: the bench images, and large JPEGs with/without draft."""
-    from ..imaging import load_xray
+    from ..data.imaging import load_xray
     from ..preprocess import Preprocess, PreprocessConfig
 
     pp = Preprocess(PreprocessConfig(size=size))
@@ -124,8 +134,8 @@ def run(backbones=("efficientnet_lite0",), sizes=(None,), images: int = 512, dat
     Each variant runs ``repeats`` times (the median run is reported); ``memory_counts`` adds a
     peak-memory scan over those image counts (the largest must not exceed the images available).
     """
-    from ..backbones import create_backbone, default_preprocess
-    from ..features import cpu_count
+    from ..nets.backbones import create_backbone, default_preprocess
+    from ..runtime import cpu_count
 
     with tempfile.TemporaryDirectory(prefix="pneumoscan-bench-") as tmp:
         if data == "shared":

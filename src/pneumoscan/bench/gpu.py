@@ -9,15 +9,14 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from . import make_images, percentiles, write_result
 
 log = logging.getLogger(__name__)
 
 
 def _backbone(name: str, pretrained: bool):
-    from ..backbones import create_backbone
     from ..errors import WeightsError
+    from ..nets.backbones import create_backbone
 
     try:
         net, wid = create_backbone(name, pretrained=pretrained)
@@ -53,8 +52,9 @@ def run(backbone: str = "efficientnet_lite0", size: int | None = None, batches=(
 
     if not torch.cuda.is_available():
         return "gpu: skipped (no CUDA device)", None
-    from ..backbones import default_preprocess
-    from ..features import cpu_count, extract_features
+    from ..features.extract import extract_features
+    from ..nets.backbones import default_preprocess
+    from ..runtime import cpu_count
 
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

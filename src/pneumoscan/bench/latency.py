@@ -18,8 +18,9 @@ def _network(model: str | None, backbone: str, pretrained: bool):
     """(PneumoNet, PreprocessConfig, description): a model directory's, or the backbone + a fresh head."""
     import torch
 
-    from ..backbones import create_backbone, default_preprocess
-    from ..modeling import Head, PneumoNet, load_model
+    from ..nets.backbones import create_backbone, default_preprocess
+    from ..nets.checkpoint import load_model
+    from ..nets.heads import Head, PneumoNet
 
     if model:
         b = load_model(model)
@@ -36,7 +37,7 @@ def _onnx_file(net, prep, model: str | None, folder: Path) -> tuple[Path, str]:
     """The model's ONNX export: pneumoscan.export when it is there, else torch.onnx.export here."""
     if model:
         try:
-            from ..export import export_onnx  # the project's exporter, when present
+            from ..export.onnx import export_onnx  # the project's exporter, when present
         except ImportError:
             export_onnx = None
         if export_onnx is not None:
@@ -49,7 +50,7 @@ def _onnx_file(net, prep, model: str | None, folder: Path) -> tuple[Path, str]:
                     return found[0], "pneumoscan.export.export_onnx"
             except Exception as e:  # the benchmark measures the runtime, not the exporter
                 log.warning("pneumoscan.export failed (%s); exporting with torch.onnx.export", e)
-    from ..features import export_backbone_onnx
+    from ..features.engines import export_backbone_onnx
 
     return export_backbone_onnx(net, prep.size, folder), "torch.onnx.export (bench)"
 
@@ -59,9 +60,10 @@ def run(model: str | None = None, backbone: str = "efficientnet_lite0", iters: i
     """Run the latency benchmark; returns (one-line summary, JSON path)."""
     import torch
 
-    from ..features import OnnxEngine, cpu_count
-    from ..imaging import load_xray
+    from ..data.imaging import load_xray
+    from ..features.engines import OnnxEngine
     from ..preprocess import Preprocess
+    from ..runtime import cpu_count
 
     threads = threads or cpu_count()
     torch.set_num_threads(threads)

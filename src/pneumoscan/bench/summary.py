@@ -97,7 +97,7 @@ def _rows(folder: Path) -> list[tuple[str, str, str, str, str]]:
 
 def write_summary(out_dir=None) -> Path:
     """Rewrite SUMMARY.md from the JSON files in ``out_dir``; returns its path."""
-    from ..modeling import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     folder = Path(out_dir) if out_dir else default_results_dir()
     lines = ["# Benchmark summary", "",

@@ -1,0 +1,119 @@
+"""pneumoscan explain IMAGE...: occlusion and Grad-CAM heat maps (PNG overlay + raw .npy per image)."""
+from __future__ import annotations
+
+from ..explain.config import ExplainConfig
+from .common import add_model_arg
+from .flags import add_config, build
+
+
+def register(sub) -> None:
+    p = sub.add_parser("explain", help="heat maps of where the model looks (occlusion, Grad-CAM)",
+                       description="For each image: a PNG (X-ray, heat map overlay with colour bar, prediction) "
+                                   "and the raw map as .npy, per method; a summary CSV/JSON with each map's "
+                                   "share inside the central chest region; with --grid a summary figure.")
+    p.add_argument("paths", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, DICOM) or folders")
+    add_model_arg(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_config(p, ExplainConfig)
+    p.set_defaults(func=run)
+
+
+def pick_evenly(files: list, n: int | None) -> list:
+    """Up to ``n`` files, taken in turn from each parent folder, evenly spaced within it (deterministic)."""
+    if n is None or len(files) <= n:
+        return list(files)
+    groups: dict = {}
+    for f in files:
+        groups.setdefault(str(f.parent), []).append(f)
+    queues = [[g[int(i * len(g) / min(len(g), n))] for i in range(min(len(g), n))] for g in groups.values()]
+    out = []
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return sorted(out)
+
+
+def unique_stems(files: list) -> list[str]:
+    """Output name per file: its stem, prefixed by the parent folder (and a number) when stems clash."""
+    from collections import Counter
+
+    counts = Counter(f.stem for f in files)
+    names, used = [], set()
+    for f in files:
+        name = f.stem if counts[f.stem] == 1 else f"{f.parent.name}_{f.stem}"
+        base, k = name, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def run(args) -> int:
+    import csv
+    import io
+    import math
+    import sys
+    from pathlib import Path
+
+    cfg = build(ExplainConfig, args)
+    from ..data.imaging import load_xray
+    from ..data.index import iter_image_files
+    from ..errors import ImageError, PneumoscanError
+    from ..explain.explainer import CENTRAL_REGION, Explainer
+    from ..explain.figures import DISPLAY_SIDE, grid_figure, save_array, save_overlay
+    from ..io import atomic_write_json, atomic_write_text
+    from ..plots import save_figure
+    from ..predict import Predictor
+
+    methods = cfg.methods
+    files, errors = iter_image_files(args.paths)
+    if not files:
+        what = "; ".join(f"{p}: {e}" for p, e in errors) or "no JPEG, PNG or DICOM files in the given folders"
+        raise PneumoscanError(f"nothing to explain ({what})")
+    files = pick_evenly(files, cfg.sample)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise PneumoscanError(f"--out {out} is a file; give a folder")
+    pred = Predictor(args.model, backend="torch")  # explanations need the network's gradients and layers
+    explainer = Explainer(pred, patch=cfg.patch, stride=cfg.stride, batch_size=cfg.batch_size, engine=cfg.engine)
+    grid_idx = set(pick_evenly(files, 16)) if cfg.grid else set()
+    rows, grid = [], {m: [] for m in methods}
+    for f, name in zip(files, unique_stems(files)):
+        try:
+            x = load_xray(f, max_pixels=pred.max_pixels, size_hint=max(pred.prep_cfg.size, DISPLAY_SIDE))
+        except ImageError as e:
+            errors.append((str(f), str(e)))
+            continue
+        for e in explainer(x, methods):
+            png = save_overlay(x.pixels, e, out / f"{name}.{e.method}.png", title_name=f.name)
+            npy = save_array(e.heatmap, out / f"{name}.{e.method}.npy")
+            share = e.central_share
+            rows.append({"path": str(f), "method": e.method, "label": e.label,
+                         **{f"p_{k}": round(v, 4) for k, v in e.probabilities.items()},
+                         "central_share": None if math.isnan(share) else round(share, 4),
+                         "seconds": round(e.seconds, 3), "png": str(png), "npy": str(npy)})
+            if f in grid_idx:
+                grid[e.method].append((str(f), x.pixels, e))
+            print(f"{f}: {e.label} ({e.method}, central share {share:.2f}, {e.seconds:.2f} s) -> {png}")
+    if rows:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(out / "explain.csv", buf.getvalue())
+        left, right, top, bottom = CENTRAL_REGION
+        atomic_write_json(out / "explain.json", {
+            "model": pred.model_id, "methods": list(methods), "patch": cfg.patch, "stride": cfg.stride,
+            "central_region": {"left": left, "right": right, "top": top, "bottom": bottom,
+                               "note": "fractions of width/height; a map spread evenly has share 0.42"},
+            "maps": rows})
+        print(f"summary -> {out / 'explain.csv'}")
+    for method, items in grid.items():
+        if items:
+            path = save_figure(grid_figure(items, pred.model_id), out / f"grid.{method}.png", dpi=110)
+            print(f"grid -> {path}")
+    for path, err in errors:
+        print(f"pneumoscan: error: {err}" if path in err else f"pneumoscan: error: {path}: {err}", file=sys.stderr)
+    return 1 if errors else 0

@@ -1,0 +1,82 @@
+"""Command line: ``pneumoscan COMMAND ...``. Each command lives in ``pneumoscan.cli.<name>`` and is a
+thin layer over the Python API (its options come from the config dataclasses, :mod:`.flags`);
+errors a user can fix become one line ``pneumoscan: error: ...`` and exit 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import pkgutil
+import sys
+import warnings
+
+from .. import INTENDED_USE, __version__
+from ..errors import PneumoscanError
+
+ORDER = ["run", "data", "extract", "train", "evaluate", "predict", "compare", "finetune", "ensemble", "soup", "threshold",
+         "robustness", "explain", "visualize", "export", "serve", "card", "bench", "backbones"]
+NOT_COMMANDS = {"main", "common", "flags"}  # modules of this package that are not commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pneumoscan",
+        description="Pediatric chest X-ray classifier: normal / bacterial / viral pneumonia.",
+        epilog=INTENDED_USE)
+    parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    package = sys.modules[__package__]
+    names = {m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")} - NOT_COMMANDS
+    for name in [n for n in ORDER if n in names] + sorted(names - set(ORDER)):
+        try:
+            importlib.import_module(f"{__package__}.{name}").register(sub)
+        except ImportError as e:  # an optional dependency is missing: the command says so when used
+            _unavailable(sub, name, e)
+    return parser
+
+
+def _unavailable(sub, name: str, err: Exception) -> None:
+    def fail(_args) -> int:
+        raise PneumoscanError(f"command {name!r} is unavailable: {err}; reinstall pneumoscan with its dependencies")
+
+    sub.add_parser(name, help=f"(unavailable: {err})").set_defaults(func=fail)
+
+
+_CHATTY = ("lightning", "pytorch_lightning", "onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo", "torch.export")
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Library INFO chatter (Lightning, the ONNX exporter's passes) stays out of the CLI's output."""
+    return record.levelno >= logging.WARNING or not record.name.startswith(_CHATTY)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose < 2:  # libraries set their own loggers to INFO: keep their chatter out of our output
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_libraries)
+    # Lightning 2.6 warns about its own use of a deprecated torch API on every fit: not actionable here.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    os.environ.setdefault("PNEUMOSCAN_PROGRESS", "0" if args.quiet else "1")
+    try:
+        rc = args.func(args)
+    except PneumoscanError as e:
+        print(f"pneumoscan: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pneumoscan: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Index a chest X-ray folder into a manifest: label, patient key and a patient-grouped split.
+
+Two layouts are recognised, at any depth under the root:
+
+* the redistribution ("Chest X-Ray Images (Pneumonia)"): ``NORMAL/`` and ``PNEUMONIA/``,
+  optionally under ``train/ test/ val/``; bacterial vs viral comes from the file name;
+* a plain three-class layout: ``normal/ bacterial/ viral/``.
+
+Patient keys follow the dataset's naming (``personN_bacteria_*`` and ``personN_virus_*`` are
+different children; ``IM-XXXX`` / ``NORMAL2-IM-XXXX`` for normal images). Files whose name
+carries no patient key are their own patient.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from ..io import file_digest
+from .manifest import Manifest, Sample
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
+VAL_FRACTION = 0.2  # patient-grouped validation share of a split (the one default)
+_PERSON = re.compile(r"person(\d+)_(bacteria|virus)", re.IGNORECASE)
+_NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)", re.IGNORECASE)
+_SPLIT_DIRS = {"train": "train", "val": "train", "test": "test"}  # official val joins train
+
+def patient_key(name: str, label: str) -> str:
+    """Patient key from a file name (see module docstring); falls back to the file stem."""
+    stem = Path(name).stem
+    m = _PERSON.search(stem)
+    if m:
+        return f"{m.group(2).lower()}-{int(m.group(1))}"
+    m = _NORMAL.match(stem)
+    if m:
+        return m.group(1).upper()
+    return f"{label}-{stem}"
+
+
+def label_from_path(rel: Path) -> str | None:
+    """Label from the folders (and, under PNEUMONIA/, the file name); ``None`` if unknown."""
+    parts = [p.lower() for p in rel.parts[:-1]]
+    name = rel.name.lower()
+    for p in reversed(parts):
+        if p in ("normal",):
+            return "normal"
+        if p in ("bacterial", "bacteria"):
+            return "bacterial"
+        if p in ("viral", "virus"):
+            return "viral"
+        if p == "pneumonia":
+            if "bacteria" in name:
+                return "bacterial"
+            if "virus" in name:
+                return "viral"
+            return None
+    return None
+
+
+def _source_split(rel: Path) -> str:
+    for p in rel.parts[:-1]:
+        if p.lower() in _SPLIT_DIRS:
+            return _SPLIT_DIRS[p.lower()]
+    return ""
+
+
+def content_sha1(path: str | os.PathLike) -> str:
+    """The content hash of an image (the manifest's ``sha1``: cache key and duplicate detection)."""
+    return file_digest(path, "sha1")
+
+
+def _looks_like_image(path: Path) -> str | None:
+    """Cheap header check; returns a reason string when the file is not a usable image."""
+    from .imaging import sniff_format
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if not head:
+        return "empty file"
+    fmt = sniff_format(head)
+    if fmt is None:
+        return "not a JPEG, PNG or DICOM file"
+    return None
+
+
+def scan(root: str | os.PathLike) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
+    """Walk ``root``: (path, label, source_split) for every image, and (path, reason) for skips."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist; give a folder with NORMAL/ and PNEUMONIA/ "
+                        "(or normal/ bacterial/ viral/), or fetch the data with 'pneumoscan data download'")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; give the folder that holds the images")
+    found: list[tuple[Path, str, str]] = []
+    skipped: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            path = Path(dirpath) / fn
+            rel = path.relative_to(root)
+            label = label_from_path(rel)
+            if label is None:
+                if any(p.lower() in ("normal", "pneumonia", "bacterial", "viral") for p in rel.parts[:-1]):
+                    skipped.append((str(path), "no class in the name (expected 'bacteria' or 'virus')"))
+                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((str(path), f"not an image ({path.suffix or 'no extension'})"))
+                continue
+            reason = _looks_like_image(path)
+            if reason:
+                skipped.append((str(path), reason))
+                continue
+            found.append((path, label, _source_split(rel)))
+    return found, skipped
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How a folder is split into train and validation (``pneumoscan data index``)."""
+
+    val_fraction: float = VAL_FRACTION  # patient-grouped validation share, e.g. 0.2
+    seed: int = 0  # seed of the split
+
+
+def split_patients(samples: Sequence[Sample], val_fraction: float = VAL_FRACTION, seed: int = 0) -> list[Sample]:
+    """Patient-grouped, class-stratified train/val split of the non-test samples (deterministic)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val fraction {val_fraction} must lie strictly between 0 and 1 (e.g. 0.2)")
+    idx = [i for i, s in enumerate(samples) if s.source_split != "test"]
+    out = list(samples)
+    if not idx:
+        return out
+    n_folds = max(2, round(1.0 / val_fraction))
+    y = np.array([samples[i].target for i in idx])
+    groups = np.array([samples[i].patient for i in idx])
+    if len(set(groups)) < n_folds:
+        raise DataError(f"only {len(set(groups))} patients: too few for a {val_fraction:.0%} validation split")
+    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    try:
+        _, val_idx = next(sgkf.split(np.zeros(len(idx)), y, groups))
+    except ValueError as e:  # e.g. a class with fewer patients than folds
+        raise DataError(f"cannot make a {val_fraction:.0%} patient-grouped validation split of "
+                        f"{len(idx)} images ({e}); add images or raise --val-fraction") from None
+    val = {idx[i] for i in val_idx}
+    for i in idx:
+        out[i] = replace(samples[i], split="val" if i in val else "train")
+    return out
+
+
+def index_dataset(root: str | os.PathLike, val_fraction: float = VAL_FRACTION, seed: int = 0,
+                  progress: bool = False) -> Manifest:
+    """Index ``root`` into a :class:`Manifest` with a patient-grouped train/val split.
+
+    Images under a ``test/`` folder keep ``split="test"``; everything else is split by patient.
+    Unreadable and non-image files are listed in ``manifest.skipped`` (never silently dropped).
+    """
+    root = Path(root).resolve()
+    found, skipped = scan(root)
+    if not found:
+        raise DataError(
+            f"no labelled images under {root}: expected NORMAL/ and PNEUMONIA/ (optionally under "
+            "train/ test/ val/) or normal/ bacterial/ viral/ folders holding JPEG, PNG or DICOM files"
+        )
+    from tqdm.auto import tqdm
+
+    samples = []
+    for path, label, src in tqdm(found, desc="index", unit="img", disable=not progress):
+        rel = path.relative_to(root)
+        samples.append(Sample(path=str(path), relpath=rel.as_posix(), label=label,
+                              patient=patient_key(path.name, label),
+                              split="test" if src == "test" else "train",
+                              source_split=src, sha1=content_sha1(path)))
+    samples = split_patients(samples, val_fraction, seed)
+    for p, why in skipped:
+        log.warning("skipped %s: %s", p, why)
+    return Manifest(root=str(root), samples=samples, skipped=skipped)
+
+
+def resolve_manifest(data: str | os.PathLike, val_fraction: float = VAL_FRACTION, seed: int = 0) -> Manifest:
+    """A manifest from either a manifest CSV or a data folder (indexed on the fly)."""
+    p = Path(data)
+    if p.suffix.lower() == ".csv":
+        return Manifest.load(p)
+    return index_dataset(p, val_fraction, seed)
+
+
+def iter_image_files(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand files and folders (recursively) into image files; missing paths are reported."""
+    files: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
+                                and not q.name.startswith(".")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            missing.append((str(p), "no such file or folder"))
+    return files, missing

@@ -1,0 +1,106 @@
+"""The manifest: one row per image (path, label, patient, split, content hash), saved as CSV.
+
+A manifest is what every later stage reads instead of a folder: it fixes the patient-grouped
+split, and its digest identifies the data and split a model was trained on.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import DataError
+from ..io import atomic_write
+from ..labels import LABELS
+
+MANIFEST_FIELDS = ("path", "relpath", "label", "patient", "split", "source_split", "sha1")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of the manifest."""
+
+    path: str  # absolute path of the file
+    relpath: str  # path relative to the indexed root (stable across machines)
+    label: str  # one of LABELS
+    patient: str  # patient key; all images of a patient land in one split
+    split: str  # "train", "val" or "test"
+    source_split: str  # folder split it came from ("train", "test" or "" when none)
+    sha1: str  # content hash: cache key and duplicate detection
+
+    @property
+    def target(self) -> int:
+        return LABELS.index(self.label)
+
+
+@dataclass
+class Manifest:
+    """The indexed dataset: samples plus the files that were skipped and why."""
+
+    root: str
+    samples: list[Sample]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __repr__(self) -> str:
+        counts = self.counts()
+        parts = ", ".join(
+            f"{split}: " + " ".join(f"{lab}={c.get(lab, 0)}" for lab in LABELS) for split, c in counts.items()
+        )
+        return f"Manifest(root={self.root!r}, n={len(self)}, skipped={len(self.skipped)}; {parts})"
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class, splits in train/val/test order."""
+        out: dict[str, dict[str, int]] = {}
+        for split in SPLITS:
+            c = Counter(s.label for s in self.samples if s.split == split)
+            if c:
+                out[split] = {lab: c.get(lab, 0) for lab in LABELS}
+        return out
+
+    def subset(self, split: str | Sequence[str] | None) -> list[Sample]:
+        """Samples of one split (or several); ``None`` means all."""
+        if split is None:
+            return list(self.samples)
+        splits = {split} if isinstance(split, str) else set(split)
+        return [s for s in self.samples if s.split in splits]
+
+    def digest(self) -> str:
+        """SHA-256 over (relpath, label, patient, split, sha1): identifies the data and its split."""
+        h = hashlib.sha256()
+        for s in sorted(self.samples, key=lambda s: s.relpath):
+            h.update(f"{s.relpath}\t{s.label}\t{s.patient}\t{s.split}\t{s.sha1}\n".encode())
+        return h.hexdigest()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the manifest as CSV, atomically (a unique temporary file, then ``os.replace``)."""
+        path = Path(path)
+        with atomic_write(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+            w.writeheader()
+            for s in self.samples:
+                w.writerow({k: getattr(s, k) for k in MANIFEST_FIELDS})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        """Read a manifest CSV written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"manifest {path} does not exist; create it with 'pneumoscan data index DIR'")
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or set(MANIFEST_FIELDS) - set(reader.fieldnames):
+                raise DataError(f"{path} is not a pneumoscan manifest (columns {MANIFEST_FIELDS} expected)")
+            samples = [Sample(**{k: row[k] for k in MANIFEST_FIELDS}) for row in reader]
+        bad = [s.label for s in samples if s.label not in LABELS]
+        if bad:
+            raise DataError(f"{path}: unknown label {bad[0]!r}; labels must be one of {LABELS}")
+        return cls(root=str(path.parent), samples=samples)

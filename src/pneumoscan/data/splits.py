@@ -1,0 +1,142 @@
+"""A model's validation images: the ``val`` split of the manifest it was trained on.
+
+The validation set is that split of the model's ``manifest.csv``, of a manifest CSV, or of the data
+folder indexed again with the model's split settings. A manifest whose SHA-256 differs from the
+model's ``manifest_sha256`` may put the model's training images into "validation": that is refused
+unless forced, because figures (and thresholds) on training images are optimistic.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from ..labels import LABELS
+from .index import content_sha1, index_dataset, patient_key, scan
+from .manifest import Manifest, Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSet:
+    """Labelled images to score: paths, true class indices and where they came from."""
+
+    paths: list[str]  # image files
+    y: np.ndarray  # indices into LABELS
+    source: str  # manifest CSV or data folder they came from
+    split: str  # "val", or "all" when the data has no validation split
+    manifest_sha256: str  # digest of the manifest they were drawn from
+    matches_model: bool  # True when that manifest is the one the model was trained on
+    training_overlap: int | None = None  # images also in the model's training split (None: not checked)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        c = np.bincount(self.y, minlength=len(LABELS))
+        counts = " ".join(f"{lab}={n}" for lab, n in zip(LABELS, c))
+        return f"EvalSet({self.source!r}, split={self.split}, n={len(self)}; {counts})"
+
+
+def split_settings(config: dict) -> tuple[float, int]:
+    """(val_fraction, seed) the model's data were split with (first member's for an ensemble)."""
+    tc = config.get("train_config")
+    if tc is None and config.get("members"):
+        return split_settings(config["members"][0])
+    tc = tc or {}
+    return float(tc.get("val_fraction", 0.2)), int(tc.get("seed", 0))
+
+
+def load_manifest(data: str | os.PathLike | None, config: dict, model_dir: str | os.PathLike | None,
+                  allow_unsplit: bool = False) -> Manifest:
+    """The manifest behind ``data``: a manifest CSV, a folder (indexed with the model's split
+    settings), or, when ``data`` is None, the ``manifest.csv`` saved in the model directory.
+
+    With ``allow_unsplit``, a folder without train/ or val/ folders is taken whole (``split="all"``).
+    """
+    if data is None:
+        path = Path(model_dir) / "manifest.csv" if model_dir is not None else None
+        if path is None or not path.is_file():
+            raise DataError(f"{model_dir} has no manifest.csv to take the validation split from; "
+                            "pass --data with the training folder or its manifest CSV")
+        return Manifest.load(path)
+    p = Path(data)
+    if p.suffix.lower() == ".csv":
+        return Manifest.load(p)
+    if allow_unsplit:
+        whole = _unsplit_manifest(p)
+        if whole is not None:
+            return whole
+    vf, seed = split_settings(config)
+    return index_dataset(p, vf, seed)
+
+
+def _unsplit_manifest(folder: Path) -> Manifest | None:
+    """All images of a folder without train/ or val/ folders (``split="all"``); None otherwise."""
+    found, skipped = scan(folder)
+    if not found or any(src == "train" for _, _, src in found):
+        return None
+    root = folder.resolve()
+    samples = []
+    for f, label, src in found:
+        f = f.resolve()
+        samples.append(Sample(path=str(f), relpath=f.relative_to(root).as_posix(), label=label,
+                              patient=patient_key(f.name, label), split="all", source_split=src, sha1=content_sha1(f)))
+    return Manifest(root=str(root), samples=samples, skipped=skipped)
+
+
+def training_overlap(samples, model_dir: str | os.PathLike | None) -> int | None:
+    """How many of ``samples`` (by content hash) are in the model's training split; None if unknown."""
+    path = Path(model_dir) / "manifest.csv" if model_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    train = {s.sha1 for s in Manifest.load(path).samples if s.split == "train"}
+    return sum(s.sha1 in train for s in samples)
+
+
+def _sample_path(m: Manifest, s) -> str:
+    """The sample's absolute path, or its path relative to the manifest when the data moved."""
+    if os.path.exists(s.path):
+        return s.path
+    alt = Path(m.root) / s.relpath
+    return str(alt) if alt.exists() else s.path
+
+
+def validation_set(data: str | os.PathLike | None, config: dict, model_dir: str | os.PathLike | None = None, *,
+                   force: bool = False, allow_unsplit: bool = False) -> EvalSet:
+    """The model's validation images (``split == "val"``).
+
+    ``allow_unsplit``: data without a validation split (a folder without train/ or val/ folders,
+    or a manifest without ``val`` rows) give all their images. Images of another manifest that
+    are in the model's training split (by content hash) are refused unless ``force`` (or only
+    warned about with ``allow_unsplit``); without the model's manifest.csv the overlap is unknown.
+    """
+    m = load_manifest(data, config, model_dir, allow_unsplit)
+    digest = m.digest()
+    expected = config.get("manifest_sha256")
+    matches = expected is not None and digest == expected
+    source = str(data if data is not None else Path(model_dir) / "manifest.csv")
+    samples, split = m.subset("val"), "val"
+    if not samples and allow_unsplit:
+        samples, split = list(m.samples), "all"
+        log.info("%s has no validation split: using all %d images", source, len(samples))
+    if not samples:
+        raise DataError(f"{source} has no validation split (no rows with split == 'val'); pass the training "
+                        "folder or the model's manifest.csv")
+    overlap = 0 if matches else training_overlap(samples, model_dir)
+    if overlap != 0:
+        what = ("its images may be" if overlap is None
+                else f"{overlap} of the {len(samples)} images used from it are")
+        msg = (f"{source} is not the manifest this model was trained on (SHA-256 {digest[:12]}... vs "
+               f"{(expected or 'none recorded')[:12]}...) and {what} in the model's training split")
+        if not force and not allow_unsplit:
+            raise DataError(msg + "; pass the model's manifest.csv, or --force to use it anyway")
+        log.warning("%s: figures on them are optimistic", msg)
+    return EvalSet(paths=[_sample_path(m, s) for s in samples], y=np.array([s.target for s in samples], int),
+                   source=source, split=split, manifest_sha256=digest, matches_model=matches,
+                   training_overlap=overlap)

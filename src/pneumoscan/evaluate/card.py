@@ -1,0 +1,529 @@
+"""MODEL_CARD.md: a model directory's provenance, figures and limits, generated from its own files.
+
+Everything in the card comes from the directory itself: ``config.json`` (written by train,
+fine-tune, ensemble or soup), ``manifest.csv`` (the exact patient-grouped split) and
+``evaluations/NAME.json`` (results on other data, added with ``pneumoscan card --add-eval``).
+:func:`card_context` turns them into formatted values; the prose is the Jinja2 template
+``templates/MODEL_CARD.md.j2``. A field the config does not hold renders as "not recorded"; the
+card is never half written. Evaluations live in their own folder rather than in ``config.json``
+so that adding one never rewrites the file that carries the weights' SHA-256 and the model id.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import re
+import shlex
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+from .. import INTENDED_USE, __version__
+from ..config import flag
+from ..data.manifest import Manifest
+from ..errors import PneumoscanError
+from ..io import atomic_write_json, atomic_write_text, bytes_digest, json_safe
+from ..labels import LABELS
+from ..nets.modeldir import CARD_NAME, read_config
+from ..scope import describe_thresholds
+from .schema import CardError, check_metrics
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "evaluations"
+NOT_RECORDED = "not recorded"
+EVAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TEMPLATE = "MODEL_CARD.md.j2"
+
+DATASET = {
+    "citation": ("Kermany DS, Goldbaum M, Cai W, et al. Identifying Medical Diagnoses and Treatable Diseases "
+                 "by Image-Based Deep Learning. Cell 172(5):1122-1131, 2018"),
+    "doi": "10.17632/rscbjbr9sj",
+    "license": "CC BY 4.0",
+    "origin": "Guangzhou Women and Children's Medical Center, Guangzhou, China",
+}
+_KERMANY_NAME = re.compile(r"(person\d+_(bacteria|virus)|(NORMAL2-)?IM-\d+)", re.IGNORECASE)
+_TASKS = (("normal_vs_pneumonia", "normal vs pneumonia"), ("bacterial_vs_rest", "bacterial vs rest"),
+          ("viral_vs_rest", "viral vs rest"), ("bacterial_vs_viral", "bacterial vs viral (pneumonia only)"))
+_RATES = ("accuracy", "sensitivity", "specificity", "f1", "auc")
+_COUNTS = ("n", "tp", "fp", "tn", "fn")
+_META = {"n", "labels", "confusion_matrix", "model", "data", "training_overlap"}
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _get(d: Any, *keys: str, default: Any = None) -> Any:
+    """Nested lookup that never raises: ``_get(cfg, "data", "counts")``."""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def _txt(v: Any) -> str:
+    """A config value for a table cell; missing (None) becomes 'not recorded'."""
+    if v is None or v == "":
+        return NOT_RECORDED
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_txt(x) for x in v) if v else "none"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_val(x)}" for k, x in v.items()) if v else "none"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _val(v: Any) -> str:
+    """A value that *is* recorded, possibly as null (e.g. size None = the backbone's default)."""
+    return "none" if v is None else _txt(v)
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    """A metric: 3 decimals; absent is 'not recorded', null/NaN (undefined, e.g. one-class AUC) 'undefined'."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "undefined" if v is None else NOT_RECORDED
+    if isinstance(v, int):
+        return str(v)
+    return "undefined" if not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _with_ci(task: dict, key: str) -> str:
+    if key not in task:
+        return NOT_RECORDED
+    s = _num(task[key])
+    ci = _get(task, "ci95", key)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        s += f" ({_num(ci[0])}–{_num(ci[1])})"
+    return s
+
+
+def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
+    header = list(header)
+    out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return NOT_RECORDED
+    return f"{seconds:.0f} s ({seconds / 60:.1f} min)"
+
+
+def _members(cfg: dict) -> list[dict]:
+    m = cfg.get("members")
+    return [x for x in m if isinstance(x, dict)] if isinstance(m, list) else []
+
+
+def _kind(cfg: dict) -> str:
+    if cfg.get("kind") == "ensemble":
+        n = len(_members(cfg))
+        return f"ensemble of {n} model{'s' if n != 1 else ''} (mean of member probabilities)"
+    if isinstance(cfg.get("soup"), dict):
+        return "single network: weight average (soup) of fine-tuned networks of one architecture"
+    if cfg.get("finetuned"):
+        return "single network, fine-tuned end to end"
+    if cfg.get("kind") == "single" or "backbone" in cfg:
+        return "single network: frozen ImageNet backbone + trained head (dropout, dense softmax)"
+    return NOT_RECORDED
+
+
+def _preprocess_text(prep: Any) -> tuple[str, str]:
+    if not isinstance(prep, dict):
+        return NOT_RECORDED, NOT_RECORDED
+    size = prep.get("size")
+    inp = f"{size} x {size} px, 3 channels (the gray image repeated)" if size else NOT_RECORDED
+    text = (f"decode to 8-bit gray; resize to {_txt(size)} x {_txt(size)} without keeping the aspect ratio; "
+            f"then intensity normalisation: {_txt(prep.get('intensity', 'none'))}; "
+            f"per-channel mean {_txt(prep.get('mean'))}, std {_txt(prep.get('std'))}")
+    return inp, text
+
+
+def _backbone_rows(cfg: dict) -> list[tuple[str, str]]:
+    members = _members(cfg) if cfg.get("kind") == "ensemble" else []
+    parts = members or [cfg]
+    names = ", ".join(_txt(m.get("backbone")) + (f" (timm `{m['timm_name']}`)" if m.get("timm_name") else "")
+                      for m in parts)
+    weights = ", ".join(_txt(m.get("weights_source")) for m in parts)
+    if any(_get(m, "train_config", "pretrained") is False for m in parts):
+        weights += " — **random, not pretrained: for tests only, results are meaningless**"
+    prefix = "members' " if members else ""
+    return [(f"{prefix}backbone", names or NOT_RECORDED), (f"{prefix}backbone weights", weights or NOT_RECORDED)]
+
+
+def _thr(v: Any) -> str:
+    return _num(v, 4) if v is not None else NOT_RECORDED
+
+
+def model_rows(cfg: dict) -> list[tuple[str, str]]:
+    inp, prep = _preprocess_text(cfg.get("preprocess"))
+    rows = [
+        ("model id", _txt(cfg.get("model_id"))),
+        ("kind", _kind(cfg)),
+        *_backbone_rows(cfg),
+        ("fine-tuned", _txt(cfg.get("finetuned"))),
+        ("input", inp),
+        ("preprocessing", prep),
+        ("classes (output order)", _txt(cfg.get("labels"))),
+        ("pneumonia threshold", _thr(cfg.get("threshold"))),
+        ("threshold chosen by", _txt(cfg.get("threshold_method"))),
+        ("decision rule", "pneumonia when P(bacterial) + P(viral) >= threshold; then bacterial or viral, "
+                          "whichever is more probable; otherwise normal"),
+        ("created", f"{_txt(cfg.get('created'))} with pneumoscan {_txt(cfg.get('pneumoscan_version'))}"),
+    ]
+    if "tta" in cfg:
+        rows.insert(2, ("test-time augmentation", _txt(cfg.get("tta"))))
+    return rows
+
+
+def _history(cfg: dict) -> list[str]:
+    out = []
+    for h in cfg.get("threshold_history") or []:
+        h = h if isinstance(h, dict) else {}
+        out.append(f"{_txt(h.get('replaced'))}: {_thr(h.get('threshold'))} ({_txt(h.get('method'))}) -> "
+                   f"{_thr(h.get('new_threshold'))} ({_txt(h.get('new_method'))})")
+    return out
+
+
+def _member_rows(cfg: dict) -> list[list[str]] | None:
+    if cfg.get("kind") != "ensemble":
+        return None
+    rows = []
+    for i, m in enumerate(_members(cfg), 1):
+        auc = _get(m, "val_metrics", "normal_vs_pneumonia", "auc", default=NOT_RECORDED)
+        rows.append([str(i), _txt(m.get("model_id")), _txt(m.get("backbone")), _txt(m.get("weights_source")),
+                     _txt(_get(m, "preprocess", "size")), _txt(m.get("finetuned")), _thr(m.get("threshold")),
+                     auc if auc == NOT_RECORDED else _num(auc, 4)])
+    return rows
+
+
+def _soup(cfg: dict) -> dict | None:
+    soup = cfg.get("soup")
+    if not isinstance(soup, dict):
+        return None
+    rows = []
+    for i, (m, w) in enumerate(zip(soup.get("members") or [], soup.get("coefficients") or []), 1):
+        auc = _get(m, "val_metrics", "normal_vs_pneumonia", "auc")
+        rows.append([str(i), _txt(m.get("model_id")), _num(w), _txt(m.get("finetuned")),
+                     NOT_RECORDED if auc is None else _num(auc, 4)])
+    return {"rows": rows}
+
+
+def _data_cfg(cfg: dict) -> dict:
+    """The data record; an ensemble without its own falls back to its first member's."""
+    data = cfg.get("data")
+    if not isinstance(data, dict) and _members(cfg):
+        data = _members(cfg)[0].get("data")
+    return data if isinstance(data, dict) else {}
+
+
+def _manifest_sha(cfg: dict) -> str | None:
+    sha = cfg.get("manifest_sha256")
+    if sha is None and _members(cfg):
+        sha = _members(cfg)[0].get("manifest_sha256")
+    return sha
+
+
+def manifest_facts(path: Path) -> dict | None:
+    """Patients per split, patients shared between splits, the recomputed hash; None when absent/unreadable."""
+
+    if not path.is_file():
+        return None
+    try:
+        m = Manifest.load(path)
+    except (PneumoscanError, OSError, KeyError, TypeError, ValueError) as e:
+        log.warning("cannot read %s for the model card: %s", path, e)
+        return {"error": str(e)}
+    patients: dict[str, set[str]] = {}
+    for s in m.samples:
+        patients.setdefault(s.split, set()).add(s.patient)
+    splits = sorted(patients, key=lambda s: ("train", "val", "test").index(s) if s in ("train", "val", "test") else 9)
+    shared = set()
+    for i, a in enumerate(splits):
+        for b in splits[i + 1:]:
+            shared |= patients[a] & patients[b]
+    by_sha = Counter(s.sha1 for s in m.samples)
+    sha_splits: dict[str, set[str]] = {}
+    for s in m.samples:
+        sha_splits.setdefault(s.sha1, set()).add(s.split)
+    named = sum(bool(_KERMANY_NAME.search(Path(s.relpath).name)) for s in m.samples)
+    return {"n": len(m), "patients": {s: len(patients[s]) for s in splits}, "shared_patients": len(shared),
+            "duplicate_files": sum(c - 1 for c in by_sha.values() if c > 1),
+            "duplicates_across_splits": sum(len(v) > 1 for v in sha_splits.values()), "digest": m.digest(),
+            "kermany_named": named / max(len(m), 1)}
+
+
+def data_context(cfg: dict, model_dir: Path) -> dict:
+    data = _data_cfg(cfg)
+    facts = manifest_facts(model_dir / "manifest.csv")
+    labels = list(cfg.get("labels") or LABELS)
+    counts = data.get("counts")
+    rows = []
+    if isinstance(counts, dict) and counts:
+        tot: Counter = Counter()
+        for split, c in counts.items():
+            c = c if isinstance(c, dict) else {}
+            vals = [c.get(lab) for lab in labels]
+            tot.update({lab: v for lab, v in zip(labels, vals) if isinstance(v, int)})
+            rows.append([split, *[_txt(v) for v in vals], str(sum(v for v in vals if isinstance(v, int)))])
+        rows.append(["**all**", *[str(tot[lab]) for lab in labels], str(sum(tot.values()))])
+    split_cfg = _get(cfg, "train_config") or _get(_members(cfg)[0] if _members(cfg) else {}, "train_config") or {}
+    if facts is None:
+        line = f"`manifest.csv` (the exact split): {NOT_RECORDED} in this directory."
+    elif "error" in facts:
+        line = f"`manifest.csv` is present but unreadable: {_txt(facts['error'])}"
+    else:
+        sha = _manifest_sha(cfg)
+        match = ("matches the config" if facts["digest"] == sha else
+                 f"**does not match** the config's (`{facts['digest'][:12]}...`)" if sha else "")
+        line = (f"`manifest.csv` in this directory holds the exact split: {facts['n']} images; patients per split "
+                + ", ".join(f"{k} {v}" for k, v in facts["patients"].items())
+                + f"; patients in more than one split: {facts['shared_patients']}; byte-identical extra copies: "
+                f"{facts['duplicate_files']}, of which in more than one split: {facts['duplicates_across_splits']}; "
+                f"its recomputed hash {match}.")
+    other = facts and "error" not in facts and facts["kermany_named"] < 0.9
+    return {"root": _txt(data.get("root")), "manifest_sha": _txt(_manifest_sha(cfg)),
+            "skipped": _txt(data.get("skipped")), "failed": _txt(data.get("failed_to_decode")), "labels": labels,
+            "counts": rows, "val_fraction": _txt(split_cfg.get("val_fraction")), "seed": _txt(split_cfg.get("seed")),
+            "manifest_line": line, "other_names": f"{facts['kermany_named']:.0%}" if other else None}
+
+
+def reproduce_command(cfg: dict) -> str | None:
+    """The command that trains this model again, every recorded setting explicit, from the config
+    class's own fields and flags (the CLI is generated from the same definitions)."""
+    from ..train.config import AugmentConfig, FinetuneConfig, TrainConfig
+
+    tc = cfg.get("train_config")
+    if not isinstance(tc, dict) or "backbone" not in tc or cfg.get("kind") == "ensemble" or cfg.get("soup"):
+        return None
+    cls, command = (FinetuneConfig, "finetune") if cfg.get("finetuned") else (TrainConfig, "train")
+    args = ["pneumoscan", command, "MODEL_DIR/manifest.csv", "--out", "NEW_DIR"]
+    items = [(cls, k, v) for k, v in tc.items() if k != "augment"]
+    items += [(AugmentConfig, k, v) for k, v in (tc.get("augment") or {}).items()]
+    for owner, key, v in items:
+        if key not in owner.__dataclass_fields__:
+            continue  # a setting of another version
+        option = flag(owner, key)
+        if isinstance(v, bool):
+            if v != owner.__dataclass_fields__[key].default:  # flags switch a default off or on
+                args.append(option)
+        elif v is not None:
+            args += [option, ",".join(map(str, v)) if isinstance(v, (list, tuple)) else
+                     (f"{v:g}" if isinstance(v, float) else str(v))]
+    return shlex.join(args)
+
+
+def _config_tables(cfg: dict) -> list[tuple[str, list]]:
+    out = []
+    for name, c in cfg.items():
+        if name.endswith("_config") and isinstance(c, dict):
+            out.append((name, [(f"`{k}`", _val(v)) for k, v in c.items()]))
+    return out
+
+
+def _member_runs(cfg: dict) -> list[dict]:
+    runs = []
+    for m in _members(cfg):
+        tc = m.get("train_config")
+        runs.append({"id": _txt(m.get("model_id")), "command": _txt(m.get("command")),
+                     "seed": _txt(_get(m, "train_config", "seed")), "best": _txt(m.get("best_epoch")),
+                     "time": _duration(m.get("train_seconds")), "manifest": _txt(m.get("manifest_sha256")),
+                     "config": [(f"`{k}`", _val(v)) for k, v in tc.items()] if isinstance(tc, dict) else None})
+    return runs
+
+
+def metrics_context(m: dict) -> dict:
+    """Every figure of a metrics.json dictionary as formatted table rows and lines."""
+    tasks, has_ci = [], False
+    for key, name in _TASKS:
+        t = m.get(key)
+        if isinstance(t, dict):
+            tasks.append([name, *[_with_ci(t, k) for k in _RATES], *[_txt(t.get(k)) for k in _COUNTS]])
+            has_ci = has_ci or bool(isinstance(t.get("ci95"), dict) and t.get("ci95"))
+    other = []
+    for key, v in m.items():
+        if key in _META or key in dict(_TASKS):
+            continue
+        if isinstance(v, dict):
+            other.append(f"{key.replace('_', ' ')}: " + ", ".join(
+                f"{k.replace('_', ' ')} {_num(x) if not isinstance(x, (dict, list)) else _txt(x)}"
+                for k, x in v.items()))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            other.append(f"{key.replace('_', ' ')}: {_num(v)}")
+    cm, labels = m.get("confusion_matrix"), list(m.get("labels") or LABELS)
+    confusion = ([[lab, *map(str, row if isinstance(row, list) else [])] for lab, row in zip(labels, cm)]
+                 if isinstance(cm, list) and cm else None)
+    return {"tasks": tasks, "has_ci": has_ci, "other": other, "confusion": confusion, "labels": labels}
+
+
+def _validation(cfg: dict) -> dict | None:
+    vm = cfg.get("val_metrics")
+    if not isinstance(vm, dict):
+        return None
+    vd = cfg.get("val_data")
+    source = None
+    if isinstance(vd, dict):
+        same = vd.get("matches_model", vd.get("matches_members"))
+        source = (f"`{_txt(vd.get('source'))}`, manifest `{_txt(vd.get('manifest_sha256'))}`, {_txt(vd.get('n'))} "
+                  f"images; same split as the model's training: {_txt(same)}.")
+    return {"n": _txt(vm.get("n")), "source": source, "metrics": metrics_context(vm),
+            "threshold": _thr(_get(vm, "normal_vs_pneumonia", "threshold", default=cfg.get("threshold")))}
+
+
+def load_evaluations(model_dir: Path) -> list[dict]:
+    """Stored evaluations, sorted by name; unreadable files are logged and skipped."""
+    out = []
+    for p in sorted((model_dir / EVAL_DIR).glob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+            if isinstance(rec, dict) and isinstance(rec.get("metrics"), dict):
+                out.append(rec)
+                continue
+        except (OSError, json.JSONDecodeError):
+            pass
+        log.warning("%s is not a stored evaluation; left out of the model card", p)
+    return out
+
+
+def _evaluation(rec: dict) -> dict:
+    m = rec["metrics"]
+    overlap = m.get("training_overlap")
+    warn = None
+    if isinstance(overlap, dict) and overlap.get("n"):
+        warn = (f"{overlap['n']} of these {_txt(m.get('n'))} images are in this model's training split: the "
+                "figures below are optimistic and are not an independent test")
+    return {"name": _txt(rec.get("name")), "root": _txt(_get(m, "data", "root")), "n": _txt(m.get("n")),
+            "model": _txt(_get(m, "model", "id")), "backend": _txt(_get(m, "model", "backend")),
+            "threshold": _thr(_get(m, "normal_vs_pneumonia", "threshold")), "added": _txt(rec.get("added")),
+            "source": _txt(rec.get("source")), "sha": _txt(rec.get("source_sha256")), "overlap": warn,
+            "metrics": metrics_context(m)}
+
+
+def _limits(cfg: dict) -> dict:
+    nvp = _get(cfg, "val_metrics", "normal_vs_pneumonia") or {}
+    bv = _get(cfg, "val_metrics", "bacterial_vs_viral") or {}
+    return {"spec": f" (specificity {_num(nvp['specificity'])} here)" if "specificity" in nvp else "",
+            "bv": (f" (validation AUC here: bacterial vs viral {_num(bv.get('auc'))}, normal vs pneumonia "
+                   f"{_num(nvp.get('auc'))})" if "auc" in bv and "auc" in nvp else "")}
+
+
+def card_context(model_dir: Path, cfg: dict, shown_as: str | os.PathLike | None = None) -> dict:
+    """Everything the template shows, formatted."""
+    tc = cfg.get("train_config") if isinstance(cfg.get("train_config"), dict) else {}
+    noisy = cfg.get("noisy_labels")
+    init = cfg.get("init_from")
+    kind = "ensemble" if cfg.get("kind") == "ensemble" else "soup" if isinstance(cfg.get("soup"), dict) else "single"
+    return {
+        "model_id": _txt(cfg.get("model_id")), "intended_use": INTENDED_USE, "version": __version__,
+        "eval_dir": EVAL_DIR, "shown_as": str(shown_as or model_dir), "model_rows": model_rows(cfg),
+        "threshold_history": _history(cfg), "kind": kind,
+        "files": [(n, _txt(d)) for n, d in (cfg.get("files") or {}).items()],
+        "members": _member_rows(cfg), "soup": _soup(cfg), "data": data_context(cfg, model_dir), "dataset": DATASET,
+        "command": cfg.get("command"), "reproduce": reproduce_command(cfg),
+        "noisy": (f"{noisy['n_flagged']} ({', '.join(f'{k} {v}' for k, v in noisy['flagged_by_class'].items())}; "
+                  f"{_txt(noisy.get('method'))})" if isinstance(noisy, dict) else None),
+        "init_from": _txt(init.get("model_id")) if isinstance(init, dict) else None,
+        "configs": _config_tables(cfg), "member_runs": _member_runs(cfg),
+        "run": {"seed": _txt(tc.get("seed", cfg.get("seed"))),
+                "best": _txt(cfg.get("best_epoch")) + (f" of {cfg['epochs_run']} run" if "epochs_run" in cfg else ""),
+                "time": _duration(cfg.get("train_seconds")), "hardware": _txt(cfg.get("hardware"))},
+        "validation": _validation(cfg), "evaluations": [_evaluation(r) for r in load_evaluations(model_dir)],
+        "scope_rows": describe_thresholds(), "limits": _limits(cfg),
+        "figures": [f for f in ("history.png",) if (model_dir / f).is_file()],
+    }
+
+
+def render_card(model_dir: str | os.PathLike, cfg: dict | None = None, shown_as: str | os.PathLike | None = None) -> str:
+    """The Markdown text of a model directory's card (reads its config unless ``cfg`` is given)."""
+    import jinja2
+
+    d = Path(model_dir)
+    cfg = read_config(d) if cfg is None else cfg
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pneumoscan.evaluate", "templates"),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    text = env.get_template(TEMPLATE).render(**card_context(d, cfg, shown_as))
+    return re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- evaluations
+
+
+def _read_metrics(path: str | os.PathLike) -> tuple[Any, bytes]:
+    p = Path(path)
+    if not p.is_file():
+        raise CardError(f"{p}: no such file; pass the metrics.json written by 'pneumoscan evaluate'")
+    try:
+        raw = p.read_bytes()
+        return json.loads(raw), raw
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CardError(f"{p}: not valid JSON ({e}); pass the metrics.json written by 'pneumoscan evaluate'") \
+            from None
+
+
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not EVAL_NAME.match(name):
+        raise CardError(f"evaluation name {name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-' "
+                        "(e.g. official-test)")
+    return name
+
+
+def store_evaluation(model_dir: str | os.PathLike, name: str, metrics: dict, *, source: str = "python",
+                     source_sha256: str | None = None, cfg: dict | None = None) -> Path:
+    """Validate ``metrics`` and write ``evaluations/NAME.json`` atomically (replacing one of the same name)."""
+    d = Path(model_dir)
+    cfg = read_config(d) if cfg is None else cfg
+    _check_name(name)
+    check_metrics(metrics, list(cfg.get("labels") or LABELS), source, cfg.get("model_id"))
+    if source_sha256 is None:
+        source_sha256 = bytes_digest(json.dumps(metrics, sort_keys=True).encode())
+    rec = {"name": name, "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "source": source, "source_sha256": source_sha256, "metrics": json_safe(metrics)}
+    path = d / EVAL_DIR / f"{name}.json"
+    if path.exists():
+        log.info("replacing the stored evaluation %s", path)
+    atomic_write_json(path, rec)
+    return path
+
+
+def add_evaluation(model_dir: str | os.PathLike, metrics_path: str | os.PathLike, name: str) -> Path:
+    """Store a metrics.json as evaluation NAME of the model and regenerate its card; returns the card."""
+    d = Path(model_dir)
+    cfg = read_config(d)
+    _check_name(name)
+    metrics, raw = _read_metrics(metrics_path)
+    # validate before writing anything: a bad file changes nothing
+    check_metrics(metrics, list(cfg.get("labels") or LABELS), str(metrics_path), cfg.get("model_id"))
+    store_evaluation(d, name, metrics, source=str(Path(metrics_path).resolve()), source_sha256=bytes_digest(raw),
+                     cfg=cfg)
+    return write_card(d)
+
+
+def write_card(model_dir: str | os.PathLike, extra_evals: dict | None = None,
+               shown_as: str | os.PathLike | None = None) -> Path:
+    """Write (atomically) ``MODEL_CARD.md`` into ``model_dir`` and return its path.
+
+    ``extra_evals`` maps a name to a metrics dictionary (as ``compute_metrics``/``evaluate`` return);
+    each is validated and stored under ``evaluations/`` first, so later regenerations keep it.
+    ``shown_as``: the directory's final name when the card is written in a temporary folder.
+    """
+    d = Path(model_dir)
+    cfg = read_config(d)
+    if extra_evals:
+        for name, metrics in extra_evals.items():  # validate all before storing any
+            _check_name(name)
+            check_metrics(metrics, list(cfg.get("labels") or LABELS), f"evaluation {name!r}", cfg.get("model_id"))
+        for name, metrics in extra_evals.items():
+            store_evaluation(d, name, metrics, cfg=cfg)
+    path = d / CARD_NAME
+    atomic_write_text(path, render_card(d, cfg, shown_as))
+    log.info("model card written to %s", path)
+    return path

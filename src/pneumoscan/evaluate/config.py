@@ -1,0 +1,53 @@
+"""Settings of evaluation, robustness and the operating point (torch-free, one default each)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from ..errors import DataError, PneumoscanError
+from ..metrics import N_BOOT, check_method
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How a folder is evaluated (``pneumoscan evaluate``)."""
+
+    FLAGS: ClassVar[dict[str, str]] = {"use_cache": "--no-cache"}
+
+    backend: Literal["auto", "onnx", "torch"] = "auto"  # auto: the feature cache for frozen models, else the fastest verified engine
+    batch_size: int = 32  # images per inference batch
+    prevalence: float | None = None  # expected share of pneumonia in your data: corrects probabilities for the prior shift
+    n_boot: int = N_BOOT  # bootstrap resamples for the 95 % intervals (0 = none)
+    cache: str | None = None  # feature cache for frozen-backbone models (default ~/.cache/pneumoscan/features)
+    use_cache: bool = True  # False: always full-image inference, never the feature cache
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.n_boot < 0:
+            raise DataError("batch size must be at least 1 and --n-boot 0 or more")
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """How the robustness report is run (``pneumoscan robustness``)."""
+
+    seed: int = 0  # seed of the noise shifts
+    n_boot: int = 0  # bootstrap resamples per condition (0 = none, fastest)
+    backend: Literal["auto", "onnx", "torch"] = "auto"  # auto: ONNX Runtime (exported on the fly when the model has none)
+    batch_size: int = 64  # images per inference batch
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.n_boot < 0:
+            raise PneumoscanError("batch size must be at least 1 and --n-boot 0 or more")
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """How a pneumonia threshold is chosen on validation (threshold, ensemble and soup commands)."""
+
+    method: str = "youden"  # youden: max sensitivity + specificity; sensitivity: highest threshold meeting a target
+    target_sensitivity: float | None = None  # with --method sensitivity, e.g. 0.97
+    force: bool = False  # use data whose manifest differs from the model's (validation may overlap training)
+    batch_size: int = 32  # inference batch size
+
+    def __post_init__(self) -> None:
+        check_method(self.method, self.target_sensitivity)

@@ -1,0 +1,141 @@
+"""Writing files so that nothing is ever half written, and the digests that identify files.
+
+Every artifact of pneumoscan (model weights, configs, manifests, caches, reports, figures) goes
+through :func:`atomic_write` or :func:`atomic_dir`: the content is written to a uniquely named
+temporary file (or folder) next to its target, then moved into place with ``os.replace``; on any
+error, Ctrl-C included, the temporary is removed and the target is untouched. Files get the
+usual permissions (0666 minus the umask), as ``open()`` would give them.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+CHUNK = 1 << 20  # bytes read per step when hashing
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (``sha256`` for weights and archives, ``sha1`` for image content)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bytes_digest(data: bytes, algorithm: str = "sha256") -> str:
+    return hashlib.new(algorithm, data).hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", newline: str | None = None) -> Iterator[IO]:
+    """Open a temporary file next to ``path`` for writing; it replaces ``path`` when the block ends
+    without an error, and is removed otherwise. ``mode`` is "wb" or "w" (text, UTF-8)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": newline})) as f:
+            yield f
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A unique, not yet existing temporary name next to ``path`` that keeps its suffix (for
+    writers that take a file name, e.g. ``savefig`` or ``safetensors``); see :func:`atomic_path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file name next to ``path`` for a writer that takes a name; it replaces ``path``
+    when the block ends without an error (and is removed otherwise)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON has no NaN or infinity: undefined figures (e.g. the AUC of a one-class task) become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any) -> str:
+    return json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json_text(obj))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder next to ``path`` to fill; when the block ends without an error it becomes
+    ``path``, replacing an existing folder as a whole only with ``overwrite`` (the old one is removed
+    only after the new one is in place). On an error the temporary folder is removed."""
+    from .errors import PneumoscanError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        if path.exists() and not path.is_dir():
+            raise PneumoscanError(f"{path} exists and is not a folder; choose another output")
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
+            raise PneumoscanError(f"{path} is not empty; choose a new folder or pass --overwrite")
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

