@@ -121,6 +121,7 @@ class FinetuneConfig:
     dropout: float = DROPOUT  # dropout before the dense layer
     ema_decay: float = 0.998  # EMA of the weights per step (the EMA weights are validated and kept); 0 = off
     unfreeze: str = "all"  # "all", or the backbone child from which on to train (earlier ones frozen)
+    freeze_bn: bool = False  # keep batch-norm statistics at their initial values (LP-FT: the features the head was fitted on)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # batch augmentation strengths
     patience: int = 0  # early stopping on validation loss after this many epochs without gain; 0 = off
     threshold_method: Literal["youden", "sensitivity"] = "youden"  # how the pneumonia threshold is chosen on validation

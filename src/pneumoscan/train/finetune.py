@@ -154,6 +154,10 @@ def make_module(net: PneumoNet, cfg: FinetuneConfig, prep: PreprocessConfig, wei
 
         def training_step(self, batch, _):
             x, y = batch
+            if cfg.freeze_bn:  # Lightning puts the whole module in train mode each epoch; statistics stay put
+                for m in self.net.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
             x, soft = self._mix(self.prepare(x, augment=True), y)
             logits = self.net(x)
             loss = self._loss(logits, y, soft)
