@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscan.explain import Explainer, explain_overlay_png
-from pneumoscan.imaging import XRay
+from pneumoscan.data.imaging import XRay
+from pneumoscan.explain.explainer import Explainer
+from pneumoscan.explain.figures import explain_overlay_png
 from pneumoscan.predict import Predictor
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,8 +37,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def lite0_model_dir(root: Path) -> Path:
     """A Lite0 model directory with random weights (speed does not depend on the weights)."""
-    from pneumoscan.backbones import create_backbone, default_preprocess
-    from pneumoscan.modeling import Head, PneumoNet, save_model
+    from pneumoscan.nets.backbones import create_backbone, default_preprocess
+    from pneumoscan.nets.checkpoint import save_model
+    from pneumoscan.nets.heads import Head, PneumoNet
 
     backbone, wid = create_backbone("efficientnet_lite0", pretrained=False)
     net = PneumoNet(backbone, Head(backbone.num_features, 3, 0.2)).eval()

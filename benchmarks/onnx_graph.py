@@ -2,7 +2,7 @@
 
 Exports the Lite0 backbone twice with the TorchScript exporter: as timm builds it (padding
 computed at run time, a ``Pad`` before each strided conv) and through
-:func:`pneumoscan.onnxgraph.export_fast` (constant padding folded into ``Conv``). Times both in
+:func:`pneumoscan.nets.graph.export_fast` (constant padding folded into ``Conv``). Times both in
 ONNX Runtime at several batch sizes, alternating between the two so that a drift of the machine's
 speed hits both, and writes ``benchmarks/results/onnx-graph.json`` (median images/s per variant).
 
@@ -24,10 +24,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from pneumoscan.backbones import create_backbone
 from pneumoscan.bench import write_result
-from pneumoscan.features import cpu_count
-from pneumoscan.onnxgraph import export_fast
+from pneumoscan.nets.backbones import create_backbone
+from pneumoscan.nets.graph import export_fast
+from pneumoscan.runtime import cpu_count
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -33,6 +33,7 @@ def manifest(dataset_dir):
     return index_dataset(dataset_dir)
 
 
+@pytest.mark.slow
 def test_onnx_engine_gives_the_torch_features(manifest, tmp_path):
     out = {}
     for engine in ("torch", "onnx"):
@@ -59,6 +60,7 @@ def test_unknown_engine_is_a_clear_error(manifest, tmp_path):
         extract_features(manifest.samples, "test_efficientnet", cache_dir=tmp_path, engine="tvm", progress=False, **TINY)
 
 
+@pytest.mark.slow
 def test_extract_bench_writes_json(tmp_path):
     from pneumoscan.bench.extract import run
 
@@ -87,6 +89,7 @@ def test_latency_bench_compares_torch_and_onnx(tmp_path):
     assert "ONNX Runtime p50" in line
 
 
+@pytest.mark.slow
 def test_pipeline_bench_cold_then_cached(dataset_dir, tmp_path):
     from pneumoscan.bench.pipeline import run
 

@@ -42,6 +42,7 @@ def _val_sample(real_data_dir, per_class: int = 6) -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_torch_and_onnx_agree_on_real_images(real_data_dir):
     paths = [p for p, _ in _val_sample(real_data_dir, 3)]
@@ -53,6 +54,7 @@ def test_torch_and_onnx_agree_on_real_images(real_data_dir):
     assert [p.label for p in a] == [p.label for p in b]
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_evaluate_shipped_model_writes_schema(real_data_dir, tmp_path):
     """`pneumoscan evaluate` without --model on a redistribution-layout folder of real images."""

@@ -9,8 +9,15 @@ import pytest
 from PIL import Image
 
 from pneumoscan.data.imaging import load_xray
-from pneumoscan.scope import (DEFAULT_THRESHOLDS, MAX_ASPECT, MAX_COLORFULNESS, MIN_SIDE, ScopeThresholds,
-                              check_scope, describe_thresholds)
+from pneumoscan.scope import (
+    DEFAULT_THRESHOLDS,
+    MAX_ASPECT,
+    MAX_COLORFULNESS,
+    MIN_SIDE,
+    ScopeThresholds,
+    check_scope,
+    describe_thresholds,
+)
 
 
 def _xray_like(w: int = 224, h: int = 224, seed: int = 0) -> np.ndarray:

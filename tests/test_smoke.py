@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pneumoscan import LABELS
 from pneumoscan.cli import main
 
@@ -17,6 +19,7 @@ def test_train_writes_model_dir(tiny_model_dir):
     assert len(cfg["files"]["model.safetensors"]) == 64
 
 
+@pytest.mark.slow
 def test_evaluate_schema(tiny_model_dir, dataset_dir, tmp_path):
     rc = main(["-q", "evaluate", "--data", str(dataset_dir), "--model", str(tiny_model_dir), "--out", str(tmp_path)])
     assert rc == 0
@@ -32,6 +35,7 @@ def test_evaluate_schema(tiny_model_dir, dataset_dir, tmp_path):
         assert (tmp_path / f).is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_from_feature_cache_matches_full_inference(tiny_model_dir, dataset_dir, tmp_path):
     """A frozen model scored through the feature cache gives the same probabilities as full inference."""
     import csv
@@ -50,6 +54,7 @@ def test_evaluate_from_feature_cache_matches_full_inference(tiny_model_dir, data
         assert r["predicted"] == rows["cache"][path]["predicted"]
 
 
+@pytest.mark.slow
 def test_main_job_run_command(dataset_dir, tmp_path):
     """`pneumoscan run`: index + extract + train + evaluate on the validation split, in one call."""
     out = tmp_path / "main"

@@ -21,12 +21,15 @@ from typing import IO, Any, Iterator
 CHUNK = 1 << 20  # bytes read per step when hashing
 
 
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    """Hex digest of a file's bytes (``sha256`` for weights and archives, ``sha1`` for image content)."""
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", on_chunk=None) -> str:
+    """Hex digest of a file's bytes (``sha256`` for weights and archives, ``sha1`` for image content);
+    ``on_chunk(n)`` is called with each chunk's size (a progress bar)."""
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
+            if on_chunk is not None:
+                on_chunk(len(chunk))
     return h.hexdigest()
 
 

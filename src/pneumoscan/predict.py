@@ -22,16 +22,7 @@ from .data.imaging import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, XRay, load_xray  
 from .errors import ImageError, ModelError
 from .labels import DEFAULT_THRESHOLD, LABELS, decide, pneumonia_score, softmax
 from .metrics import model_prior, prevalence_prior, prior_shift
-from .nets.modeldir import (
-    CARD_NAME,
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    has_onnx,
-    onnx_name,
-    read_config,
-    resolve_model_dir,
-    verify_file,
-)
+from .nets.modeldir import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, has_onnx, onnx_name, read_config, resolve_model_dir, verify_file
 from .preprocess import Preprocess, PreprocessConfig
 from .runtime import ort_session
 from .scope import check_scope  # out-of-scope hints: a warning, never a refusal

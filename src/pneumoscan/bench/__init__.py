@@ -8,8 +8,6 @@ next to wall time because they stay meaningful on a machine shared with other wo
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import logging
 import os
 import platform
@@ -21,6 +19,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+from ..io import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -201,15 +201,14 @@ def count_flops(net, size: int) -> int:
 
 @dataclass(frozen=True)
 class Sample:
-    """What :func:`pneumoscan.features.extract_features` needs from a manifest row."""
+    """What :func:`pneumoscan.features.extract.extract_features` needs from a manifest row."""
 
     path: str
     sha1: str
 
 
 def file_sha1(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
+    return file_digest(path, "sha1")
 
 
 def make_images(folder: str | os.PathLike, n: int, px: int = 224, rgb: bool = True, seed: int = 0,
@@ -222,7 +221,8 @@ def make_images(folder: str | os.PathLike, n: int, px: int = 224, rgb: bool = Tr
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:px, 0:px] / px
-    base = 90 + 80 * np.exp(-((xx - 0.3) ** 2 + (yy - 0.5) ** 2) / 0.05) + 80 * np.exp(-((xx - 0.7) ** 2 + (yy - 0.5) ** 2) / 0.05)
+    lung = lambda cx: np.exp(-((xx - cx) ** 2 + (yy - 0.5) ** 2) / 0.05)  # noqa: E731
+    base = 90 + 80 * lung(0.3) + 80 * lung(0.7)
     out = []
     for i in range(n):
         noise = cv2.GaussianBlur(rng.normal(0, 25, (px, px)).astype(np.float32), (0, 0), max(1.0, px / 300))

@@ -1,5 +1,5 @@
 """GPU figures (CUDA): bare forward throughput in bf16 + channels_last, end-to-end extraction
-through :func:`pneumoscan.features.extract_features` (decoding workers feed the GPU), and
+through :func:`pneumoscan.features.extract.extract_features` (decoding workers feed the GPU), and
 single-image latency. Skipped cleanly without CUDA. Needs only torch, timm and this package;
 synthetic images, so it runs on a machine without the data or a network."""
 from __future__ import annotations

@@ -47,7 +47,7 @@ def _onnx_file(net, prep, model: str | None, folder: Path) -> tuple[Path, str]:
                 export_onnx(copy)
                 found = sorted(copy.rglob("*.onnx"))
                 if found:
-                    return found[0], "pneumoscan.export.export_onnx"
+                    return found[0], "pneumoscan.export.onnx.export_onnx"
             except Exception as e:  # the benchmark measures the runtime, not the exporter
                 log.warning("pneumoscan.export failed (%s); exporting with torch.onnx.export", e)
     from ..features.engines import export_backbone_onnx

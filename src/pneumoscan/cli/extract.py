@@ -35,6 +35,6 @@ def run(args) -> int:
     dt = time.perf_counter() - t
     print(f"{tc.backbone}: {len(m)} images, {info['cached']} from cache, {info['computed']} computed, "
           f"{len(info['failed'])} failed, dim {feats.shape[1]}, {dt:.1f} s  -> {info['cache']}")
-    for path, err in info["failed"][:20]:
+    for _, err in info["failed"][:20]:
         print(f"failed: {err}")
     return 0

@@ -64,6 +64,7 @@ def _kwargs(f: Field) -> dict:
         inner, inner_null = _parts(typing.get_args(tp)[0])
         parse = _scalar(inner)
         kw["type"] = _comma_list(_optional(parse) if inner_null else parse)
+        kw["action"] = _ExtendOnce
         kw["help"] = help_ + ("" if f.default is None else
                               f" (default: {','.join('none' if v is None else str(v) for v in f.default)})")
         return kw
@@ -73,6 +74,16 @@ def _kwargs(f: Field) -> dict:
     parse = _scalar(tp)
     kw["type"] = _optional(parse) if nullable and tp is not str else parse
     return kw
+
+
+class _ExtendOnce(argparse.Action):
+    """A list option given once (``--lrs 1e-3,2e-3``) or repeated (``--backbone a --backbone b``): the
+    first occurrence replaces the default, later ones add to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = getattr(namespace, f"_given_{self.dest}", False)
+        setattr(namespace, self.dest, (tuple(getattr(namespace, self.dest) or ()) if seen else ()) + tuple(values))
+        setattr(namespace, f"_given_{self.dest}", True)
 
 
 def _comma_list(parse):

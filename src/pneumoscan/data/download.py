@@ -16,7 +16,6 @@ with ``train/`` and ``test/``, each holding ``NORMAL/`` and ``PNEUMONIA/``). The
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import DownloadError
+from ..io import atomic_write_text, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +103,10 @@ def download_dataset(dest: str | os.PathLike = "data", url: str | None = None, s
 
 
 def sha256_of(path: str | os.PathLike, progress: bool = False) -> str:
-    """SHA-256 of a file, streamed."""
-    h = hashlib.sha256()
+    """SHA-256 of a file, streamed, with a progress bar."""
     size = Path(path).stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc="sha256",
-                                     disable=not progress, leave=False) as bar:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-            bar.update(len(chunk))
-    return h.hexdigest()
+    with tqdm(total=size, unit="B", unit_scale=True, desc="sha256", disable=not progress, leave=False) as bar:
+        return file_digest(path, "sha256", on_chunk=bar.update)
 
 
 def fetch(url: str, target: str | os.PathLike, progress: bool = True, timeout: float = TIMEOUT_S) -> Path:
@@ -310,10 +305,7 @@ def _verify(archive: Path, expected: str | None, source: str) -> str:
     return actual
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_write_text = atomic_write_text
 
 
 def _range_start(header: str | None) -> int | None:

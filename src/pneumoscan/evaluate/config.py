@@ -14,7 +14,7 @@ class EvaluateConfig:
 
     FLAGS: ClassVar[dict[str, str]] = {"use_cache": "--no-cache"}
 
-    backend: Literal["auto", "onnx", "torch"] = "auto"  # auto: the feature cache for frozen models, else the fastest verified engine
+    backend: Literal["auto", "onnx", "torch"] = "auto"  # auto: the feature cache for frozen models, else the fastest engine
     batch_size: int = 32  # images per inference batch
     prevalence: float | None = None  # expected share of pneumonia in your data: corrects probabilities for the prior shift
     n_boot: int = N_BOOT  # bootstrap resamples for the 95 % intervals (0 = none)

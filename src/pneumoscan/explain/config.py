@@ -15,7 +15,9 @@ class ExplainConfig:
     patch: int = PATCH  # occlusion patch side in model-input px
     stride: int = STRIDE  # occlusion stride in model-input px
     batch_size: int = BATCH  # occluded copies per forward pass
-    engine: Literal["auto", "incremental", "onnx", "torch"] = "auto"  # what runs the occluded copies: incremental (exact, recomputes only the layers around the patch; EfficientNet-family backbones), onnx or torch (Captum over the full network); auto: the first that works
+    engine: Literal["auto", "incremental", "onnx", "torch"] = "auto"  # what runs the occluded copies: incremental
+    # (exact, recomputes only the layers around the patch; EfficientNet-family backbones), onnx or torch (Captum
+    # over the full network); auto: the first that works
     grid: bool = False  # also a summary figure per method with up to 16 of the images
     sample: int | None = None  # explain only this many images, spread evenly over the sub-folders (big folders)
 

@@ -22,16 +22,7 @@ from ..data.imaging import XRay
 from ..errors import ModelError, PneumoscanError
 from ..nets.heads import eval_mode
 from .gradcam import GradCAM
-from .occlusion import (
-    BATCH,
-    PATCH,
-    STRIDE,
-    OcclusionSensitivity,
-    _check_input,
-    _check_target,
-    _torch_forward,
-    onnx_forward,
-)
+from .occlusion import BATCH, PATCH, STRIDE, OcclusionSensitivity, _check_input, _check_target, _torch_forward, onnx_forward
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +75,7 @@ class Explainer:
 
     The explainer works on its own copy of the network (channels-last, eval mode), so Captum's
     hooks never touch the predictor that serves predictions, and a lock serialises its calls.
-    ``engine`` picks what runs the occluded copies: "incremental" (:mod:`pneumoscan.occlusion`:
+    ``engine`` picks what runs the occluded copies: "incremental" (:mod:`pneumoscan.explain.incremental`:
     the early layers recomputed only around the patch, exact, EfficientNet-family backbones),
     "onnx" (Captum over ONNX Runtime on the model's export, or an in-memory export), "torch"
     (Captum over eager PyTorch), or "auto" (the first of those that works for the model).
@@ -167,7 +158,7 @@ class Explainer:
         if bad or not methods:
             raise PneumoscanError(f"explanation method {bad or methods!r} is unknown; use occlusion, gradcam or both")
         if not isinstance(x, XRay):
-            raise PneumoscanError(f"expected an XRay from pneumoscan.imaging.load_xray, got {type(x).__name__}")
+            raise PneumoscanError(f"expected an XRay from pneumoscan.data.imaging.load_xray, got {type(x).__name__}")
         pred = self.predictor
         tensor = pred.tensor(x)[None]
         result = pred.result("image", pred.probabilities(tensor)[0])

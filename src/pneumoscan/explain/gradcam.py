@@ -21,8 +21,8 @@ from .occlusion import _check_input, _check_target
 class GradCAM:
     """Grad-CAM (Captum ``LayerGradCam``) on the backbone's last convolutional stage.
 
-    ``net`` is a :class:`~pneumoscan.modeling.PneumoNet` (anything with ``.backbone``) or an
-    :class:`~pneumoscan.modeling.Ensemble`. Returns a non-negative (S, S) map: the raw Grad-CAM
+    ``net`` is a :class:`~pneumoscan.nets.heads.PneumoNet` (anything with ``.backbone``) or an
+    :class:`~pneumoscan.nets.heads.Ensemble`. Returns a non-negative (S, S) map: the raw Grad-CAM
     of a single model, or the mean of members' maps scaled to a maximum of 1 for an ensemble.
     """
 

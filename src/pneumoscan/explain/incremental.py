@@ -27,7 +27,7 @@ All segments run in ONNX Runtime (exported once per network and cached on disk, 
 :func:`graph_cache_dir`). Supported: timm EfficientNet-family backbones whose early blocks do not
 pool globally (squeeze-excite blocks go to the suffix; EfficientNet-Lite0/1/2 have none), alone,
 with a head, or in an ensemble with flip test-time augmentation. Anything else uses Captum on the
-full network (:class:`pneumoscan.explain.OcclusionSensitivity`).
+full network (:class:`pneumoscan.explain.occlusion.OcclusionSensitivity`).
 """
 from __future__ import annotations
 
@@ -340,9 +340,9 @@ def patch_windows(size: int, patch: int, stride: int) -> np.ndarray:
 
 
 class IncrementalOcclusion:
-    """Occlusion sensitivity of a PneumoNet or an :class:`~pneumoscan.modeling.Ensemble` of them.
+    """Occlusion sensitivity of a PneumoNet or an :class:`~pneumoscan.nets.heads.Ensemble` of them.
 
-    Same conventions as :class:`pneumoscan.explain.OcclusionSensitivity` (patch filled with the
+    Same conventions as :class:`pneumoscan.explain.occlusion.OcclusionSensitivity` (patch filled with the
     image mean per channel, the drop of the target class's probability averaged over the patch
     positions covering each pixel) and the same result, in a fraction of the time.
 

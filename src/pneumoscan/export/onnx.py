@@ -1,6 +1,6 @@
 """Export a model directory to one ONNX graph, checked against PyTorch before it is kept.
 
-The graph (backbone + head, a fine-tuned net, or an :class:`~pneumoscan.modeling.Ensemble`)
+The graph (backbone + head, a fine-tuned net, or an :class:`~pneumoscan.nets.heads.Ensemble`)
 takes ``input`` (N x 3 x S x S, float32, normalised as in the model's config) and returns
 ``logits`` (N x classes); the batch axis is dynamic. Export writes ``model.onnx`` into the
 model directory only after a parity check (max absolute probability difference and identical

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import PneumoscanError
+from ..io import atomic_path
 from ..nets.graph import export_fast
 from ..preprocess import PreprocessConfig
 from ..runtime import cpu_count, ort_session
@@ -84,9 +85,7 @@ def export_backbone_onnx(net: torch.nn.Module, size: int, folder: Path, atol: fl
         return path
     net = net.cpu().eval()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(export_fast(net, size, "input", "features"))
         with torch.inference_mode():
             ref = net(x).float().numpy()
@@ -94,10 +93,7 @@ def export_backbone_onnx(net: torch.nn.Module, size: int, folder: Path, atol: fl
         err = float(np.abs(got - ref).max())
         if not err <= atol:
             raise PneumoscanError(f"ONNX export of the backbone differs from PyTorch by {err:.2e} (> {atol}); "
-                                  "set PNEUMOSCAN_ENGINE=torch")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+                                  "use --engine torch (or PNEUMOSCAN_ENGINE=torch)")
     log.info("exported the backbone for ONNX Runtime to %s", path)
     return path
 

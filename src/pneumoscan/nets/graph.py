@@ -131,7 +131,7 @@ def export_fast(net: nn.Module, size: int, input_name: str = "input", output_nam
     """``net`` as ONNX bytes for CPU inference: static "SAME" padding, pads folded into convs.
 
     The batch axis is dynamic, and with ``dynamic_hw`` the spatial axes too (the static pads are
-    then those of ``size``, which is right for the crops of :mod:`pneumoscan.occlusion`, aligned
+    then those of ``size``, which is right for the crops of :mod:`pneumoscan.explain.incremental`, aligned
     to the network's stride). ``example`` is the input traced (default zeros, 3 channels).
     """
     import onnx

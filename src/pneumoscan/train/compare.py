@@ -1,7 +1,7 @@
 """Compare backbones and refine the top model on ONE patient-grouped split, selecting on validation only.
 
 The data is indexed once; features are extracted once per (backbone, image size) through the
-feature cache; then a cheap head (:func:`pneumoscan.train.fit_head`) is trained for every point
+feature cache; then a cheap head (:func:`pneumoscan.train.head.fit_head`) is trained for every point
 of the grid learning rate x dropout x schedule. Every run is scored on the validation split
 (never on a test folder). Selection is by validation loss (the early-stopping criterion: the
 head's cross-entropy at its best epoch, with the training's class weighting) by default, or by

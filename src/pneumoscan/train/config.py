@@ -144,7 +144,9 @@ class FinetuneConfig:
     mixup: float = 0.0  # mixup Beta(alpha, alpha) on batches, e.g. 0.2; 0 = off
     cutmix: float = 0.0  # cutmix Beta(alpha, alpha) on batches, e.g. 1.0; 0 = off (with mixup: one per batch)
     drop_noisy: float = 0.0  # share of each class's training images dropped as likely mislabelled, e.g. 0.05
-    augment_order: Literal["augment-then-intensity", "intensity-then-augment"] = "augment-then-intensity"  # the shipped v0.1 members: intensity-then-augment
+    augment_order: Literal["augment-then-intensity", "intensity-then-augment"] = "augment-then-intensity"
+    # augment, then normalise intensity (noise and blur reach CLAHE as in real films); the shipped v0.1 members:
+    # intensity-then-augment
 
     def __post_init__(self) -> None:
         get_spec(self.backbone)
@@ -204,7 +206,8 @@ class FinetuneConfig:
 class CompareConfig:
     """The grid of a comparison; saved in compare.json."""
 
-    backbones: tuple[str, ...] = (DEFAULT_BACKBONE,)  # registered backbones to compare, comma-separated (the study's five: resnet50,inception_v3,xception,inception_resnet_v2,vgg16)
+    backbones: tuple[str, ...] = (DEFAULT_BACKBONE,)  # registered backbones to compare, comma-separated
+    # (the study's five: resnet50,inception_v3,xception,inception_resnet_v2,vgg16)
     sizes: tuple[int | None, ...] = (None,)  # image sides, comma-separated, e.g. 224,299,320; none = each backbone's own
     lrs: tuple[float, ...] = (TrainConfig.lr,)  # Adam learning rates, comma-separated
     dropouts: tuple[float, ...] = (TrainConfig.dropout,)  # dropouts before the dense layer, comma-separated

@@ -1,11 +1,11 @@
 """End-to-end fine-tuning of a backbone + head with PyTorch Lightning.
 
 AdamW with linear warm-up then cosine decay (or one-cycle), label smoothing, class weighting,
-batch augmentation on the device (:mod:`pneumoscan.augment`), an exponential moving average of
+batch augmentation on the device (:mod:`pneumoscan.train.augment`), an exponential moving average of
 the weights (Lightning's ``EMAWeightAveraging``; the averaged weights are the ones validated and
 kept), bf16 mixed precision on GPU. ``devices``, ``num_nodes`` and ``strategy`` go straight to
 Lightning's ``Trainer``, so the same code runs on one CPU, several GPUs, or DDP across machines.
-The output is the same model directory format as :func:`pneumoscan.train.train`.
+The output is the same model directory format as :func:`pneumoscan.train.head.train`.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def set_trainable(backbone: nn.Module, unfreeze: str) -> list[str]:
         raise PneumoscanError(f"--unfreeze {unfreeze!r} is not a child of this backbone; choose all or one of "
                               + ", ".join(names))
     start = names.index(unfreeze)
-    for i, (n, child) in enumerate(backbone.named_children()):
+    for i, (_, child) in enumerate(backbone.named_children()):
         for p in child.parameters():
             p.requires_grad_(i >= start)
     return names[start:]
@@ -132,10 +132,10 @@ def make_module(net: PneumoNet, cfg: FinetuneConfig, prep: PreprocessConfig, wei
                 s = x.shape[-1]
                 cut = int(round(s * math.sqrt(1 - lam)))
                 cy, cx = (int(v) for v in torch.randint(s, (2,)))
-                t, b, l, r = max(cy - cut // 2, 0), min(cy + cut // 2, s), max(cx - cut // 2, 0), min(cx + cut // 2, s)
+                t, b, lo, r = max(cy - cut // 2, 0), min(cy + cut // 2, s), max(cx - cut // 2, 0), min(cx + cut // 2, s)
                 x = x.clone()
-                x[..., t:b, l:r] = x[perm][..., t:b, l:r]
-                lam = 1 - (b - t) * (r - l) / (s * s)
+                x[..., t:b, lo:r] = x[perm][..., t:b, lo:r]
+                lam = 1 - (b - t) * (r - lo) / (s * s)
             onehot = nn.functional.one_hot(y, n_classes).float()
             return x, lam * onehot + (1 - lam) * onehot[perm]
 

@@ -25,9 +25,9 @@ from pneumoscan.export.onnx import export_onnx
 from pneumoscan.predict import Predictor
 from pneumoscan.predict import check_model as check_model_dir
 from pneumoscan.web.app import create_app
+from pneumoscan.web.config import ServeConfig
 from pneumoscan.web.limits import safe_name
 from pneumoscan.web.service import Service
-from pneumoscan.web.config import ServeConfig
 
 
 def jpeg(size: int = 96, seed: int = 0) -> bytes:
@@ -80,6 +80,7 @@ def post(client, data: bytes, name: str = "x.jpg", path: str = "/api/predict"):
 
 # -- API, page, probes ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_predict_schema_and_agreement_with_torch(client, model_dir):
     data = jpeg(seed=1)
     r = post(client, data)
@@ -97,7 +98,7 @@ def test_predict_schema_and_agreement_with_torch(client, model_dir):
 
 
 def test_dicom_upload(client):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -113,8 +114,8 @@ def test_dicom_upload(client):
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     r = post(client, buf.getvalue(), "scan.dcm")
-    assert r.status_code == 200, r.text and r.json()["label"] in LABELS
-    assert pydicom
+    assert r.status_code == 200, r.text
+    assert r.json()["label"] in LABELS and r.json()["warnings"] == []
 
 
 def test_page_shows_intended_use_and_is_locked_down(client):
@@ -146,6 +147,7 @@ def test_readyz_is_503_until_loaded(model_dir):
         assert client.get("/readyz").status_code == 200
 
 
+@pytest.mark.slow
 def test_serves_a_model_without_onnx_by_exporting_a_temp_copy(tiny_model_dir, tmp_path):
     d = shutil.copytree(tiny_model_dir, tmp_path / "plain")
     before = sorted(p.name for p in d.iterdir())
@@ -296,6 +298,7 @@ def test_queue_full_is_503_at_once_with_retry_after(model_dir):
         assert post(c, jpeg()).status_code == 200
 
 
+@pytest.mark.slow
 def test_deadline_is_503_and_the_next_request_succeeds(model_dir):
     with serve(model_dir, workers=1, queue=4, deadline_s=0.5) as c:
         gate = threading.Event()

@@ -9,13 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan.errors import ImageError, ImageTooLargeError, UnsupportedFormatError
 from pneumoscan.data.imaging import load_xray, sniff_format
+from pneumoscan.errors import ImageError, ImageTooLargeError, UnsupportedFormatError
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import (ExplicitVRLittleEndian, HTJ2KLossless, JPEGBaseline8Bit, RLELossless,  # noqa: E402
-                         SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import (  # noqa: E402
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 
 def ramp(h: int = 48, w: int = 64) -> np.ndarray:

@@ -51,6 +51,7 @@ def test_data_index_errors(bad_dirs, tmp_path, capsys):
     _one_error_line(capsys, ["-q", "data", "index", str(bad_dirs / "notimage.jpeg")], "not a folder")
 
 
+@pytest.mark.slow
 def test_extract_and_train_errors(dataset_dir, bad_dirs, tmp_path, capsys):
     c = ["--cache", str(tmp_path / "c"), "--no-pretrained", "--workers", "0"]
     _one_error_line(capsys, ["-q", "extract", str(bad_dirs / "missing"), *c], "does not exist")
@@ -67,6 +68,7 @@ def test_extract_and_train_errors(dataset_dir, bad_dirs, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_errors(dataset_dir, bad_dirs, tiny_model_dir, tampered_model, tmp_path, capsys):
     out = ["--out", str(tmp_path / "ev")]
     _one_error_line(capsys, ["-q", "evaluate", "--data", str(bad_dirs / "missing"), "--model", str(tiny_model_dir),
@@ -93,6 +95,7 @@ def test_evaluate_and_predict_errors(dataset_dir, bad_dirs, tiny_model_dir, tamp
                     "prevalence 1.5")
 
 
+@pytest.mark.slow
 def test_compare_and_download_errors(dataset_dir, bad_dirs, tmp_path, capsys, no_network):
     c = ["--out", str(tmp_path / "cmp"), "--cache", str(tmp_path / "c"), "--workers", "0"]
     _one_error_line(capsys, ["-q", "compare", str(bad_dirs / "missing"), "--no-pretrained", *c], "does not exist")
@@ -127,6 +130,7 @@ def test_argparse_errors_exit_2(argv, capsys):
     assert "error:" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(dataset_dir, tmp_path, capsys):
     out, best = tmp_path / "cmp", tmp_path / "best"
     rc = main(["-q", "compare", str(dataset_dir), "--out", str(out), "--backbones", "test_efficientnet",

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from pneumoscan.cli import main
-from pneumoscan.metrics import choose_threshold, prior_shift
-from pneumoscan.io import file_digest as sha256_file
-from pneumoscan.metrics import model_prior, prevalence_prior
-from pneumoscan.predict import Predictor
 from pneumoscan.data.splits import validation_set
 from pneumoscan.evaluate.operating_point import score
+from pneumoscan.io import file_digest as sha256_file
+from pneumoscan.metrics import choose_threshold, model_prior, prevalence_prior, prior_shift
+from pneumoscan.predict import Predictor
 
 
 @pytest.fixture()
@@ -110,6 +109,7 @@ def test_predictor_prevalence_is_saerens_reweighting(tiny_model_dir):
     np.testing.assert_allclose(same, raw, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_evaluate_prevalence_option(tiny_model_dir, dataset_dir, tmp_path, capsys):
     assert main(["-q", "evaluate", "--data", str(dataset_dir), "--model", str(tiny_model_dir),
                  "--out", str(tmp_path / "plain")]) == 0

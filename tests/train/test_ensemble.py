@@ -6,22 +6,20 @@ import shutil
 
 import numpy as np
 import pytest
-
-from pneumoscan.features.config import ExtractConfig
 import torch
 from safetensors import safe_open
 
 from pneumoscan.cli import main
-from pneumoscan.data.manifest import Manifest
-from pneumoscan.evaluate.config import ThresholdConfig
-from pneumoscan.evaluate.operating_point import retune
-from pneumoscan.train.ensemble import build_ensemble
-from pneumoscan.errors import ModelError
 from pneumoscan.data.imaging import load_xray
+from pneumoscan.data.manifest import Manifest
+from pneumoscan.data.splits import validation_set
+from pneumoscan.errors import ModelError
+from pneumoscan.evaluate.config import ThresholdConfig
+from pneumoscan.evaluate.operating_point import retune, score
+from pneumoscan.features.config import ExtractConfig
 from pneumoscan.metrics import choose_threshold
 from pneumoscan.predict import Predictor
-from pneumoscan.data.splits import validation_set
-from pneumoscan.evaluate.operating_point import score
+from pneumoscan.train.ensemble import build_ensemble
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +47,7 @@ def _batch(n: int = 6, size: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).normal(0, 1, (n, 3, size, size)).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_ensemble_predicts_mean_of_members(ens_dir, tiny_model_dir, second_model_dir):
     x = _batch()
     p_a = Predictor(tiny_model_dir).probabilities(x)
@@ -79,6 +78,7 @@ def test_ensemble_threshold_rechosen_on_val(ens_dir):
     assert cfg["threshold"] == pytest.approx(choose_threshold(y, probs, "youden")[0])
 
 
+@pytest.mark.slow
 def test_ensemble_works_with_evaluate_and_predict(ens_dir, dataset_dir, tmp_path, capsys):
     assert main(["-q", "evaluate", "--data", str(dataset_dir), "--model", str(ens_dir), "--out", str(tmp_path)]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
@@ -158,6 +158,7 @@ def test_refuses_bad_requests(tiny_model_dir, tmp_path):
         build_ensemble([tiny_model_dir, tiny_model_dir], tmp_path / "twice")
 
 
+@pytest.mark.slow
 def test_flip_tta_exports_to_onnx(flip_dir):
     from pneumoscan.export.onnx import export_onnx
 

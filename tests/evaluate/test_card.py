@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from pneumoscan import INTENDED_USE, LABELS
+from pneumoscan.cli import main
 from pneumoscan.evaluate.card import EVAL_DIR, NOT_RECORDED, write_card
 from pneumoscan.evaluate.schema import CardError
-from pneumoscan.nets.modeldir import CARD_NAME
-from pneumoscan.cli import main
 from pneumoscan.nets.checkpoint import load_model
-from pneumoscan.nets.modeldir import FORMAT
+from pneumoscan.nets.modeldir import CARD_NAME, FORMAT
 from pneumoscan.scope import DEFAULT_THRESHOLDS
 
 SECTIONS = ("Model", "Training data", "Training procedure", "Validation results", "Evaluations on other data",
@@ -180,6 +179,7 @@ def _bad_metrics(eval_metrics: Path, tmp_path: Path) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 def test_bad_add_eval_changes_nothing(model_dir, eval_metrics, tmp_path, capsys):
     before = _snapshot(model_dir)
     for case, path in _bad_metrics(eval_metrics, tmp_path).items():
@@ -244,9 +244,8 @@ def test_predict_outputs_carry_intended_use_and_card(tiny_model_dir, dataset_dir
 
 
 def test_card_of_a_real_ensemble(tiny_model_dir, tmp_path):
-    from pneumoscan.train.ensemble import build_ensemble
-
     from pneumoscan.evaluate.operating_point import retune
+    from pneumoscan.train.ensemble import build_ensemble
 
     out = build_ensemble([tiny_model_dir], tmp_path / "ens", tta="flip", command="pneumoscan ensemble test")
     retune(out)  # as 'pneumoscan ensemble' does

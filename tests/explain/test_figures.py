@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumoscan.nets.backbones import build_architecture
 from pneumoscan.cli import main
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.explain.explainer import Explanation
-from pneumoscan.nets.heads import Head, PneumoNet
 from pneumoscan.explain.figures import display_pair, grid_figure, overlay_png
 from pneumoscan.explain.inspect import activations, default_layer, feature_layers, filters_figure, first_conv, resolve_layer
+from pneumoscan.nets.backbones import build_architecture
+from pneumoscan.nets.heads import Head, PneumoNet
 from pneumoscan.plots import save_figure
 
 
@@ -89,6 +89,7 @@ def test_overlay_and_grid_render(method, tmp_path):
         grid_figure([])
 
 
+@pytest.mark.slow
 def test_cli_visualize(tiny_model_dir, xray_png, tmp_path, capsys):
     f = tmp_path / "filters.png"
     assert main(["-q", "visualize", "filters", "--model", str(tiny_model_dir), "--out", str(f)]) == 0

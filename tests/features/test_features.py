@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_dataset
 from PIL import Image
 
-from conftest import make_dataset
-from pneumoscan.nets.backbones import create_backbone, default_preprocess
 from pneumoscan.data.index import index_dataset
 from pneumoscan.features.cache import FeatureCache
 from pneumoscan.features.extract import extract_features
+from pneumoscan.nets.backbones import create_backbone, default_preprocess
 
 SIZE = 32
 

@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pneumoscan.nets.backbones import create_backbone
+from pneumoscan.data.imaging import load_xray
 from pneumoscan.errors import ModelError, PneumoscanError
 from pneumoscan.explain.explainer import Explainer
-from pneumoscan.explain.occlusion import OcclusionSensitivity
-from pneumoscan.data.imaging import load_xray
-from pneumoscan.nets.heads import Ensemble, Head, PneumoNet
 from pneumoscan.explain.incremental import Geometry, IncrementalOcclusion, UnsupportedNetwork, plan_axis, segment_geometry
+from pneumoscan.explain.occlusion import OcclusionSensitivity
+from pneumoscan.nets.backbones import create_backbone
 from pneumoscan.nets.graph import StaticPadConv2d, export_fast, static_same_padding
+from pneumoscan.nets.heads import Ensemble, Head, PneumoNet
 from pneumoscan.predict import Predictor
 
 
@@ -62,6 +62,7 @@ def lite0():
     return _net()
 
 
+@pytest.mark.slow
 def test_static_padding_and_folded_pads_give_the_same_network(lite0):
     size = 96
     static = static_same_padding(lite0, size)
@@ -102,6 +103,7 @@ def test_plan_keeps_every_output_the_patch_reaches():
         assert first[reached[-1]] + 19 <= c + plan.crop or c + plan.crop == size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size,patch,stride", [(96, 16, 8), (96, 12, 5), (64, 20, 20)])
 def test_incremental_occlusion_equals_captum_on_lite0(lite0, size, patch, stride):
     inc = IncrementalOcclusion(lite0, size, patch, stride, batch_size=32)
@@ -115,6 +117,7 @@ def test_incremental_occlusion_equals_captum_on_lite0(lite0, size, patch, stride
     assert np.abs(got - want).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_incremental_occlusion_of_an_ensemble_with_flip_and_renormalisation():
     members = [_net(seed=0), _net(seed=1)]
     ens = Ensemble(members, tta="flip", input_affine=[None, ([2.0, 2.0, 2.0], [0.1, -0.2, 0.3])]).eval()
@@ -126,6 +129,7 @@ def test_incremental_occlusion_of_an_ensemble_with_flip_and_renormalisation():
     assert np.abs(inc(x, 2) - want).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_unsupported_networks_are_refused_and_explainer_falls_back(tiny_model_dir, tmp_path):
     class Plain(nn.Module):  # not an EfficientNet: no stages to split
         def __init__(self):
@@ -160,6 +164,7 @@ def test_unsupported_networks_are_refused_and_explainer_falls_back(tiny_model_di
     assert auto.incremental() is None  # auto: the full-network path instead
 
 
+@pytest.mark.slow
 def test_incremental_occlusion_rejects_bad_input(lite0):
     inc = IncrementalOcclusion(lite0, 64, 16, 8, check=False)
     with pytest.raises(PneumoscanError, match="shape"):
@@ -170,6 +175,7 @@ def test_incremental_occlusion_rejects_bad_input(lite0):
         IncrementalOcclusion(lite0, 64, 80, 8)
 
 
+@pytest.mark.slow
 def test_lanes_split_the_copies_without_changing_the_map(lite0):
     x = _image(64, seed=5)
     one = IncrementalOcclusion(lite0, 64, 16, 8, batch_size=8, lanes=1, check=False)

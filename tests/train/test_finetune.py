@@ -9,13 +9,12 @@ import sys
 import pytest
 import torch
 
-from pneumoscan.train.augment import BatchAugment
-from pneumoscan.train.config import AugmentConfig
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.train.config import FinetuneConfig
-from pneumoscan.train.finetune import finetune, set_trainable
-from pneumoscan.nets.checkpoint import load_model
 from pneumoscan.nets.backbones import create_backbone
+from pneumoscan.nets.checkpoint import load_model
+from pneumoscan.train.augment import BatchAugment
+from pneumoscan.train.config import AugmentConfig, FinetuneConfig
+from pneumoscan.train.finetune import finetune, set_trainable
 
 ARGS = ["--backbone", "test_efficientnet", "--no-pretrained", "--size", "64", "--workers", "0",
         "--batch-size", "16", "--epochs", "2"]
@@ -28,6 +27,7 @@ def ft_dir(tmp_path_factory, dataset_dir):
     return finetune(dataset_dir, tmp_path_factory.mktemp("ft") / "m", cfg, progress=False, command="test")
 
 
+@pytest.mark.slow
 def test_finetune_writes_standard_model_dir(ft_dir, tiny_model_dir):
     cfg = json.loads((ft_dir / "config.json").read_text())
     ref = json.loads((tiny_model_dir / "config.json").read_text())

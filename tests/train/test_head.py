@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
-
-from pneumoscan.features.config import ExtractConfig
 import torch
 
 from pneumoscan import LABELS
 from pneumoscan.errors import DataError, PneumoscanError
+from pneumoscan.features.config import ExtractConfig
 from pneumoscan.io import file_digest as sha256_file
 from pneumoscan.nets.checkpoint import load_model
 from pneumoscan.train.config import TrainConfig

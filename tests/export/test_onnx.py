@@ -12,9 +12,9 @@ from pneumoscan.cli import main
 from pneumoscan.errors import ModelError
 from pneumoscan.export.config import MAX_PROB_DIFF
 from pneumoscan.export.onnx import export_onnx, parity, sample_inputs
-from pneumoscan.nets.modeldir import has_onnx
 from pneumoscan.io import file_digest as sha256_file
 from pneumoscan.nets.checkpoint import load_model
+from pneumoscan.nets.modeldir import has_onnx
 from pneumoscan.predict import Predictor
 
 
@@ -35,6 +35,7 @@ def exported(tiny_model_dir, tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_export_writes_graph_and_config(exported):
     import onnx
 
@@ -80,6 +81,7 @@ def test_parity_check_detects_a_different_graph(exported, tiny_model_dir):
     assert not res["passed"] and res["max_abs_prob_diff"] > MAX_PROB_DIFF
 
 
+@pytest.mark.slow
 def test_ensemble_export_parity(tiny_model_dir, tmp_path):
     from pneumoscan.train.ensemble import build_ensemble
 

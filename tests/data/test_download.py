@@ -1,4 +1,4 @@
-"""pneumoscan.download against a local HTTP server (127.0.0.1, threaded, with HTTP Range support).
+"""pneumoscan.data.download against a local HTTP server (127.0.0.1, threaded, with HTTP Range support).
 
 No network: the server below serves a small ZIP that the test builds in the release's layout.
 """
@@ -66,7 +66,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.files, srv.requests, srv.range_ok, srv.cut_at = {}, [], True, None
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     t.start()
     srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
     yield srv

@@ -20,6 +20,7 @@ def report_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_report_files_and_keys(report_dir, tiny_model_dir):
     for f in ("robustness.json", "robustness.csv", "robustness.md", "robustness.png"):
         assert (report_dir / f).is_file(), f
@@ -50,10 +51,11 @@ def test_identity_shift_gives_zero_drop(tiny_model_dir, tmp_path):
     assert all(v == 0.0 for v in ident["drop"].values() if v is not None)
 
 
+@pytest.mark.slow
 def test_noise_is_seeded(tiny_model_dir, dataset_dir):
     from pneumoscan.data.imaging import load_xray
-    from pneumoscan.predict import Predictor
     from pneumoscan.evaluate.robustness import shifted_probabilities
+    from pneumoscan.predict import Predictor
 
     pred = Predictor(tiny_model_dir)
     images = [load_xray(p).pixels for p in sorted((dataset_dir / "train" / "NORMAL").iterdir())[:6]]
@@ -114,9 +116,10 @@ def test_bad_shift_and_bad_data_are_clear_errors(tiny_model_dir, tmp_path, capsy
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_auto_backend_exports_for_large_runs(tiny_model_dir, tmp_path):
-    from pneumoscan.predict import Predictor
     from pneumoscan.evaluate.robustness import _predictor
+    from pneumoscan.predict import Predictor
 
     small = _predictor(tiny_model_dir, "auto", n_images=10)
     large = _predictor(tiny_model_dir, "auto", n_images=10_000)

@@ -118,7 +118,8 @@ def test_page_upload_verdict_overlay(server, artifacts, tmp_path):
                     if page.locator("#overlay").evaluate("el => el.naturalWidth") > 0:
                         break
                     page.wait_for_timeout(100)
-                assert page.locator("#overlay").evaluate("el => el.naturalWidth") > 0, page.locator("#overlay-status").inner_text()
+                width = page.locator("#overlay").evaluate("el => el.naturalWidth")
+                assert width > 0, page.locator("#overlay-status").inner_text()
             else:
                 expect(page.locator("#overlay-status")).to_contain_text("not available")
             shot = artifacts / "browser-page.png"
