@@ -77,3 +77,19 @@ def test_cli_csv_and_partial_failure(tiny_model_dir, files, tmp_path, capsys):
     assert sum(float(rows[0][f"p_{lab}"]) for lab in LABELS) == pytest.approx(1.0, abs=1e-3)
     err = cap.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pneumoscan: error:") and "broken.png" in err[0]
+
+
+def test_a_model_with_another_class_order_is_refused(tiny_model_dir, tmp_path):
+    """config.json's labels are checked on load: outputs in another order are never mislabelled."""
+    import json
+    import shutil
+
+    from pneumoscan.errors import ModelError
+    from pneumoscan.predict import Predictor
+
+    d = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["labels"] = ["normal", "viral", "bacterial"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match=r"classes \['normal', 'viral', 'bacterial'\] are not pneumoscan's"):
+        Predictor(d)

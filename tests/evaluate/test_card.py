@@ -257,3 +257,22 @@ def test_card_of_a_real_ensemble(tiny_model_dir, tmp_path):
     assert "Command as run: `pneumoscan ensemble test`" in s["Training procedure"]
     nvp = cfg["val_metrics"]["normal_vs_pneumonia"]
     assert _rate(nvp, "auc") in s["Validation results"]
+
+
+def test_reproduce_command_parses_back_to_the_recorded_config(tiny_model_dir):
+    """The card's command, run through the real parser, gives exactly the training config it records."""
+    import dataclasses
+    import shlex
+
+    from pneumoscan.cli.flags import build
+    from pneumoscan.cli.main import build_parser
+    from pneumoscan.evaluate.card import reproduce_command
+    from pneumoscan.train.config import TrainConfig
+
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cmd = reproduce_command(dict(cfg, train_config={**cfg["train_config"], "batch_size": 16}))
+    assert "--head-batch-size 16" in cmd
+    args = build_parser().parse_args(shlex.split(cmd)[1:])
+    rebuilt = dataclasses.asdict(build(TrainConfig, args))
+    assert rebuilt == {**cfg["train_config"], "batch_size": 16}
+    assert "Python API" not in (tiny_model_dir / "MODEL_CARD.md").read_text()
