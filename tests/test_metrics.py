@@ -75,7 +75,9 @@ def test_youden_threshold():
     assert 0.3 < t <= 0.6 and "Youden" in how
     assert (decide(probs, t) != 0).tolist() == [False, False, False, True, True, True]
     t2, _ = choose_threshold(y, probs, "sensitivity", target_sensitivity=1.0)
-    assert t2 == pytest.approx(0.6)  # the highest threshold that still finds every pneumonia
+    # the lowest pneumonia score is 0.6 and the highest normal one 0.3: the threshold sits halfway
+    assert t2 == pytest.approx(0.45)
+    assert (decide(probs, t2) != 0).tolist() == (decide(probs, 0.6) != 0).tolist()
     t3, how3 = choose_threshold(np.zeros(4, int), probs[:4], "youden")
     assert t3 == 0.5 and "single class" in how3
     with pytest.raises(ValueError, match="unknown"):
@@ -127,3 +129,20 @@ def test_vectorised_bootstrap_equals_scikit_learn_per_resample():
         ref = binary_metrics(y[idx[r]], pred[idx[r]], score[idx[r]])
         for k in ("accuracy", "sensitivity", "specificity", "f1", "auc"):
             assert abs(got[k][r] - ref[k]) <= 2e-16, (k, r, got[k][r], ref[k])
+
+
+def test_threshold_never_sits_on_a_validation_score():
+    """The chosen threshold lies strictly between two neighbouring scores, so a float32 difference between
+    two engines (feature cache vs full inference) cannot flip an image at the operating point."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    score = np.clip((y > 0) * 0.35 + rng.normal(0.35, 0.2, 300), 0, 1).astype(np.float32)
+    probs = np.stack([1 - score, score * 0.6, score * 0.4], 1).astype(np.float64)
+    for method, target in (("youden", None), ("sensitivity", 0.97)):
+        t, _ = choose_threshold(y, probs, method, target)
+        s = 1 - probs[:, 0]
+        gap = np.abs(s - t).min()
+        assert gap > 1e-6, (method, t, gap)
+        nudged = probs.copy()
+        nudged[:, 0] -= 1e-7  # float32-level noise
+        assert (decide(nudged, t) != 0).tolist() == (decide(probs, t) != 0).tolist()

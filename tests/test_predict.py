@@ -48,9 +48,10 @@ def test_cli_table(tiny_model_dir, files, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"# {INTENDED_USE}" and "threshold" in out[1]
     assert out[2].split()[:2] == ["path", "label"] and out[2].split()[-1] == "pneumonia"
-    rows = [line for line in out[3:] if not line.startswith("  warning")]
+    rows = [line for line in out[3:] if not line.startswith(("  warning", "#"))]
     assert len(rows) == 2 and rows[0].startswith(files[0])
     assert rows[0].split()[1] in LABELS and rows[0].split()[-1] in ("yes", "no")
+    assert out[-1].startswith("# 2 predicted (") and out[-1].endswith("0 failed")  # the summary
 
 
 def test_cli_json(tiny_model_dir, files, dataset_dir, capsys):
@@ -69,12 +70,12 @@ def test_cli_csv_and_partial_failure(tiny_model_dir, files, tmp_path, capsys):
     rc = main(["-q", "predict", files[0], str(bad), "--model", str(tiny_model_dir), "--csv"])
     cap = capsys.readouterr()
     assert rc == 1  # some files failed: listed, the rest predicted
-    lines = cap.out.splitlines()
-    assert lines[0].startswith("# ")
-    rows = list(csv.DictReader(io.StringIO("\n".join(lines[1:]))))
-    assert len(rows) == 1 and rows[0]["path"] == files[0]
-    assert set(rows[0]) >= {"label", "p_normal", "p_bacterial", "p_viral", "pneumonia", "threshold"}
+    rows = list(csv.DictReader(io.StringIO(cap.out)))  # plain CSV: the first line is the header
+    assert [r["path"] for r in rows] == [files[0], str(bad)]  # one row per input, the failed one too
+    assert set(rows[0]) >= {"label", "p_normal", "p_bacterial", "p_viral", "pneumonia", "threshold", "error"}
     assert sum(float(rows[0][f"p_{lab}"]) for lab in LABELS) == pytest.approx(1.0, abs=1e-3)
+    assert rows[0]["error"] == "" and rows[1]["label"] == "" and "broken.png" in rows[1]["error"]
+    assert cap.out.splitlines()[0].startswith("path,label,")  # no comment line a CSV reader would take as header
     err = cap.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pneumoscan: error:") and "broken.png" in err[0]
 
@@ -93,3 +94,13 @@ def test_a_model_with_another_class_order_is_refused(tiny_model_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match=r"classes \['normal', 'viral', 'bacterial'\] are not pneumoscan's"):
         Predictor(d)
+
+
+def test_cli_out_file_and_summary(tiny_model_dir, dataset_dir, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    rc = main(["-q", "predict", str(dataset_dir / "train" / "NORMAL"), "--model", str(tiny_model_dir), "--csv",
+               "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == 16 and "16 predicted (" in printed and "0 failed" in printed and str(out) in printed

@@ -123,6 +123,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
+    if path.is_dir() and any(path.iterdir()) and not overwrite:  # checked first, so no work is wasted
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PneumoscanError(f"{path} is not empty; choose a new folder or pass --overwrite")
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -142,3 +145,60 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable(path: str | os.PathLike, kind: str = "dir", what: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written: a file where a folder is wanted (or
+    the reverse), or a location whose nearest existing folder is not writable. ``kind``: "dir" or "file"."""
+    from .errors import PneumoscanError
+
+    path = Path(path)
+    if path.exists():
+        if kind == "dir" and not path.is_dir():
+            raise PneumoscanError(f"{what} {path} is a file; give a folder")
+        if kind == "file" and path.is_dir():
+            raise PneumoscanError(f"{what} {path} is a folder; give a file name")
+    base = path if path.is_dir() else _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise PneumoscanError(f"{what} {path}: {base} is a file, so {path} cannot be created; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PneumoscanError(f"{what} {path}: {base} is not writable; choose a writable location")
+    return path
+
+
+def check_new_dir(path: str | os.PathLike, overwrite: bool = False, what: str = "--out") -> Path:
+    """An output folder that will be replaced as a whole: it must not exist, be empty, or ``overwrite``."""
+    from .errors import PneumoscanError
+
+    path = check_writable(path, "dir", what)
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise PneumoscanError(f"{what} {path} is not empty; choose a new folder or pass --overwrite to replace it")
+    if path.is_dir() and overwrite and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PneumoscanError(f"{what} {path} cannot be replaced: {path.parent} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder next to ``path`` to write a set of outputs into; when the block succeeds each
+    entry is moved into ``path`` (replacing files of the same name, keeping everything else there).
+    On an error nothing reaches ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staged."))
+    try:
+        yield tmp
+        for entry in sorted(tmp.iterdir()):
+            target = path / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

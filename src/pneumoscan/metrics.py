@@ -148,15 +148,25 @@ def choose_threshold(y: np.ndarray, probs: np.ndarray, method: str = "youden",
     score = pneumonia_score(probs)
     if not 0 < yb.sum() < len(yb):
         return DEFAULT_THRESHOLD, f"default {DEFAULT_THRESHOLD:g} (validation has a single class)"
-    fpr, tpr, thr = roc_curve(yb, score)
-    thr = np.clip(thr, 0.0, 1.0)
+    fpr, tpr, thr = roc_curve(yb, score, drop_intermediate=False)  # every distinct score, highest first
     if method == "youden":
         j = tpr - fpr
         best = np.flatnonzero(j == j.max())
         i = best[len(best) // 2]  # middle of a plateau of equally good thresholds
-        return float(thr[i]), f"Youden's J on validation (J={j[i]:.3f})"
-    i = np.flatnonzero(tpr >= target_sensitivity)[0]
-    return float(thr[i]), f"highest threshold with validation sensitivity >= {target_sensitivity:g}"
+        how = f"Youden's J on validation (J={j[i]:.3f})"
+    else:
+        i = np.flatnonzero(tpr >= target_sensitivity)[0]
+        how = f"highest threshold with validation sensitivity >= {target_sensitivity:g}"
+    return _between(thr, i), how
+
+
+def _between(thr: np.ndarray, i: int) -> float:
+    """The threshold halfway between the score it admits (``thr[i]``) and the next lower one, so that no
+    validation image sits on it: the same verdicts on validation, and float32 noise between two
+    engines cannot flip an image at the operating point."""
+    upper = float(np.clip(thr[i], 0.0, 1.0))
+    lower = float(np.clip(thr[i + 1], 0.0, 1.0)) if i + 1 < len(thr) else max(0.0, upper - 1e-6)
+    return (upper + lower) / 2
 
 
 def prior_shift(probs: np.ndarray, train_prior: np.ndarray, new_prior: np.ndarray) -> np.ndarray:

@@ -67,11 +67,16 @@ def plot_confusion(cm: Sequence[Sequence[int]], path: str | os.PathLike, labels:
     return save_figure(fig, path)
 
 
-def plot_roc(curves: dict, path: str | os.PathLike) -> Path:
-    """One ROC panel per task, AUC in the legend."""
+def plot_roc(curves: dict, path: str | os.PathLike, operating_point: tuple[float, float, float] | None = None) -> Path:
+    """One ROC panel per task, AUC in the legend; ``operating_point`` (fpr, tpr, threshold) marks where
+    the model's threshold puts normal vs pneumonia."""
     fig, ax = plt.subplots(figsize=(5.2, 5))
     for name, (fpr, tpr, auc) in curves.items():
         ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
+    if operating_point is not None:
+        fpr, tpr, thr = operating_point
+        ax.plot([fpr], [tpr], "o", ms=8, mfc="none", mec="black", mew=1.5,
+                label=f"threshold {thr:.3f}: sens {tpr:.3f}, spec {1 - fpr:.3f}")
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
@@ -79,6 +84,49 @@ def plot_roc(curves: dict, path: str | os.PathLike) -> Path:
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_threshold(y_pneumonia: np.ndarray, score: np.ndarray, threshold: float, path: str | os.PathLike) -> Path:
+    """Sensitivity and specificity of normal vs pneumonia as the threshold moves; the model's marked."""
+    y = np.asarray(y_pneumonia).astype(bool)
+    t = np.linspace(0, 1, 201)
+    sens = [(score[y] >= v).mean() if y.any() else np.nan for v in t]
+    spec = [(score[~y] < v).mean() if (~y).any() else np.nan for v in t]
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    ax.plot(t, sens, label="sensitivity")
+    ax.plot(t, spec, label="specificity")
+    ax.axvline(threshold, color="black", ls="--", lw=1, label=f"model threshold {threshold:.3f}")
+    ax.set_xlabel("threshold on P(pneumonia)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower center")
+    return save_figure(fig, path)
+
+
+def plot_calibration(y_pneumonia: np.ndarray, score: np.ndarray, path: str | os.PathLike, bins: int = 10) -> Path:
+    """Reliability diagram of P(pneumonia): observed share of pneumonia per predicted-probability bin."""
+    y = np.asarray(y_pneumonia).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(score, edges[1:-1]), 0, bins - 1)
+    centers, observed, counts = [], [], []
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            centers.append(score[m].mean())
+            observed.append(y[m].mean())
+            counts.append(int(m.sum()))
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfectly calibrated")
+    ax.plot(centers, observed, "o-", label="this model")
+    for c, o, n in zip(centers, observed, counts):
+        ax.annotate(str(n), (c, o), textcoords="offset points", xytext=(4, -10), fontsize=7, color="dimgrey")
+    ax.set_xlabel("predicted P(pneumonia)")
+    ax.set_ylabel("observed share of pneumonia")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
     return save_figure(fig, path)
 
 
@@ -91,9 +139,8 @@ def plot_bars(names: Sequence[str], series: dict[str, Sequence[float]], path: st
     for k, (label, vals) in enumerate(series.items()):
         ax.bar(x + k * width - 0.4 + width / 2, vals, width, label=label)
     ax.set_xticks(x, names, rotation=30, ha="right")
-    lo = min((v for vals in series.values() for v in vals if v == v), default=0)
-    ax.set_ylim(max(0, lo - 0.05), 1.0)
-    ax.set_title(title)
+    ax.set_ylim(0, 1.0)  # the whole scale: a cut axis makes small differences look large
+    ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, not over, the bars
     return save_figure(fig, path)

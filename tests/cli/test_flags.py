@@ -14,7 +14,7 @@ from pneumoscan.train.config import AugmentConfig, FinetuneConfig, TrainConfig
 
 # options that are not settings: what to read and where to write, output formats, and two switches
 NOT_SETTINGS = {"--help", "--out", "--model", "--data", "--json", "--csv", "--add-eval", "--name", "--no-augment",
-                "--weights", "--save-best", "--version", "--verbose", "--quiet", "--layer"}
+                "--weights", "--save-best", "--version", "--verbose", "--quiet", "--layer", "--overwrite"}
 
 
 def commands(parser: argparse.ArgumentParser, prefix: str = ""):

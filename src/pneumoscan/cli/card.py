@@ -1,7 +1,7 @@
 """pneumoscan card: (re)generate a model directory's MODEL_CARD.md, optionally adding an evaluation."""
 from __future__ import annotations
 
-from .common import add_model_arg
+from .common import add_model_arg, check_model_writable
 
 
 def register(sub) -> None:
@@ -18,7 +18,7 @@ def run(args) -> int:
     from ..evaluate.card import EVAL_DIR, add_evaluation, write_card
     from ..nets.modeldir import resolve_model_dir
 
-    model_dir = resolve_model_dir(args.model)
+    model_dir = check_model_writable(resolve_model_dir(args.model))
     if (args.add_eval is None) != (args.name is None):
         raise PneumoscanError("--add-eval METRICS_JSON and --name NAME go together; give both or neither")
     if args.add_eval:

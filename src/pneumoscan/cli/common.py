@@ -10,7 +10,8 @@ from typing import Iterator
 
 
 def progress_enabled() -> bool:
-    return os.environ.get("PNEUMOSCAN_PROGRESS", "1") == "1"
+    """Progress bars only on a terminal (they go to stderr; logs and pipes get none), never with -q."""
+    return os.environ.get("PNEUMOSCAN_PROGRESS", "1") == "1" and sys.stderr.isatty()
 
 
 def command_line() -> str:
@@ -50,8 +51,47 @@ def is_worker_rank() -> bool:
     return any(int(os.environ.get(k, "0") or 0) != 0 for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
 
 
+def add_overwrite(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing, non-empty output folder (as a whole, only once the new one is complete)")
+
+
+def check_out(args, kind: str = "dir") -> Path:
+    """Check ``args.out`` before any work: ``model`` = a folder replaced as a whole (empty, new, or
+    --overwrite), ``dir`` = a writable folder, ``file`` = a writable file path."""
+    from ..io import check_new_dir, check_writable
+
+    if kind == "model":
+        return check_new_dir(args.out, getattr(args, "overwrite", False))
+    return check_writable(args.out, kind)
+
+
+def check_model_writable(model_dir) -> Path:
+    """A model directory that a command rewrites in place: not the shipped model, and writable."""
+    from ..errors import PneumoscanError
+    from ..nets.modeldir import is_package_model, read_config
+
+    d = Path(model_dir)
+    read_config(d)
+    if is_package_model(d):
+        raise PneumoscanError(f"{d} is the model shipped inside pneumoscan and is read-only; copy it "
+                              "(cp -r) and pass the copy with --model")
+    if not os.access(d, os.W_OK | os.X_OK) or not os.access(d / "config.json", os.W_OK):
+        raise PneumoscanError(f"{d} is not writable; copy the model directory somewhere writable and pass --model")
+    return d
+
+
+def check_inputs_exist(*paths) -> None:
+    """Missing inputs are reported before anything heavy is imported."""
+    from ..errors import DataError
+
+    for p in paths:
+        if p is not None and not Path(p).exists():
+            raise DataError(f"{p} does not exist; check the path")
+
+
 @contextlib.contextmanager
-def new_model_dir(out: str | os.PathLike) -> Iterator[Path]:
+def new_model_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """A temporary folder to build a model directory in; it becomes ``out`` (replacing an older model
     there as a whole) with its MODEL_CARD.md once everything in the block has succeeded. Worker
     ranks of multi-device training get a scratch folder that is thrown away."""
@@ -64,7 +104,7 @@ def new_model_dir(out: str | os.PathLike) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="pneumoscan-rank-") as scratch:
             yield Path(scratch)
         return
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         yield tmp
         write_card(tmp, shown_as=Path(out))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..features.config import ExtractConfig
 from ..train.config import CompareConfig, TrainConfig
-from .common import progress_enabled, tame_lightning
+from .common import add_overwrite, check_inputs_exist, check_out, new_model_dir, progress_enabled, tame_lightning
 from .flags import add_config, build
 
 BASE_FIELDS = ("intensity", "max_epochs", "patience", "step_size", "step_gamma", "class_weight", "val_fraction",
@@ -23,6 +23,7 @@ def register(sub) -> None:
     add_config(p, TrainConfig, only=BASE_FIELDS, group="every grid point")
     add_config(p, ExtractConfig, group="feature extraction")
     p.add_argument("--save-best", default=None, metavar="DIR", help="also write the best configuration's model dir")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
@@ -44,10 +45,21 @@ def run(args) -> int:
     base = build(TrainConfig, args, backbone=args.backbones[0], weights=None)
     cfg = build(CompareConfig, args, base=base, weights=_weights(args.weights, tuple(args.backbones)))
     ext = build(ExtractConfig, args)
+    check_inputs_exist(args.data)
+    check_out(args, "dir")
+    if args.save_best:
+        from ..io import check_new_dir
+        check_new_dir(args.save_best, args.overwrite, "--save-best")
     tame_lightning()
     from ..train.compare import compare
 
-    res = compare(args.data, args.out, cfg, extract=ext, progress=progress_enabled(), save_best=args.save_best)
+    res = compare(args.data, args.out, cfg, extract=ext, progress=progress_enabled())
+    if args.save_best:
+        from ..train.head import train
+
+        with new_model_dir(args.save_best, args.overwrite) as tmp:
+            train(res.manifest, tmp, res.best_config, extract=ext, progress=progress_enabled(),
+                  command=f"pneumoscan compare (best of {len(res.rows)} runs, selected by validation {cfg.select_by})")
     b = res.best
     print(f"{len(res.rows)} runs; selected by validation {cfg.select_by}")
     for name, r in res.best_per_backbone.items():

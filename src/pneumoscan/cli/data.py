@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.download import DownloadConfig
-from ..data.index import SplitConfig
+from ..data.index import MANIFEST_NAME, SplitConfig
 from .common import progress_enabled
 from .flags import add_config, build
 
@@ -27,12 +27,15 @@ def run_index(args) -> int:
     import os
 
     from ..data.index import index_dataset
+    from ..io import check_writable
 
     split = build(SplitConfig, args)
-    m = index_dataset(args.dir, split.val_fraction, split.seed, progress=progress_enabled())
-    out = Path(args.out) if args.out else Path(args.dir) / "manifest.csv"
-    if args.out is None and not os.access(Path(args.dir), os.W_OK):
+    out = Path(args.out) if args.out else Path(args.dir) / MANIFEST_NAME
+    if args.out is None and Path(args.dir).is_dir() and not os.access(Path(args.dir), os.W_OK):
         out = Path("manifest.csv")
+    if Path(args.dir).is_dir():  # a missing folder is index_dataset's error, with its advice
+        check_writable(out, "file")
+    m = index_dataset(args.dir, split.val_fraction, split.seed, progress=progress_enabled())
     m.save(out)
     print(f"indexed {len(m)} images under {m.root}  ({len(m.skipped)} skipped)")
     print(f"{'split':<7}" + "".join(f"{lab:>11}" for lab in ("normal", "bacterial", "viral")) + f"{'total':>9}{'patients':>10}")
@@ -49,8 +52,10 @@ def run_index(args) -> int:
 
 def run_download(args) -> int:
     from ..data.download import download_dataset
+    from ..io import check_writable
 
     cfg = build(DownloadConfig, args)
+    check_writable(cfg.dest, "dir", "--dest")
     root = download_dataset(cfg.dest, url=cfg.url, sha256=cfg.sha256, extract=cfg.extract,
                             progress=progress_enabled())
     print(f"data ready under {root}")

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 from ..evaluate.config import ThresholdConfig
 from ..train.config import EnsembleConfig
-from .common import command_line, new_model_dir, print_model_summary, progress_enabled
+from .common import (
+    add_overwrite,
+    check_inputs_exist,
+    check_out,
+    command_line,
+    new_model_dir,
+    print_model_summary,
+    progress_enabled,
+)
 from .flags import add_config, build
 
 DATA_HELP = ("training folder or manifest CSV whose val split re-chooses the threshold "
@@ -14,6 +22,7 @@ def register(sub) -> None:
     p = sub.add_parser("ensemble", help="combine model directories into one (averaged probabilities)")
     p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="member model directories")
     p.add_argument("--out", required=True, help="model directory to write")
+    add_overwrite(p)
     add_config(p, EnsembleConfig, only=("tta",))
     p.add_argument("--data", default=None, help=DATA_HELP)
     add_config(p, ThresholdConfig, group="threshold on validation")
@@ -26,7 +35,9 @@ def combine(args, builder, **kw) -> int:
     from ..evaluate.operating_point import retune
 
     th = build(ThresholdConfig, args)
-    with new_model_dir(args.out) as tmp:
+    check_inputs_exist(*args.models, args.data)
+    check_out(args, "model")
+    with new_model_dir(args.out, args.overwrite) as tmp:
         builder(args.models, tmp, force=th.force, command=command_line(), **kw)
         if args.data is not None or (tmp / "manifest.csv").is_file():
             retune(tmp, args.data, th, progress=progress_enabled())

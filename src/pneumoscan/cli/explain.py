@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..explain.config import ExplainConfig
-from .common import add_model_arg
+from .common import add_model_arg, check_inputs_exist, check_out
 from .flags import add_config, build
 
 
@@ -58,6 +58,8 @@ def run(args) -> int:
     from pathlib import Path
 
     cfg = build(ExplainConfig, args)
+    check_inputs_exist(args.model)
+    check_out(args, "dir")
     from ..data.imaging import load_xray
     from ..data.index import iter_image_files
     from ..errors import ImageError, PneumoscanError

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..export.config import ExportConfig
-from .common import add_model_arg
+from .common import add_model_arg, check_model_writable
 from .flags import add_config, build
 
 
@@ -15,11 +15,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     cfg = build(ExportConfig, args)
+    from ..nets.modeldir import resolve_model_dir as _resolve
+    check_model_writable(_resolve(args.model))  # before torch is imported
     from ..evaluate.card import write_card
     from ..export.onnx import export_onnx
     from ..nets.modeldir import read_config, resolve_model_dir
 
-    model_dir = resolve_model_dir(args.model)
+    model_dir = check_model_writable(resolve_model_dir(args.model))
     path = export_onnx(model_dir, cfg)
     write_card(model_dir)
     info = read_config(model_dir)["onnx"]

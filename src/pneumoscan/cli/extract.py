@@ -23,6 +23,10 @@ def run(args) -> int:
     import time
 
     tc, ext, split = build(TrainConfig, args), build(ExtractConfig, args), build(SplitConfig, args)
+    from ..io import check_writable
+
+    if ext.cache:
+        check_writable(ext.cache, "dir", "--cache")
     from ..data.index import resolve_manifest
     from ..features.extract import extract_features
 

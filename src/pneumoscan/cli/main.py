@@ -36,7 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
             importlib.import_module(f"{__package__}.{name}").register(sub)
         except ImportError as e:  # an optional dependency is missing: the command says so when used
             _unavailable(sub, name, e)
+    _verbosity_everywhere(parser)
     return parser
+
+
+def _verbosity_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-q and -v work after the command too (``pneumoscan train ... -q``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names = {o for a in sub._actions for o in a.option_strings}
+                if "-q" not in names:
+                    sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                                     help="only warnings and errors; no progress bars")
+                if "-v" not in names:
+                    sub.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                                     help="more log output (-vv for debug)")
+                _verbosity_everywhere(sub)
 
 
 def _unavailable(sub, name: str, err: Exception) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..evaluate.config import RobustnessConfig
-from .common import add_model_arg, progress_enabled
+from .common import add_model_arg, check_inputs_exist, check_out, progress_enabled
 from .flags import add_config, build
 
 
@@ -18,6 +18,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     cfg = build(RobustnessConfig, args)
+    check_inputs_exist(args.data, args.model)
+    check_out(args, "dir")
     from ..evaluate.robustness import HEADERS, robustness
 
     r = robustness(args.data, args.out, args.model, cfg, progress=progress_enabled())

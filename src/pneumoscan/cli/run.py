@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..features.config import ExtractConfig
 from ..train.config import TrainConfig
-from .common import progress_enabled, tame_lightning
+from .common import add_overwrite, check_inputs_exist, check_out, progress_enabled, tame_lightning
 from .flags import add_config, build
 
 
@@ -12,7 +12,9 @@ def register(sub) -> None:
     p.add_argument("data", nargs="?", default=None,
                    help="data folder (default: ../shared/data/chest_xray, else ./data/chest_xray; "
                         "fetch it with 'pneumoscan data download')")
-    p.add_argument("--out", default="runs/main", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/main", help="output folder (default: %(default)s); an earlier run's "
+                   "outputs there are replaced")
+    add_overwrite(p)
     add_config(p, TrainConfig, only=("backbone", "size", "intensity", "seed", "pretrained"))
     add_config(p, ExtractConfig, only=("cache",))
     p.set_defaults(func=run)
@@ -20,6 +22,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     cfg, ext = build(TrainConfig, args), build(ExtractConfig, args)
+    check_inputs_exist(args.data)
+    _check_run_out(args)
     from ..errors import DataError
     from ..pipeline import default_data_dir, run_pipeline
 
@@ -36,3 +40,13 @@ def run(args) -> int:
           f"AUC {v['auc']:.4f}")
     print(f"report: {args.out}/eval-val/report.md; times " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items()))
     return 0
+
+
+def _check_run_out(args) -> None:
+    """The main job may run again into its own folder (its outputs are replaced); any other non-empty
+    folder needs --overwrite."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    earlier = out.is_dir() and (out / "summary.json").is_file()
+    check_out(args, "dir" if earlier or args.overwrite else "model")

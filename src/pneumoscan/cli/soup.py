@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..evaluate.config import ThresholdConfig
 from ..train.config import EnsembleConfig
+from .common import add_overwrite
 from .ensemble import DATA_HELP, combine
 from .flags import add_config, build
 
@@ -14,6 +15,7 @@ def register(sub) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL_DIR",
                    help="single models that started from the same weights (e.g. fine-tunes of one --init-from)")
     p.add_argument("--out", required=True, help="model directory to write")
+    add_overwrite(p)
     add_config(p, EnsembleConfig, only=("coefficients",))
     p.add_argument("--data", default=None, help=DATA_HELP)
     add_config(p, ThresholdConfig, group="threshold on validation")

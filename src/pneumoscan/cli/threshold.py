@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..evaluate.config import ThresholdConfig
-from .common import add_model_arg, progress_enabled
+from .common import add_model_arg, check_inputs_exist, check_model_writable, progress_enabled
 from .flags import add_config, build
 
 
@@ -17,6 +17,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     cfg = build(ThresholdConfig, args)
+    check_inputs_exist(args.data)
+    check_model_writable(args.model)
     from ..evaluate.card import write_card
     from ..evaluate.operating_point import retune
 

@@ -34,7 +34,9 @@ def _png_path(text: str):
         raise PneumoscanError(f"--out {path} must end in .png")
     if path.is_dir():
         raise PneumoscanError(f"--out {path} is a folder; give a file name ending in .png")
-    return path
+    from ..io import check_writable
+
+    return check_writable(path, "file")
 
 
 def run_filters(args) -> int:

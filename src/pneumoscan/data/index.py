@@ -27,8 +27,8 @@ from .manifest import Manifest, Sample
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
 VAL_FRACTION = 0.2  # patient-grouped validation share of a split (the one default)
+MANIFEST_NAME = "manifest.csv"  # what 'pneumoscan data index DIR' writes into DIR
 _PERSON = re.compile(r"person(\d+)_(bacteria|virus)", re.IGNORECASE)
 _NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)", re.IGNORECASE)
 _SPLIT_DIRS = {"train": "train", "val": "train", "test": "test"}  # official val joins train
@@ -90,7 +90,7 @@ def _looks_like_image(path: Path) -> str | None:
         return "empty file"
     fmt = sniff_format(head)
     if fmt is None:
-        return "not a JPEG, PNG or DICOM file"
+        return f"not a JPEG, PNG or DICOM file ({path.suffix or 'no extension'})"
     return None
 
 
@@ -116,10 +116,7 @@ def scan(root: str | os.PathLike) -> tuple[list[tuple[Path, str, str]], list[tup
                 if any(p.lower() in ("normal", "pneumonia", "bacterial", "viral") for p in rel.parts[:-1]):
                     skipped.append((str(path), "no class in the name (expected 'bacteria' or 'virus')"))
                 continue
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append((str(path), f"not an image ({path.suffix or 'no extension'})"))
-                continue
-            reason = _looks_like_image(path)
+            reason = _looks_like_image(path)  # by content: PACS exports are often DICOM without an extension
             if reason:
                 skipped.append((str(path), reason))
                 continue
@@ -196,6 +193,10 @@ def resolve_manifest(data: str | os.PathLike, val_fraction: float = VAL_FRACTION
     p = Path(data)
     if p.suffix.lower() == ".csv":
         return Manifest.load(p)
+    beside = p / MANIFEST_NAME
+    if beside.is_file():  # one rule: the manifest 'pneumoscan data index DIR' wrote is the split of DIR
+        log.info("using %s (its own split; delete it, or pass another manifest CSV, to split differently)", beside)
+        return Manifest.load(beside)
     return index_dataset(p, val_fraction, seed)
 
 
@@ -205,9 +206,10 @@ def iter_image_files(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], li
     missing: list[tuple[str, str]] = []
     for p in paths:
         p = Path(p)
-        if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
-                                and not q.name.startswith(".")))
+        if p.is_dir():  # folder members are judged by content, so DICOM files without an extension count
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")
+                                and not any(part.startswith(".") for part in q.relative_to(p).parts)
+                                and _looks_like_image(q) is None))
         elif p.is_file():
             files.append(p)
         else:

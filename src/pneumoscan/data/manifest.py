@@ -9,7 +9,7 @@ import csv
 import hashlib
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -103,4 +103,45 @@ class Manifest:
         bad = [s.label for s in samples if s.label not in LABELS]
         if bad:
             raise DataError(f"{path}: unknown label {bad[0]!r}; labels must be one of {LABELS}")
-        return cls(root=str(path.parent), samples=samples)
+        return cls(root=str(path.parent), samples=[_relocated(s, path.parent) for s in samples])
+
+    def check_files(self, splits: Sequence[str] = ("train", "val")) -> None:
+        """Every image of ``splits`` must still be where the manifest says: training on what happens to
+        be left would quietly change the data (and the card would report the manifest's counts)."""
+        samples = self.subset(splits)
+        missing = [s for s in samples if not os.path.isfile(s.path)]
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(samples)} images of the manifest are gone (first: "
+                            f"{missing[0].path}); the data was moved or deleted: index the folder again with "
+                            "'pneumoscan data index DIR'")
+
+
+MIN_PER_CLASS = 2  # images of each class that the train and the validation split must keep
+MAX_FAILED_SHARE = 0.02  # share of undecodable images above which training stops instead of skipping them
+
+
+def check_usable(y_train: Sequence[int], y_val: Sequence[int], failed: int, total: int) -> dict[str, dict[str, int]]:
+    """Refuse a training set that lost too much: a class with fewer than :data:`MIN_PER_CLASS` images in
+    either split, or more than :data:`MAX_FAILED_SHARE` undecodable files. Returns the counts used."""
+    if total and failed / total > MAX_FAILED_SHARE:
+        raise DataError(f"{failed} of {total} images could not be decoded (more than {MAX_FAILED_SHARE:.0%}); "
+                        "fix or remove the broken files and index again")
+    counts = {}
+    for split, y in (("train", y_train), ("val", y_val)):
+        c = Counter(int(v) for v in y)
+        counts[split] = {lab: c.get(i, 0) for i, lab in enumerate(LABELS)}
+        short = [lab for lab, n in counts[split].items() if n < MIN_PER_CLASS]
+        if short:
+            raise DataError(f"the {split} split has {', '.join(f'{counts[split][lab]} {lab}' for lab in short)} "
+                            f"image(s); each class needs at least {MIN_PER_CLASS} in train and in val: add images "
+                            "or index with another --val-fraction")
+    return counts
+
+
+def _relocated(s: Sample, folder: Path) -> Sample:
+    """A sample whose absolute path is gone but which sits at its relative path beside the manifest
+    (the data folder was moved with its manifest.csv)."""
+    if os.path.exists(s.path):
+        return s
+    alt = folder / s.relpath
+    return replace(s, path=str(alt)) if alt.exists() else s

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import INTENDED_USE
+from .. import INTENDED_USE, __version__
 from ..data.index import content_sha1, scan
+from ..data.splits import training_overlap
 from ..errors import DataError
-from ..io import atomic_write, atomic_write_json, atomic_write_text, json_safe
-from ..labels import LABELS
+from ..io import atomic_write, atomic_write_json, atomic_write_text, json_safe, staged_dir
+from ..labels import LABELS, NORMAL, pneumonia_score
 from ..metrics import N_BOOT, compute_metrics, roc_points
 from ..nets.modeldir import read_config, resolve_model_dir
-from ..plots import plot_confusion, plot_roc
+from ..plots import plot_calibration, plot_confusion, plot_roc, plot_threshold
 from ..predict import Predictor
 from .config import EvaluateConfig
 
@@ -62,7 +63,9 @@ def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: P
 
     A frozen-backbone model (head on ImageNet features) is scored through the feature cache that
     ``extract``/``train`` fill, so only the head runs for images seen before; ``cache_dir=False``
-    forces full-image inference through the predictor.
+    forces full-image inference through the predictor. Images that are in the model's own training
+    split (by content) are counted and reported in every output: such figures are not a test.
+    The outputs are written together or not at all.
     """
     paths = [p for p, _ in items]
     truth = {p: LABELS.index(lab) for p, lab in items}
@@ -78,14 +81,42 @@ def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: P
     metrics["model"] = {"id": pred.model_id, "dir": str(pred.model_dir), "backend": pred.backend,
                         "prevalence": pred.prevalence}
     metrics["data"] = {"root": data_root, "skipped": len(skipped), "failed_to_decode": len(errors)}
+    metrics["training_overlap"] = _overlap([p.path for p in preds], pred.model_dir)
+    if metrics["training_overlap"]["n"]:
+        log.warning("%s", overlap_sentence(metrics))
     metrics = json_safe(metrics)
-    out = Path(out)
-    atomic_write_json(out / "metrics.json", metrics)
-    plot_confusion(metrics["confusion_matrix"], out / "confusion_matrix.png")
-    plot_roc(roc_points(y, probs), out / "roc.png")
-    _write_predictions(out / "predictions.csv", preds, truth)
-    atomic_write_text(out / "report.md", report_markdown(metrics, skipped, errors))
+    with staged_dir(out) as tmp:
+        atomic_write_json(tmp / "metrics.json", metrics)
+        plot_confusion(metrics["confusion_matrix"], tmp / "confusion_matrix.png")
+        score = pneumonia_score(probs)
+        nvp = metrics["normal_vs_pneumonia"]
+        op = (1 - nvp["specificity"], nvp["sensitivity"], pred.threshold) \
+            if nvp["specificity"] is not None and nvp["sensitivity"] is not None else None
+        plot_roc(roc_points(y, probs), tmp / "roc.png", operating_point=op)
+        plot_threshold(y != NORMAL, score, pred.threshold, tmp / "threshold.png")
+        plot_calibration(y != NORMAL, score, tmp / "calibration.png")
+        _write_predictions(tmp / "predictions.csv", preds, truth)
+        atomic_write_text(tmp / "report.md", report_markdown(metrics, skipped, errors))
+        atomic_write_text(tmp / "report.html", report_html(metrics, tmp, preds, truth, pred, skipped, errors))
     return metrics
+
+
+def _overlap(paths: list[str], model_dir) -> dict:
+    """How many of the scored images are in the model's training split (by content hash)."""
+    class _S:
+        __slots__ = ("sha1",)
+
+        def __init__(self, path: str) -> None:
+            self.sha1 = content_sha1(path)
+
+    n = training_overlap([_S(p) for p in paths], model_dir)
+    return {"n": n or 0, "of": len(paths), "checked": n is not None}
+
+
+def overlap_sentence(metrics: dict) -> str:
+    o = metrics.get("training_overlap") or {}
+    return (f"{o.get('n')} of the {o.get('of')} images scored are in this model's training split: the figures are "
+            "optimistic and are not an independent test")
 
 
 def frozen_features_ok(pred: Predictor) -> bool:
@@ -137,11 +168,13 @@ def report_markdown(m: dict, skipped=(), errors=()) -> str:
     """A short human-readable report of a metrics dictionary."""
     nvp = m["normal_vs_pneumonia"]
     ci = nvp.get("ci95", {})
+    warn = [f"**Warning:** {overlap_sentence(m)}.", ""] if (m.get("training_overlap") or {}).get("n") else []
     lines = [
         "# pneumoscan evaluation",
         "",
         f"> {INTENDED_USE}",
         "",
+        *warn,
         f"Model `{m.get('model', {}).get('id', '?')}` on {m['n']} images "
         f"(threshold {nvp['threshold']:.3f}; {len(skipped)} files skipped, {len(errors)} failed to decode).",
         "",
@@ -167,7 +200,67 @@ def report_markdown(m: dict, skipped=(), errors=()) -> str:
     ]
     for lab, row in zip(m["labels"], m["confusion_matrix"]):
         lines.append(f"| {lab} | " + " | ".join(str(v) for v in row) + " |")
-    lines += ["", "![confusion matrix](confusion_matrix.png) ![ROC](roc.png)", ""]
+    lines += ["", "![confusion matrix](confusion_matrix.png) ![ROC](roc.png) ![threshold](threshold.png) "
+              "![calibration](calibration.png)", "", "The same with intervals, curves and the most confident "
+              "mistakes in one self-contained page: `report.html`.", ""]
     if errors:
         lines += ["Files that failed to decode:", ""] + [f"- {p}: {e}" for p, e in errors[:50]] + [""]
     return "\n".join(lines)
+
+
+GALLERY = 12  # most confident mistakes shown in report.html
+
+
+def report_html(m: dict, folder: Path, preds, truth, pred: Predictor, skipped=(), errors=()) -> str:
+    """One self-contained HTML page (figures and thumbnails embedded): metrics with intervals, the
+    confusion matrix, ROC with the operating point, sensitivity/specificity against the threshold,
+    calibration, and the most confident mistakes."""
+    import base64
+
+    import jinja2
+
+    def b64(path: Path) -> str:
+        return base64.b64encode(path.read_bytes()).decode()
+
+    rows = []
+    for key, name in (("normal_vs_pneumonia", "normal vs pneumonia"), ("bacterial_vs_rest", "bacterial vs rest"),
+                      ("viral_vs_rest", "viral vs rest"), ("bacterial_vs_viral", "bacterial vs viral")):
+        t, ci = m[key], m[key].get("ci95") or {}
+        rows.append([name, *[_fmt(t[k]) + (f" ({_fmt(ci[k][0])}–{_fmt(ci[k][1])})" if k in ci else "")
+                             for k in ("accuracy", "sensitivity", "specificity", "f1", "auc")], t["n"]])
+    wrong = [p for p in preds if p.label != LABELS[truth[p.path]]]
+    wrong.sort(key=lambda p: -p.probabilities[p.label])
+    gallery = []
+    for p in wrong[:GALLERY]:
+        try:
+            thumb = _thumbnail_png(pred, p.path)
+        except Exception as e:  # a thumbnail is decoration: a file that fails here must not sink the report
+            log.warning("no thumbnail for %s: %s", p.path, e)
+            continue
+        gallery.append({"name": Path(p.path).name, "path": p.path, "true": LABELS[truth[p.path]], "pred": p.label,
+                        "p": [p.probabilities[lab] for lab in LABELS], "png": thumb})
+    figures = [(t, b64(folder / f)) for t, f in (("ROC; the circle is the model's threshold", "roc.png"),
+                                                 ("sensitivity and specificity against the threshold", "threshold.png"),
+                                                 ("calibration of P(pneumonia)", "calibration.png"),
+                                                 ("confusion matrix", "confusion_matrix.png"))]
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pneumoscan.evaluate", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    o = m.get("training_overlap") or {}
+    return env.get_template("report.html.j2").render(
+        model_id=m["model"]["id"], backend=m["model"]["backend"], n=m["n"], root=m["data"]["root"],
+        threshold=m["normal_vs_pneumonia"]["threshold"], skipped=len(skipped), failed=len(errors),
+        intended_use=INTENDED_USE, overlap=overlap_sentence(m) if o.get("n") else None, tasks=rows,
+        acc3=_fmt(m["three_class"]["accuracy"]), f1=_fmt(m["three_class"]["macro_f1"]), labels=list(LABELS),
+        confusion=list(zip(LABELS, m["confusion_matrix"])), figures=figures, gallery=gallery, version=__version__)
+
+
+def _thumbnail_png(pred: Predictor, path: str, side: int = 200) -> str:
+    import base64
+
+    import cv2
+
+    g = pred.decode(path).pixels
+    k = side / max(g.shape)
+    small = cv2.resize(g, (max(1, round(g.shape[1] * k)), max(1, round(g.shape[0] * k))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".png", small)
+    return base64.b64encode(buf.tobytes()).decode()

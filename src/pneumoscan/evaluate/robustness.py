@@ -254,7 +254,12 @@ def write_report(report: dict, out: str | os.PathLike) -> Path:
     series = {HEADERS[k]: [r["summary"][k] if r["summary"][k] is not None else float("nan")
                            for r in report["conditions"]]
               for k in ("accuracy_3class", "sensitivity", "specificity", "pneumonia_auc", "bv_auc")}
-    plot_bars(names, series, out / "robustness.png", title=f"{report['model']['id']}: validation under shifts")
+    data = report["data"]
+    what = ("the model's validation split" if data["split"] == "val" and data.get("matches_model_manifest")
+            else "the validation split of another manifest" if data["split"] == "val" else "all images of the data")
+    if data.get("in_model_training_split"):
+        what += f" ({data['in_model_training_split']} of them in the model's training split)"
+    plot_bars(names, series, out / "robustness.png", title=f"{report['model']['id']} under shifts, on {what}")
     atomic_write_text(out / "robustness.md", markdown(report))
     return out
 

@@ -60,3 +60,33 @@ def ema_callback(decay: float):
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     return EMAWeightAveraging(decay=decay)
+
+
+def progress_bar():
+    """Lightning's progress bar, on stderr (Lightning writes it to stdout, where it mixes with results)."""
+    import contextlib
+    import sys
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class StderrProgressBar(TQDMProgressBar):
+        def _on_stderr(name):  # noqa: N805  (a decorator factory used in the class body)
+            def method(self, *a, **kw):
+                with contextlib.redirect_stdout(sys.stderr):
+                    return getattr(TQDMProgressBar, name)(self, *a, **kw)
+            return method
+
+        init_sanity_tqdm = _on_stderr("init_sanity_tqdm")
+        init_train_tqdm = _on_stderr("init_train_tqdm")
+        init_predict_tqdm = _on_stderr("init_predict_tqdm")
+        init_validation_tqdm = _on_stderr("init_validation_tqdm")
+        init_test_tqdm = _on_stderr("init_test_tqdm")
+
+    return StderrProgressBar()
+
+
+def raise_if_interrupted(trainer) -> None:
+    """Lightning turns Ctrl-C into a normal return with ``trainer.interrupted`` set: stop here instead
+    of saving a half-trained model (the CLI then says "interrupted" and exits 130, nothing written)."""
+    if getattr(trainer, "interrupted", False):
+        raise KeyboardInterrupt

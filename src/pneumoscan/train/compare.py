@@ -50,6 +50,7 @@ class CompareResult:
     best: dict
     best_config: TrainConfig
     files: dict[str, str]
+    manifest: Manifest  # the one split every run used (train the best configuration on it)
 
 
 def _score(row: dict, select_by: str) -> float:
@@ -115,8 +116,7 @@ def _run_grid_point(x_tr, y_tr, x_va, y_va, tcfg: TrainConfig) -> tuple[dict, ob
 
 
 def compare(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: CompareConfig = CompareConfig(), *,
-            extract: ExtractConfig = ExtractConfig(), progress: bool = True,
-            save_best: str | os.PathLike | None = None) -> CompareResult:
+            extract: ExtractConfig = ExtractConfig(), progress: bool = True) -> CompareResult:
     """Run the comparison grid on one split of ``data`` and write the tables and charts to ``out``."""
     base = cfg.base
     manifest = data if isinstance(data, Manifest) else resolve_manifest(data, base.val_fraction, base.seed)
@@ -161,13 +161,8 @@ def compare(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Com
         r["best_overall"] = r is best
     best_cfg = cfg.train_config(best["backbone"], best["size"], best["lr"], best["dropout"], best["schedule"])
     files = write_outputs(Path(out), rows, best_per, best, cfg, manifest)
-    if save_best is not None:
-        from .head import train
-
-        train(manifest, save_best, best_cfg, extract=extract, progress=progress,
-              command=f"pneumoscan compare (best of {len(rows)} runs, selected by validation {cfg.select_by})")
-        files["best_model"] = str(save_best)
-    return CompareResult(rows=rows, best_per_backbone=best_per, best=best, best_config=best_cfg, files=files)
+    return CompareResult(rows=rows, best_per_backbone=best_per, best=best, best_config=best_cfg, files=files,
+                         manifest=manifest)
 
 
 COLUMNS = ("backbone", "size", "lr", "dropout", "schedule", "best_epoch", "epochs_run", "val_loss", "val_acc3",

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..data.index import resolve_manifest
-from ..data.manifest import Manifest
+from ..data.manifest import Manifest, check_usable
 from ..errors import DataError, PneumoscanError
 from ..features.extract import ImageFiles, collate
 from ..labels import LABELS
@@ -32,7 +32,7 @@ from ..nets.checkpoint import save_model
 from ..nets.heads import Head, PneumoNet
 from ..preprocess import Preprocess, PreprocessConfig
 from .augment import BatchAugment
-from .callbacks import KeepBest, ema_callback
+from .callbacks import KeepBest, ema_callback, progress_bar, raise_if_interrupted
 from .config import FinetuneConfig
 from .head import class_weights
 from .record import model_record, write_history
@@ -270,6 +270,7 @@ def finetune(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Fi
     samples = manifest.subset(("train", "val"))
     if not samples:
         raise DataError(f"{manifest.root} has no train/val images")
+    manifest.check_files()
     prep = default_preprocess(cfg.backbone, cfg.size, cfg.intensity)
     init = _init_model(cfg, prep) if cfg.init_from else None  # checked before the images are decoded
     batch_intensity = cfg.augment_order == "augment-then-intensity"
@@ -277,8 +278,7 @@ def finetune(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Fi
     y = torch.tensor([s.target for s in samples])
     split = np.array([s.split for s in samples])
     tr, va = np.flatnonzero(ok & (split == "train")), np.flatnonzero(ok & (split == "val"))
-    if len(tr) == 0 or len(va) == 0:
-        raise DataError("the train or validation split is empty; index more images or change --val-fraction")
+    check_usable(y[tr].numpy(), y[va].numpy(), len(failed), len(samples))
     backbone, weights_id = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, seed=cfg.seed)
     noisy = None
     if cfg.drop_noisy > 0:
@@ -311,12 +311,15 @@ def finetune(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Fi
         callbacks.append(ema_callback(cfg.ema_decay))
     if cfg.patience > 0:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
+    if progress:
+        callbacks.append(progress_bar())
     trainer = pl.Trainer(max_epochs=cfg.epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator,
                          devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
                          precision=_precision(cfg), callbacks=callbacks, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
                          log_every_n_steps=10, use_distributed_sampler=True)
     trainer.fit(module, train_dl, val_dl)
+    raise_if_interrupted(trainer)
     if not trainer.is_global_zero:
         return None
     if keep.state is None:
@@ -330,7 +333,8 @@ def finetune(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Fi
         kind="single", backbone=cfg.backbone, weights_id=weights_id, finetuned=True, prep=prep,
         head={"in_features": int(dim), "dropout": cfg.dropout}, threshold=threshold, threshold_method=how,
         y_train=y[tr].numpy(), train_config={**asdict(cfg), "augment": cfg.augment.to_dict()}, manifest=manifest,
-        failed=len(failed), history=keep.history, best_epoch=keep.best_epoch, t0=t0,
+        failed=len(failed), used=check_usable(y[tr].numpy(), y[va].numpy(), len(failed), len(samples)),
+        history=keep.history, best_epoch=keep.best_epoch, t0=t0,
         val_metrics=compute_metrics(y_va, p_va, threshold, seed=cfg.seed), command=command,
         trained_children=trained_children,
         init_from=None if init is None else {"dir": str(cfg.init_from), "model_id": init.model_id},

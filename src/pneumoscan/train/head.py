@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from ..data.index import resolve_manifest
-from ..data.manifest import Manifest
+from ..data.manifest import Manifest, check_usable
 from ..errors import DataError, PneumoscanError
 from ..features.config import ExtractConfig
 from ..features.extract import extract_features
@@ -27,7 +27,7 @@ from ..metrics import choose_threshold, compute_metrics
 from ..nets.backbones import create_backbone, default_preprocess
 from ..nets.checkpoint import save_model
 from ..nets.heads import Head, PneumoNet
-from .callbacks import KeepBest, _lightning, trainer_kwargs
+from .callbacks import KeepBest, _lightning, progress_bar, raise_if_interrupted, trainer_kwargs
 from .config import TrainConfig
 from .record import model_record, write_history
 
@@ -103,8 +103,10 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndar
     va = DataLoader(va_set, sampler=BatchSampler(SequentialSampler(va_set), 1024, drop_last=False), batch_size=None)
     keep = KeepBest.create()
     stop = pl.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min")
-    trainer = pl.Trainer(max_epochs=cfg.max_epochs, callbacks=[keep, stop], **trainer_kwargs(progress))
+    bar = [progress_bar()] if progress else []
+    trainer = pl.Trainer(max_epochs=cfg.max_epochs, callbacks=[keep, stop, *bar], **trainer_kwargs(progress))
     trainer.fit(module, tr, va)
+    raise_if_interrupted(trainer)
     if keep.state is None:
         raise PneumoscanError("training produced no validation result; check the validation split")
     module.load_state_dict(keep.state)
@@ -122,6 +124,7 @@ def split_features(manifest: Manifest, cfg: TrainConfig, extract: ExtractConfig 
     samples = manifest.subset(("train", "val"))
     if not samples:
         raise DataError(f"{manifest.root} has no train/val images (only a test/ folder?)")
+    manifest.check_files()
     net, weights_id = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, seed=cfg.seed)
     feats, ok, info = extract_features(samples, cfg.backbone, size=cfg.size, intensity=cfg.intensity,
                                        cache_dir=extract.cache, progress=progress, net=net, weights_id=weights_id,
@@ -129,8 +132,7 @@ def split_features(manifest: Manifest, cfg: TrainConfig, extract: ExtractConfig 
     y = np.array([s.target for s in samples])
     split = np.array([s.split for s in samples])
     tr, va = ok & (split == "train"), ok & (split == "val")
-    if tr.sum() == 0 or va.sum() == 0:
-        raise DataError("the train or validation split is empty; index more images or change --val-fraction")
+    info["used"] = check_usable(y[tr], y[va], len(info["failed"]), len(samples))
     return net, weights_id, info, (feats[tr], y[tr]), (feats[va], y[va])
 
 
@@ -152,7 +154,7 @@ def train(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Train
         prep=default_preprocess(cfg.backbone, cfg.size, cfg.intensity),
         head={"in_features": int(x_tr.shape[1]), "dropout": cfg.dropout}, threshold=threshold,
         threshold_method=how, y_train=y_tr, train_config=asdict(cfg), manifest=manifest,
-        failed=len(info["failed"]), history=history, best_epoch=best_epoch, t0=t0,
+        failed=len(info["failed"]), used=info["used"], history=history, best_epoch=best_epoch, t0=t0,
         val_metrics=compute_metrics(y_va, p_va, threshold, seed=cfg.seed), command=command)
     out = Path(out)
     save_model(out, PneumoNet(net, head), config)

@@ -41,7 +41,7 @@ def hardware() -> dict:
 
 def model_record(*, kind: str, backbone: str, weights_id: str, finetuned: bool, prep, head: dict,
                  threshold: float, threshold_method: str, y_train: np.ndarray, train_config: dict, manifest,
-                 failed: int, history: list[dict], best_epoch: int, t0: float, val_metrics: dict,
+                 failed: int, used: dict, history: list[dict], best_epoch: int, t0: float, val_metrics: dict,
                  command: str | None, **extra) -> dict:
     """config.json of a trained single network (head training or fine-tuning; ``extra`` adds fields)."""
     return {
@@ -61,8 +61,8 @@ def model_record(*, kind: str, backbone: str, weights_id: str, finetuned: bool, 
         "train_config": train_config,
         "command": command or " ".join(sys.argv),
         "manifest_sha256": manifest.digest(),
-        "data": {"root": manifest.root, "counts": manifest.counts(), "skipped": len(manifest.skipped),
-                 "failed_to_decode": failed},
+        "data": {"root": manifest.root, "counts": used, "manifest_counts": manifest.counts(),
+                 "skipped": len(manifest.skipped), "failed_to_decode": failed},
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "train_seconds": round(time.time() - t0, 1),
