@@ -14,11 +14,12 @@ mkdir -p runs/default
 $P data index "$DATA" --out runs/default/manifest.csv --seed 0          # one split for every member
 members=()
 for s in $SEEDS; do
+  # the v0.1 members normalised intensity before augmenting (--augment-order intensity-then-augment)
   $P finetune runs/default/manifest.csv --out "runs/default/ft-$INTENSITY-s$s" --intensity "$INTENSITY" \
-     --seed "$s" --epochs 12 --batch-size 64 --workers 8
+     --seed "$s" --epochs 12 --batch-size 64 --workers 8 --augment-order intensity-then-augment --overwrite
   members+=("runs/default/ft-$INTENSITY-s$s")
 done
-$P ensemble "${members[@]}" --out runs/default/ensemble --data runs/default/manifest.csv
+$P ensemble "${members[@]}" --out runs/default/ensemble --data runs/default/manifest.csv --overwrite
 $P export --model runs/default/ensemble
 $P robustness --model runs/default/ensemble --data runs/default/manifest.csv --out runs/default/robustness --n-boot 0
 echo "copy runs/default/ensemble to src/pneumoscan/models/default to ship it"

@@ -93,10 +93,10 @@ def test_latency_bench_compares_torch_and_onnx(tmp_path):
 def test_pipeline_bench_cold_then_cached(dataset_dir, tmp_path):
     from pneumoscan.bench.pipeline import run
 
-    line, path = run(str(dataset_dir / "train"), limit=24, extra=["--no-pretrained", "--backbone", "test_efficientnet"],
+    line, path = run(str(dataset_dir / "train"), limit=36, extra=["--no-pretrained", "--backbone", "test_efficientnet"],
                      train_args=["--epochs", "3", "--patience", "2"], out_dir=tmp_path)
     doc = json.loads(path.read_text())
-    assert doc["images"] == 24 and doc["peak_rss_mb"] > 0
+    assert doc["images"] == 36 and doc["peak_rss_mb"] > 0
     for kind in ("cold", "cached"):
         assert set(doc[kind]) >= {"index", "extract", "train", "evaluate", "total"}
     assert "cold" in line and "cached" in line

@@ -14,7 +14,8 @@ from pneumoscan.train.config import AugmentConfig, FinetuneConfig, TrainConfig
 
 # options that are not settings: what to read and where to write, output formats, and two switches
 NOT_SETTINGS = {"--help", "--out", "--model", "--data", "--json", "--csv", "--add-eval", "--name", "--no-augment",
-                "--weights", "--save-best", "--version", "--verbose", "--quiet", "--layer", "--overwrite"}
+                "--weights", "--save-best", "--version", "--verbose", "--quiet", "--layer", "--overwrite",
+                "--cache", "--backbone", "--no-parity"}  # cache list|clear and check: what to look at, not settings
 
 
 def commands(parser: argparse.ArgumentParser, prefix: str = ""):

@@ -108,7 +108,7 @@ def test_bad_files_are_listed_and_skipped(tmp_path):
     assert len(m) == 12
     reasons = {Path(p).name: why for p, why in m.skipped}
     assert set(reasons) == {"notes.txt", "IM-9999-0001.jpeg", "IM-9998-0001.png", "person9_unknown_1.jpeg"}
-    assert "not an image" in reasons["notes.txt"]
+    assert "not a JPEG, PNG or DICOM file (.txt)" in reasons["notes.txt"]
     assert "not a JPEG, PNG or DICOM" in reasons["IM-9999-0001.jpeg"]
     assert reasons["IM-9998-0001.png"] == "empty file"
     assert "bacteria" in reasons["person9_unknown_1.jpeg"]

@@ -29,14 +29,17 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def combine(args, builder, **kw) -> int:
-    """Build a combined model (ensemble or soup) in a temporary folder, re-choose its threshold on
-    validation, then put it in place with its card: nothing is installed unless all of it worked."""
-    from ..evaluate.operating_point import retune
-
+def combine(args, builder: str, **kw) -> int:
+    """Build a combined model (``builder``: build_ensemble or build_soup) in a temporary folder, re-choose
+    its threshold on validation, then put it in place with its card: nothing is installed unless all of
+    it worked. Every option and output is checked first."""
     th = build(ThresholdConfig, args)
     check_inputs_exist(*args.models, args.data)
     check_out(args, "model")
+    from ..evaluate.operating_point import retune
+    from ..train import ensemble
+
+    builder = getattr(ensemble, builder)
     with new_model_dir(args.out, args.overwrite) as tmp:
         builder(args.models, tmp, force=th.force, command=command_line(), **kw)
         if args.data is not None or (tmp / "manifest.csv").is_file():
@@ -50,7 +53,4 @@ def combine(args, builder, **kw) -> int:
 
 
 def run(args) -> int:
-    cfg = build(EnsembleConfig, args)
-    from ..train.ensemble import build_ensemble
-
-    return combine(args, build_ensemble, tta=cfg.tta)
+    return combine(args, "build_ensemble", tta=build(EnsembleConfig, args).tta)

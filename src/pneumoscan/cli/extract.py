@@ -27,6 +27,9 @@ def run(args) -> int:
 
     if ext.cache:
         check_writable(ext.cache, "dir", "--cache")
+    from ..nets.backbones import check_weights
+
+    check_weights(tc.backbone, tc.weights, tc.pretrained)  # before any data is read
     from ..data.index import resolve_manifest
     from ..features.extract import extract_features
 

@@ -33,6 +33,9 @@ def run(args) -> int:
     check_inputs_exist(args.data, cfg.init_from)
     check_out(args, "model")
     cfg.check_machine()  # devices, accelerator, strategy: before any data is read
+    from ..nets.backbones import check_weights
+
+    check_weights(cfg.backbone, cfg.weights, cfg.pretrained)  # before any data is read
     tame_lightning()
     from ..train.finetune import finetune
 

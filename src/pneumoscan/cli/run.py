@@ -24,6 +24,9 @@ def run(args) -> int:
     cfg, ext = build(TrainConfig, args), build(ExtractConfig, args)
     check_inputs_exist(args.data)
     _check_run_out(args)
+    from ..nets.backbones import check_weights
+
+    check_weights(cfg.backbone, cfg.weights, cfg.pretrained)  # before any data is read
     from ..errors import DataError
     from ..pipeline import default_data_dir, run_pipeline
 

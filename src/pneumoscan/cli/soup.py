@@ -23,7 +23,4 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    cfg = build(EnsembleConfig, args)
-    from ..train.ensemble import build_soup
-
-    return combine(args, build_soup, coefficients=cfg.coefficients)
+    return combine(args, "build_soup", coefficients=build(EnsembleConfig, args).coefficients)

@@ -33,6 +33,9 @@ def run(args) -> int:
     check_out(args, "model")
     if ext.cache:
         check_writable(ext.cache, "dir", "--cache")
+    from ..nets.backbones import check_weights
+
+    check_weights(cfg.backbone, cfg.weights, cfg.pretrained)  # before any data is read
     tame_lightning()
     from ..train.head import train
 

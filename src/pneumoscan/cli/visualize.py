@@ -40,23 +40,23 @@ def _png_path(text: str):
 
 
 def run_filters(args) -> int:
+    out = _png_path(args.out)
     from ..explain.inspect import filters_figure
     from ..plots import save_figure
     from ..predict import Predictor
 
-    out = _png_path(args.out)
     pred = Predictor(args.model, backend="torch")
     print(f"filters -> {save_figure(filters_figure(pred.net, title=pred.model_id), out, dpi=120)}")
     return 0
 
 
 def run_activations(args) -> int:
+    out = _png_path(args.out)
     from ..data.imaging import load_xray
     from ..explain.inspect import activations, activations_figure, resolve_layer
     from ..plots import save_figure
     from ..predict import Predictor
 
-    out = _png_path(args.out)
     pred = Predictor(args.model, backend="torch")
     layer, _ = resolve_layer(pred.net, pred.prep_cfg.size, args.layer)
     x = load_xray(args.image, max_pixels=pred.max_pixels, size_hint=pred.prep_cfg.size)

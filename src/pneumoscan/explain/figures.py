@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.patches import Rectangle
 
 from ..data.imaging import XRay
+from ..data.index import label_from_path
 from ..errors import PneumoscanError
 from ..io import atomic_path
 from ..plots import plt, save_figure
@@ -25,6 +26,14 @@ log = logging.getLogger(__name__)
 
 DISPLAY_SIDE = 512  # longest side of the X-ray as drawn (px); the map is stretched to it
 NAMES = {"occlusion": "occlusion sensitivity", "gradcam": "Grad-CAM"}
+
+
+def short_name(name: str, width: int = 28) -> str:
+    """A file name cut to ``width`` characters with an ellipsis in the middle (both ends stay readable)."""
+    if len(name) <= width:
+        return name
+    keep = width - 1
+    return name[: keep - keep // 2] + "…" + name[-(keep // 2):]
 
 
 def save_array(arr: np.ndarray, path: str | os.PathLike) -> Path:
@@ -58,7 +67,7 @@ def _style(e: Explanation, heat: np.ndarray) -> dict:
         lim = float(np.abs(heat).max()) or 1e-6
         return dict(cmap="RdBu_r", vmin=-lim, vmax=lim, label=f"drop in P({e.label})")
     top = float(heat.max()) or 1.0
-    return dict(cmap="jet", vmin=0.0, vmax=top, label="Grad-CAM (raw)")
+    return dict(cmap="inferno", vmin=0.0, vmax=top, label="relative importance")  # perceptually uniform, not jet
 
 
 def _title(e: Explanation) -> str:
@@ -151,14 +160,18 @@ def grid_figure(items: Sequence[tuple[str, np.ndarray, Explanation]], model_id: 
                                fill=False, ls="--", lw=1, ec="white"))
         share = e.central_share
         shares.append(share)
-        ax.set_title(f"{Path(name).name[:28]}\n{e.label} {e.probabilities[e.label]:.2f}; central {share:.2f}",
-                     fontsize=7, color="black" if not share < 0.42 else "firebrick")
+        true = label_from_path(Path(name))  # from the folders, when the image sits in a labelled layout
+        wrong = true is not None and true != e.label
+        verdict = (f"true {true}, called {e.label}" if true else f"called {e.label}") + f" {e.probabilities[e.label]:.2f}"
+        ax.set_title(f"{short_name(Path(name).name)}\n{'MISTAKE: ' if wrong else ''}{verdict}; central {share:.2f}",
+                     fontsize=7, color="firebrick" if wrong or share < 0.42 else "black",
+                     fontweight="bold" if wrong else "normal")
     for ax in list(axes.flat)[n:]:
         ax.set_axis_off()
     med = float(np.nanmedian(shares)) if not all(np.isnan(shares)) else float("nan")
     method = NAMES[items[0][2].method]
     fig.suptitle(f"{method}{' - ' + model_id if model_id else ''}: median share of the map inside the dashed "
-                 f"central chest region {med:.2f} (0.42 = spread evenly; red titles are below that)", fontsize=9)
+                 f"central chest region {med:.2f} (0.42 = spread evenly); red: below 0.42, or a mistake (bold)", fontsize=9)
     return fig
 
 

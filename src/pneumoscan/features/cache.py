@@ -62,3 +62,29 @@ class FeatureCache:
         data = save({"sha1": sha, "features": np.ascontiguousarray(feats, dtype=np.float32)})
         name = f"part-{time.time_ns():020d}-{hashlib.sha1(sha.tobytes()).hexdigest()[:8]}.safetensors"
         atomic_write_bytes(self.root / name, data)
+
+    LOCK_NAME = ".lock"
+
+    def lock(self):
+        """An inter-process lock on this cache folder (released when the holder exits, even by a crash)."""
+        from filelock import FileLock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / self.LOCK_NAME))
+
+    def summary(self) -> dict:
+        """Shards, features and bytes on disk, and when it was last written."""
+        shards = sorted(self.root.glob("part-*.safetensors"))
+        size = sum(f.stat().st_size for f in self.root.iterdir() if f.is_file())
+        return {"path": str(self.root), "shards": len(shards), "features": len(self.load()) if shards else 0,
+                "mb": round(size / 2**20, 1), "modified": max((f.stat().st_mtime for f in shards), default=None),
+                "onnx_exports": len(list(self.root.glob("backbone-*.onnx")))}
+
+
+def list_caches(cache_dir: str | os.PathLike | None = None) -> list[FeatureCache]:
+    """Every feature cache folder under ``cache_dir`` (default: :func:`default_cache_dir`)."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    if not root.is_dir():
+        return []
+    return [FeatureCache(d) for d in sorted(root.iterdir()) if d.is_dir() and any(d.glob("part-*.safetensors"))
+            or (d.is_dir() and any(d.glob("backbone-*.onnx")))]

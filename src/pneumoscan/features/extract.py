@@ -101,16 +101,18 @@ def extract_features(
         net, weights_id = create_backbone(backbone, pretrained=pretrained, weights=weights)
     cache = FeatureCache.for_key(cache_dir or default_cache_dir(), backbone, weights_id or "custom", prep)
     cached = cache.load()
-    todo = [i for i, s in enumerate(samples) if s.sha1 not in cached]
-    # One computation per distinct content: duplicates in the data share a row.
-    seen: dict[str, int] = {}
-    todo = [i for i in todo if seen.setdefault(samples[i].sha1, i) == i]
+    todo = _todo(samples, cached)
     info = {"backbone": backbone, "weights_id": weights_id, "preprocess": prep.to_dict(), "cache": str(cache.root),
             "cached": len(samples) - len(todo), "computed": 0, "failed": [], "engine": None}
     if todo:
-        run = make_engine(net, prep, cache.root, device, engine, len(todo))
-        info["engine"] = run.name
-        _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers, progress)
+        with cache.lock():  # a second run on this cache waits, then finds the first one's features
+            cached = cache.load()
+            todo = _todo(samples, cached)
+            info["cached"] = len(samples) - len(todo)
+            if todo:
+                run = make_engine(net, prep, cache.root, device, engine, len(todo))
+                info["engine"] = run.name
+                _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers, progress)
     dim = next(iter(cached.values())).shape[0] if cached else 0
     feats = np.zeros((len(samples), dim), np.float32)
     ok = np.zeros(len(samples), bool)
@@ -119,6 +121,12 @@ def extract_features(
         if f is not None:
             feats[i], ok[i] = f, True
     return feats, ok, info
+
+
+def _todo(samples, cached: dict) -> list[int]:
+    """Indices to compute: not cached, and one per distinct content (duplicates share a row)."""
+    seen: dict[str, int] = {}
+    return [i for i, s in enumerate(samples) if s.sha1 not in cached and seen.setdefault(s.sha1, i) == i]
 
 
 def _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers, progress) -> None:

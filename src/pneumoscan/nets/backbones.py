@@ -8,6 +8,7 @@ timm's pretrained config once, and every model directory records it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -99,13 +100,76 @@ def create_backbone(name: str, *, pretrained: bool = True, weights: str | Path |
         model.reset_classifier(0)
         return model, f"file-{_file_id(path)}"
     try:
-        model = timm.create_model(spec.timm_name, pretrained=True, num_classes=0)
+        with _offline_unless_reachable():
+            model = timm.create_model(spec.timm_name, pretrained=True, num_classes=0)
     except Exception as e:  # network, hub or cache failure: never fall back to random weights
         raise WeightsError(
             f"cannot fetch ImageNet weights for {name} ({type(e).__name__}); connect to the internet, "
             "pass --weights FILE (timm state dict, .pth or .safetensors), or --no-pretrained to use random weights"
         ) from None
     return model, f"hub-{spec.timm_name}"
+
+
+def check_weights(name: str, weights: str | Path | None = None, pretrained: bool = True) -> None:
+    """Fail at once (:class:`WeightsError`) when a backbone's weights cannot be had: a missing file,
+    a missing offline package, or the hub unreachable without a cached copy. Loads nothing."""
+    spec = get_spec(name)
+    if not pretrained:
+        return
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise WeightsError(f"weights file {weights} does not exist")
+        return
+    if spec.offline is not None:
+        spec.offline()  # raises WeightsError naming the package to install
+        return
+    if not hub_reachable():
+        cfg = timm.get_pretrained_cfg(spec.timm_name)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str)
+                                    for f in ("model.safetensors", "pytorch_model.bin"))
+        except ImportError:  # pragma: no cover
+            cached = False
+        if not cached:
+            raise WeightsError(f"ImageNet weights for {name} are not on this machine and {HUB_HOST} cannot be "
+                               "reached; connect to the internet, pass --weights FILE, or --no-pretrained")
+
+
+HUB_HOST = "huggingface.co"  # where timm's pretrained weights live
+PROBE_TIMEOUT_S = 3.0  # one connection attempt decides whether the hub is reachable
+
+
+def hub_reachable(host: str = HUB_HOST, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """One TCP connection attempt to the weights hub (no retries, no download)."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable():
+    """Without a reachable hub, let huggingface_hub answer from its cache at once instead of retrying
+    for close to a minute before the same error."""
+    if hub_reachable():
+        yield
+        return
+    try:
+        import huggingface_hub.constants as hf
+    except ImportError:  # pragma: no cover - timm depends on it
+        yield
+        return
+    saved = hf.HF_HUB_OFFLINE
+    hf.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf.HF_HUB_OFFLINE = saved
 
 
 def build_architecture(name: str) -> nn.Module:
