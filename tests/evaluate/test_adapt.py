@@ -1,0 +1,56 @@
+"""Prior estimation at a new site: known-answer tests of EM (Saerens et al.) and BBSE, and the command."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pneumoscan.cli import main
+from pneumoscan.evaluate.adapt import bbse_prior, em_prior
+from pneumoscan.labels import LABELS
+
+
+def _posteriors(prior, n, rng, train_prior=(1 / 3, 1 / 3, 1 / 3)):
+    """Labels drawn with ``prior``, one noisy Gaussian score per class, and the exact Bayes posteriors
+    for ``train_prior`` (so the model is calibrated for its training prior, as EM assumes)."""
+    y = rng.choice(3, n, p=prior)
+    x = rng.normal(0, 1, (n, 3)) + 1.6 * np.eye(3)[y]
+    lik = np.exp(-0.5 * ((x[:, None, :] - 1.6 * np.eye(3)[None]) ** 2).sum(-1))  # (n, class)
+    post = lik * np.asarray(train_prior)
+    return y, post / post.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("target", [(0.6, 0.3, 0.1), (0.2, 0.2, 0.6), (1 / 3, 1 / 3, 1 / 3)])
+def test_em_recovers_a_known_prior(target):
+    rng = np.random.default_rng(1)
+    _, post = _posteriors(target, 6000, rng)
+    est, iters = em_prior(post, np.full(3, 1 / 3))
+    np.testing.assert_allclose(est, target, atol=0.03)
+    assert 1 <= iters < 1000
+    naive = post.mean(0)  # what averaging the posteriors would say: pulled towards the training prior
+    if not np.allclose(target, 1 / 3):
+        assert np.abs(naive - target).max() > 0.05 > np.abs(est - target).max()
+
+
+def test_bbse_recovers_a_known_prior_from_hard_predictions():
+    rng = np.random.default_rng(2)
+    y_val, p_val = _posteriors((1 / 3, 1 / 3, 1 / 3), 6000, rng)
+    y_t, p_t = _posteriors((0.7, 0.2, 0.1), 6000, rng)
+    est = bbse_prior(p_val.argmax(1), y_val, p_t.argmax(1))
+    np.testing.assert_allclose(est, (0.7, 0.2, 0.1), atol=0.03)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["em", "bbse"])
+def test_adapt_command_reports_and_writes_the_estimate(method, tiny_model_dir, dataset_dir, tmp_path, capsys):
+    out = tmp_path / "prior.json"
+    rc = main(["-q", "adapt", str(dataset_dir / "train" / "NORMAL"), "--model", str(tiny_model_dir),
+               "--method", method, "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["method"] == method and r["n"] == 16 and set(r["prior"]) == set(LABELS)
+    assert sum(r["prior"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert r["prior"]["normal"] > 0.5  # a folder of normal films
+    assert "estimated pneumonia prevalence" in text
