@@ -121,20 +121,26 @@ def _edited_copy(src, dst, **changes):
     shutil.copytree(src, dst)
     cfg = json.loads((dst / "config.json").read_text())
     for key, value in changes.items():
-        if key == "size":
-            cfg["preprocess"]["size"] = value
+        if key in ("size", "intensity"):
+            cfg["preprocess"][key] = value
         else:
             cfg[key] = value
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 
 
-def test_refuses_members_with_other_input_size(tiny_model_dir, tmp_path, capsys):
-    other = _edited_copy(tiny_model_dir, tmp_path / "big", size=96)
-    rc = main(["-q", "ensemble", str(tiny_model_dir), str(other), "--out", str(tmp_path / "e")])
+def test_refuses_members_with_other_intensity_and_soups_of_other_sizes(tiny_model_dir, tmp_path, capsys):
+    """Sizes may differ in an ensemble (resized in the graph), never the intensity normalisation; a
+    soup averages weights, so its members must share the input size too."""
+    clahe = _edited_copy(tiny_model_dir, tmp_path / "clahe", intensity="clahe")
+    rc = main(["-q", "ensemble", str(tiny_model_dir), str(clahe), "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err
-    assert rc == 2 and "input size" in err and str(other) in err
-    assert not (tmp_path / "e").exists()
+    assert rc == 2 and "intensity normalisation" in err and str(clahe) in err
+    big = _edited_copy(tiny_model_dir, tmp_path / "big", size=96)
+    rc = main(["-q", "soup", str(tiny_model_dir), str(big), "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "input size" in err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "s").exists()
 
 
 def test_refuses_mixed_manifests_unless_forced(tiny_model_dir, second_model_dir, dataset_dir, tmp_path):
@@ -167,3 +173,34 @@ def test_flip_tta_exports_to_onnx(flip_dir):
     x = _batch(seed=2)
     np.testing.assert_allclose(Predictor(out, backend="onnx").probabilities(x.numpy()),
                                Predictor(out).probabilities(x), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_lower_resolution_member_is_resized_inside_the_graph(tiny_model_dir, tmp_path_factory, tmp_path):
+    """A 48-px member beside a 64-px one: the ensemble takes 64 px and resizes for the small member;
+    predictions, ONNX export and Grad-CAM all work at the ensemble's input size."""
+    import torch
+
+    from pneumoscan.explain.gradcam import GradCAM
+    from pneumoscan.export.onnx import export_onnx
+    from pneumoscan.nets.checkpoint import load_model
+    from pneumoscan.train.config import TrainConfig
+    from pneumoscan.train.head import train
+
+    small = train(Manifest.load(tiny_model_dir / "manifest.csv"), tmp_path / "small",
+                  TrainConfig(backbone="test_efficientnet", size=48, pretrained=False, max_epochs=4, lr=1e-2),
+                  extract=ExtractConfig(cache=str(tmp_path / "c"), workers=0), progress=False, command="pytest")
+    out = build_ensemble([tiny_model_dir, small], tmp_path / "mixed-res")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preprocess"]["size"] == 64
+    ens = load_model(out).net
+    assert [v.size for v in ens.views()] == [None, 48]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        small_net = load_model(small).net
+        ref = (load_model(tiny_model_dir).net(x).softmax(-1) + small_net(torch.nn.functional.interpolate(
+            x, size=(48, 48), mode="bilinear", antialias=True, align_corners=False)).softmax(-1)) / 2
+        torch.testing.assert_close(ens(x).exp(), ref, atol=1e-6, rtol=1e-5)
+    export_onnx(out)  # the parity check inside must pass with the resize in the graph
+    cam = GradCAM()(ens, x[:1], 1)
+    assert cam.shape == (64, 64) and np.isfinite(cam).all()

@@ -53,6 +53,9 @@ class GradCAM:
             maps = []
             for v in views_of(net):
                 cam = self._one(v.net, v.input(x), target)
+                if cam.shape[-1] != x.shape[-1]:  # a lower-resolution member: its map back at the input's size
+                    from captum.attr import LayerAttribution
+                    cam = LayerAttribution.interpolate(cam[None, None], tuple(x.shape[-2:]), self.interpolation)[0, 0]
                 maps.append(cam.flip(-1) if v.flipped else cam)
         if len(maps) == 1:
             return maps[0].numpy().astype(np.float32)

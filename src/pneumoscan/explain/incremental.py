@@ -365,6 +365,9 @@ class IncrementalOcclusion:
         self.views: list[tuple[SplitNet, int, np.ndarray | None, bool]] = []  # (net, member, affine, flipped)
         splits: dict[int, SplitNet] = {}
         for v in views_of(net):  # the ensemble's own list of views: members, mirrored ones with flip TTA
+            if v.size is not None:
+                raise UnsupportedNetwork("a member at another resolution (resized inside the graph) cannot be "
+                                         "occluded incrementally")
             if v.index not in splits:
                 splits[v.index] = SplitNet(v.net, self.size, cache_dir, last_stride, self.n_lanes)
             affine = None if v.affine is None else np.stack([t.detach().cpu().numpy().reshape(3) for t in v.affine])

@@ -18,7 +18,7 @@ from ..io import atomic_path, atomic_write_json, file_digest
 from ..labels import DEFAULT_THRESHOLD, LABELS
 from ..preprocess import PreprocessConfig
 from .backbones import build_architecture
-from .heads import Ensemble, Head, PneumoNet, member_input_affine
+from .heads import Ensemble, Head, PneumoNet, member_input_affine, member_input_size
 from .modeldir import CONFIG_NAME, FORMAT, WEIGHTS_NAME, read_config, verify_file
 
 
@@ -71,7 +71,9 @@ def build_net(cfg: dict) -> nn.Module:
     """The architecture described by a config (no weights)."""
     if cfg.get("kind") == "ensemble":
         affine = [member_input_affine(cfg["preprocess"], m["preprocess"]) for m in cfg["members"]]
-        return Ensemble([build_net(m) for m in cfg["members"]], tta=cfg.get("tta", "none"), input_affine=affine)
+        sizes = [member_input_size(cfg["preprocess"], m["preprocess"]) for m in cfg["members"]]
+        return Ensemble([build_net(m) for m in cfg["members"]], tta=cfg.get("tta", "none"), input_affine=affine,
+                        input_sizes=sizes)
     backbone = build_architecture(cfg["backbone"])
     head = Head(int(cfg["head"]["in_features"]), len(cfg.get("labels", LABELS)), float(cfg["head"].get("dropout", 0.0)))
     return PneumoNet(backbone, head)

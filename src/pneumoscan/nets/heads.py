@@ -38,10 +38,14 @@ class View:
     net: nn.Module  # the member network (backbone + head)
     affine: tuple[torch.Tensor, torch.Tensor] | None  # (scale, shift), each (1, 3, 1, 1), or None
     flipped: bool  # the horizontally mirrored image
+    size: int | None = None  # the member's input side when it differs from the ensemble's (resized in the graph)
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         """The member's input for the ensemble's normalised input ``x`` (N, 3, S, S)."""
         v = x * self.affine[0] + self.affine[1] if self.affine is not None else x
+        if self.size is not None and self.size != v.shape[-1]:  # antialiased, as an area resize would be
+            v = nn.functional.interpolate(v, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                          align_corners=False)
         return v.flip(-1) if self.flipped else v
 
 
@@ -78,11 +82,13 @@ class Ensemble(nn.Module):
     Everything happens inside the graph, so ONNX export and serving get the same model:
     ``tta="flip"`` also scores the horizontally flipped image and averages it in, and
     ``input_affine`` (one ``(scale, shift)`` pair of 3-vectors per member, or ``None``)
-    maps the ensemble's normalised input to a member whose mean/std differ.
+    maps the ensemble's normalised input to a member whose mean/std differ, and ``input_sizes``
+    (one side per member, or ``None``) resizes it for a member trained at a lower resolution.
     """
 
     def __init__(self, members: list[nn.Module], tta: str = "none",
-                 input_affine: list[tuple[list[float], list[float]] | None] | None = None) -> None:
+                 input_affine: list[tuple[list[float], list[float]] | None] | None = None,
+                 input_sizes: list[int | None] | None = None) -> None:
         super().__init__()
         if tta not in TTA:
             raise ModelError(f"test-time augmentation {tta!r} is unknown; use one of {', '.join(TTA)}")
@@ -92,6 +98,9 @@ class Ensemble(nn.Module):
         if len(affine) != len(members):
             raise ModelError(f"{len(affine)} input mappings for {len(members)} ensemble members")
         self._renorm = [a is not None for a in affine]
+        self.input_sizes = list(input_sizes or [None] * len(members))
+        if len(self.input_sizes) != len(members):
+            raise ModelError(f"{len(self.input_sizes)} input sizes for {len(members)} ensemble members")
         for i, a in enumerate(affine):  # not persistent: rebuilt from config.json, never in the weights
             scale, shift = a if a is not None else ([1.0] * 3, [0.0] * 3)
             self.register_buffer(f"in_scale_{i}", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1),
@@ -110,7 +119,8 @@ class Ensemble(nn.Module):
         """Every network run the ensemble averages: each member, and with flip TTA also each member
         on the mirrored image (member order, unflipped first)."""
         flips = (False, True) if self.tta == "flip" else (False,)
-        return [View(i, m, self.member_affine(i), f) for i, m in enumerate(self.members) for f in flips]
+        return [View(i, m, self.member_affine(i), f, self.input_sizes[i])
+                for i, m in enumerate(self.members) for f in flips]
 
     def combine(self, per_view: Sequence) -> "torch.Tensor":
         """The ensemble's result from one result per view (tensors or arrays of one shape): the mean
@@ -124,11 +134,17 @@ class Ensemble(nn.Module):
             n = x.shape[0]
             probs = []
             for v in self.views()[::2]:
-                p = v.net(torch.cat([v.input(x), v.input(x).flip(-1)])).softmax(-1)
+                vx = v.input(x)
+                p = v.net(torch.cat([vx, vx.flip(-1)])).softmax(-1)
                 probs += [p[:n], p[n:]]
         else:
             probs = [v.net(v.input(x)).softmax(-1) for v in self.views()]
         return self.combine(probs).clamp_min(1e-12).log()
+
+
+def member_input_size(ensemble_prep: dict, member_prep: dict) -> int | None:
+    """The member's own input side when it is not the ensemble's (the graph resizes to it)."""
+    return None if int(member_prep["size"]) == int(ensemble_prep["size"]) else int(member_prep["size"])
 
 
 def member_input_affine(ensemble_prep: dict, member_prep: dict) -> tuple[list[float], list[float]] | None:

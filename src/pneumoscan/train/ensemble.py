@@ -4,8 +4,11 @@ test-time flip) or a soup (averaged weights: one network).
 An ensemble is an ordinary model directory (``kind: "ensemble"``): ``config.json`` lists each
 member's config, ``model.safetensors`` holds every member's weights under ``members.<i>.``,
 and the averaging (and the flip) happen inside the network, so predict, evaluate, export and
-serve use it unchanged. Members must share the input size and intensity normalisation; a
-different mean/std is mapped inside the graph. The members' shared ``manifest.csv`` is copied,
+serve use it unchanged. Members must share the intensity normalisation; a different mean/std is
+mapped inside the graph, and a member trained at a lower resolution (e.g. 160 px beside 224 px
+ones) gets the ensemble's input resized to its side inside the graph (antialiased bilinear; with
+CLAHE the member then sees the equalisation of the larger image, which its validation figures in
+the ensemble reflect). The members' shared ``manifest.csv`` is copied,
 and the threshold starts as the mean of the members'; re-choose it on validation next
 (:func:`pneumoscan.evaluate.operating_point.retune`, which ``pneumoscan ensemble`` runs).
 """
@@ -23,7 +26,7 @@ from ..errors import ModelError
 from ..labels import DEFAULT_THRESHOLD
 from ..metrics import model_prior
 from ..nets.checkpoint import ModelBundle, load_model, save_model
-from ..nets.heads import TTA, Ensemble, member_input_affine
+from ..nets.heads import TTA, Ensemble, member_input_affine, member_input_size
 from ..nets.modeldir import read_config
 
 log = logging.getLogger(__name__)
@@ -31,9 +34,10 @@ log = logging.getLogger(__name__)
 _MEMBER_DROP = ("files",)  # per-directory bookkeeping that means nothing inside the ensemble
 
 
-def check_compatible(dirs: Sequence[Path], configs: Sequence[dict], force: bool = False) -> None:
-    """Members must share labels, input size and intensity normalisation, and (unless forced) the
-    manifest they were trained on; the message names the members that differ and the fix."""
+def check_compatible(dirs: Sequence[Path], configs: Sequence[dict], force: bool = False, same_size: bool = True) -> None:
+    """Members must share labels and intensity normalisation (and, unless ``same_size`` is off, the input
+    size), and unless forced the manifest they were trained on; the message names the members that
+    differ and the fix."""
     first, d0 = configs[0], dirs[0]
     p0 = first["preprocess"]
     for d, c in zip(dirs[1:], configs[1:]):
@@ -42,6 +46,8 @@ def check_compatible(dirs: Sequence[Path], configs: Sequence[dict], force: bool 
                              "ensemble members must share the class order")
         p = c["preprocess"]
         for key, what in (("size", "input size"), ("intensity", "intensity normalisation")):
+            if key == "size" and not same_size:
+                continue
             if p.get(key, "none") != p0.get(key, "none"):
                 raise ModelError(f"members differ in {what}: {d0} uses {p0.get(key)!r}, {d} uses {p.get(key)!r}; "
                                  f"ensemble models trained with the same --size and --intensity")
@@ -70,7 +76,7 @@ def ensemble_config(dirs: Sequence[Path], configs: Sequence[dict], tta: str, com
         "members": [_member_config(c) for c in configs],
         "member_dirs": [str(d) for d in dirs],
         "tta": tta,
-        "preprocess": dict(configs[0]["preprocess"]),
+        "preprocess": dict(max((c["preprocess"] for c in configs), key=lambda p: int(p["size"]))),
         "labels": list(configs[0].get("labels", [])),
         "finetuned": any(bool(c.get("finetuned")) for c in configs),
         "threshold": float(np.mean([float(c.get("threshold", DEFAULT_THRESHOLD)) for c in configs])),
@@ -110,11 +116,12 @@ def build_ensemble(model_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
         raise ModelError("an ensemble needs two or more model directories (or one with --tta flip)")
     _check_members(dirs, out)
     configs = [read_config(d) for d in dirs]
-    check_compatible(dirs, configs, force)
+    check_compatible(dirs, configs, force, same_size=False)  # smaller members get their side inside the graph
     bundles: list[ModelBundle] = [load_model(d) for d in dirs]  # verifies every member's SHA-256
     cfg = ensemble_config(dirs, configs, tta, command)
     affine = [member_input_affine(cfg["preprocess"], c["preprocess"]) for c in configs]
-    save_model(out, Ensemble([b.net for b in bundles], tta=tta, input_affine=affine), cfg)
+    sizes = [member_input_size(cfg["preprocess"], c["preprocess"]) for c in configs]
+    save_model(out, Ensemble([b.net for b in bundles], tta=tta, input_affine=affine, input_sizes=sizes), cfg)
     _copy_manifest(dirs, cfg, out)
     log.info("ensemble of %d written to %s", len(dirs), out)
     return out
