@@ -27,7 +27,6 @@ def ft_dir(tmp_path_factory, dataset_dir):
     return finetune(dataset_dir, tmp_path_factory.mktemp("ft") / "m", cfg, progress=False, command="test")
 
 
-@pytest.mark.slow
 def test_finetune_writes_standard_model_dir(ft_dir, tiny_model_dir):
     cfg = json.loads((ft_dir / "config.json").read_text())
     ref = json.loads((tiny_model_dir / "config.json").read_text())

@@ -102,3 +102,37 @@ def random_erase(x: torch.Tensor, p: float) -> torch.Tensor:
     box &= (torch.rand(n, device=dev) < p).view(n, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return torch.where(box.unsqueeze(1), mean, x)
+
+
+class BatchInput(nn.Module):
+    """uint8 images (N, S, S) on the training device -> normalised network input (N, 3, S, S).
+
+    With ``augment`` in train mode the batch is augmented first; when ``batch_intensity`` is set the
+    intensity normalisation (CLAHE / equalisation, on the CPU with OpenCV) runs after the augmentation,
+    as it runs after resizing at inference; then the backbone's mean and std. Fine-tuning and
+    self-supervised pretraining share this one path from pixels to tensors.
+    """
+
+    def __init__(self, prep, augment: AugmentConfig, batch_intensity: bool) -> None:
+        super().__init__()
+        from ..preprocess import Preprocess
+
+        self.augment = BatchAugment(augment)
+        self.pre = Preprocess(prep)
+        self.batch_intensity = batch_intensity and prep.intensity != "none"
+        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x_u8: torch.Tensor, augment: bool) -> torch.Tensor:
+        if augment:
+            self.augment.train()
+            x = self.augment(x_u8.float().div_(255.0).unsqueeze(1))
+            if self.batch_intensity:
+                x_u8 = x.squeeze(1).mul(255.0).round_().to(torch.uint8)
+        if self.batch_intensity:
+            eq = self.pre.intensity_batch(x_u8.cpu().numpy())
+            x = torch.from_numpy(eq).to(x_u8.device).float().div_(255.0).unsqueeze(1)
+        elif not augment:
+            x = x_u8.float().div_(255.0).unsqueeze(1)
+        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)

@@ -30,8 +30,8 @@ from ..metrics import choose_threshold, compute_metrics
 from ..nets.backbones import create_backbone, default_preprocess
 from ..nets.checkpoint import save_model
 from ..nets.heads import Head, PneumoNet
-from ..preprocess import Preprocess, PreprocessConfig
-from .augment import BatchAugment
+from ..preprocess import PreprocessConfig
+from .augment import BatchInput
 from .callbacks import KeepBest, ema_callback, progress_bar, raise_if_interrupted
 from .config import FinetuneConfig
 from .head import class_weights
@@ -88,30 +88,15 @@ def make_module(net: PneumoNet, cfg: FinetuneConfig, prep: PreprocessConfig, wei
         def __init__(self) -> None:
             super().__init__()
             self.net = net
-            self.augment = BatchAugment(cfg.augment)
-            self.pre = Preprocess(prep)
             # intensity normalisation per batch, after the augmentation (see FinetuneConfig.augment_order)
-            self.batch_intensity = cfg.augment_order == "augment-then-intensity" and prep.intensity != "none"
-            self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1), persistent=False)
+            self.inputs = BatchInput(prep, cfg.augment, cfg.augment_order == "augment-then-intensity")
             self.register_buffer("weight", weight if weight is not None else torch.ones(n_classes), persistent=False)
             self.train_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
             self.val_loss = nn.CrossEntropyLoss()
 
         def prepare(self, x_u8: torch.Tensor, augment: bool) -> torch.Tensor:
             """uint8 (N, S, S) -> normalised (N, 3, S, S): [augmentation], intensity step, mean/std."""
-            if augment:
-                self.augment.train()
-                x = self.augment(x_u8.float().div_(255.0).unsqueeze(1))
-                if self.batch_intensity:
-                    x_u8 = x.squeeze(1).mul(255.0).round_().to(torch.uint8)
-            if self.batch_intensity:
-                eq = self.pre.intensity_batch(x_u8.cpu().numpy())
-                x = torch.from_numpy(eq).to(x_u8.device).float().div_(255.0).unsqueeze(1)
-            elif not augment:
-                x = x_u8.float().div_(255.0).unsqueeze(1)
-            x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
-            return x.contiguous(memory_format=torch.channels_last)
+            return self.inputs(x_u8, augment)
 
         def forward(self, x_u8: torch.Tensor) -> torch.Tensor:
             """Logits for uint8 images, without augmentation (validation and prediction)."""
