@@ -160,3 +160,27 @@ def test_soup_is_the_weighted_mean_of_its_members(lpft, tmp_path, capsys):
     assert cfg["kind"] == "single" and cfg["soup"]["coefficients"] == [0.25, 0.75]
     assert "Youden" in cfg["threshold_method"] and "soup" in (out / "MODEL_CARD.md").read_text()
     assert main(["-q", "soup", str(lpft[0]), "--out", str(tmp_path / "one")]) == 2  # needs two or more
+
+
+@pytest.mark.slow
+def test_pretrain_writes_a_backbone_that_train_takes_as_weights(dataset_dir, tmp_path, capsys):
+    pytest.importorskip("lightly")
+    out = tmp_path / "ssl"
+    rc = main(["-q", "pretrain", str(dataset_dir), "--out", str(out), "--backbone", "test_efficientnet",
+               "--no-pretrained", "--size", "48", "--batch-size", "8", "--epochs", "2", "--workers", "0",
+               "--accelerator", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["steps"] >= 2 and len(info["epoch_losses"]) == 2 and all(np.isfinite(info["epoch_losses"]))
+    assert 0 < info["images"] < 48  # the training split only, never validation
+    from pneumoscan.nets.backbones import create_backbone
+
+    random_net, _ = create_backbone("test_efficientnet", pretrained=False)
+    learned, wid = create_backbone("test_efficientnet", weights=out / "backbone.safetensors")
+    assert wid.startswith("file-")
+    assert not torch.equal(random_net.conv_stem.weight, learned.conv_stem.weight)  # the weights moved
+    probe = tmp_path / "probe"
+    assert main(["-q", "train", str(dataset_dir), "--out", str(probe), "--backbone", "test_efficientnet", "--size", "48",
+                 "--weights", str(out / "backbone.safetensors"), "--epochs", "3", "--workers", "0",
+                 "--cache", str(tmp_path / "c")]) == 0
+    assert json.loads((probe / "config.json").read_text())["weights_source"] == wid

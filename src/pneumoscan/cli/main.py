@@ -14,8 +14,9 @@ import warnings
 from .. import INTENDED_USE, __version__
 from ..errors import PneumoscanError
 
-ORDER = ["run", "data", "extract", "train", "evaluate", "predict", "compare", "finetune", "ensemble", "soup", "threshold",
-         "robustness", "explain", "visualize", "export", "serve", "card", "check", "cache", "adapt", "bench", "backbones"]
+ORDER = ["run", "data", "extract", "train", "evaluate", "predict", "compare", "finetune", "pretrain", "ensemble", "soup",
+         "threshold", "adapt", "robustness", "explain", "visualize", "export", "serve", "card", "check", "cache", "bench",
+         "backbones"]
 NOT_COMMANDS = {"main", "common", "flags"}  # modules of this package that are not commands
 
 

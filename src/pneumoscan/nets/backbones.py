@@ -65,11 +65,17 @@ def map_in_order(src: dict[str, torch.Tensor], model: nn.Module) -> dict[str, to
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load an ImageNet state dict (timm names, or the same layers in the same order)."""
+    """Load an ImageNet state dict (timm names, or the same layers in the same order). A file without the
+    ImageNet classifier (a backbone saved by ``pneumoscan pretrain``) loads too: the classifier is
+    thrown away right after anyway."""
     sd = _read_state_dict(path)
     dst = model.state_dict()
+    prefix = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "classifier"
+    head = {k for k in dst if k.startswith(prefix + ".")}
     if set(sd) >= set(dst):  # timm names: take what the architecture has
         model.load_state_dict({k: sd[k] for k in dst}, strict=True)
+    elif set(sd) >= set(dst) - head:  # timm names without the classifier
+        model.load_state_dict({k: sd[k] for k in dst if k in sd}, strict=False)
     else:
         model.load_state_dict(map_in_order(sd, model), strict=True)
 

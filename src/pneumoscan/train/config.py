@@ -248,3 +248,46 @@ class EnsembleConfig:
 _MEMBER_DROP = ("files",)  # per-directory bookkeeping that means nothing inside the ensemble
 
 
+
+
+def _ssl_augment() -> AugmentConfig:
+    """Stronger views than for supervised training: SimCLR learns what survives them."""
+    return AugmentConfig(rotate=15.0, scale=0.3, translate=0.12, brightness=0.2, contrast=0.4, gamma=0.4,
+                         blur=1.5, noise=0.03, erase=0.3)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Self-supervised pretraining of a backbone on the training X-rays (SimCLR, lightly's loss)."""
+
+    FLAGS: ClassVar[dict[str, str]] = {"pretrained": "--no-pretrained"}
+
+    backbone: str = DEFAULT_BACKBONE  # registered backbone (see 'pneumoscan backbones'), started from ImageNet
+    size: int | None = None  # input side in px; None = the backbone's default
+    intensity: Literal["none", "equalize", "clahe"] = "none"  # intensity normalisation, after the augmentation
+    epochs: int = 100  # passes over the training split's images (a GPU job: about 100 to 200)
+    batch_size: int = 256  # images per step; each gives two views, the rest of the batch are the negatives
+    lr: float = 1e-3  # AdamW learning rate (cosine after a one-epoch warm-up)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    temperature: float = 0.2  # NT-Xent temperature
+    projection_dim: int = 128  # output side of the projection head (thrown away after pretraining)
+    augment: AugmentConfig = field(default_factory=_ssl_augment)  # the two random views of each image
+    val_fraction: float = VAL_FRACTION  # when DATA is a folder: the split whose validation images are left out
+    seed: int = 0  # seeds the views and the batch order
+    pretrained: bool = True  # False: start from random weights instead of ImageNet (tests only)
+    weights: str | None = None  # ImageNet weights file for backbones without offline weights
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"  # Lightning accelerator
+    devices: int | Literal["auto"] = 1  # devices per node
+    precision: Literal[PRECISIONS] = "auto"  # auto: bf16-mixed on a GPU, 32-true on a CPU
+    max_steps: int = -1  # stop after this many steps (smoke tests); -1 = no limit
+    workers: int = 2  # decoding worker processes
+
+    def __post_init__(self) -> None:
+        get_spec(self.backbone)
+        if self.size is not None:
+            PreprocessConfig(size=self.size)
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ConfigError("epochs must be at least 1 and the batch at least 2 images (negatives are needed)")
+        if not 0 < self.lr < 1 or not self.temperature > 0 or self.projection_dim < 1:
+            raise ConfigError("the learning rate must lie in (0, 1), the temperature and projection size be positive")
+        _check_choices(self, "intensity", "accelerator", "precision")
