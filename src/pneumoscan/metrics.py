@@ -220,3 +220,43 @@ def roc_points(y: np.ndarray, probs: np.ndarray) -> dict[str, tuple[np.ndarray, 
             fpr, tpr, _ = roc_curve(t, s)
             out[name] = (fpr, tpr, float(roc_auc_score(t, s)))
     return out
+
+
+def calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error of the top class (Guo et al. 2017): the bin-weighted gap between
+    confidence and accuracy over ``bins`` equal-width confidence bins."""
+    p = np.asarray(probs, float)
+    conf, pred = p.max(axis=1), p.argmax(axis=1)
+    right = (pred == np.asarray(y)).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(conf[m].mean() - right[m].mean())
+    return float(ece)
+
+
+def brier_score(y: np.ndarray, probs: np.ndarray) -> float:
+    """Multi-class Brier score: mean squared distance of the probabilities from the one-hot truth."""
+    p = np.asarray(probs, float)
+    onehot = np.eye(p.shape[1])[np.asarray(y, int)]
+    return float(((p - onehot) ** 2).sum(axis=1).mean())
+
+
+def risk_coverage(y: np.ndarray, probs: np.ndarray, threshold: float,
+                  abstain: tuple[float, ...] = (0.0, 0.05, 0.10, 0.20)) -> list[dict]:
+    """3-class and normal-vs-pneumonia accuracy when the least confident share of images is left out
+    (confidence: the probability of the predicted class)."""
+    p = np.asarray(probs, float)
+    pred = decide(p, threshold)
+    conf = p[np.arange(len(p)), pred]
+    order = np.argsort(-conf, kind="stable")
+    y = np.asarray(y, int)
+    out = []
+    for a in abstain:
+        keep = order[: max(1, int(round(len(p) * (1 - a))))]
+        out.append({"abstain": a, "n": int(len(keep)), "accuracy_3class": float((pred[keep] == y[keep]).mean()),
+                    "pneumonia_accuracy": float(((pred[keep] != NORMAL) == (y[keep] != NORMAL)).mean())})
+    return out

@@ -51,3 +51,23 @@ class ThresholdConfig:
 
     def __post_init__(self) -> None:
         check_method(self.method, self.target_sensitivity)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """How a model learns when not to answer, on its validation split (``pneumoscan calibrate``)."""
+
+    alpha: float = 0.1  # conformal error rate: prediction sets hold the true class for 1 - alpha of exchangeable images
+    temperature: bool = True  # fit temperature scaling of the probabilities (False: sets on the raw probabilities)
+    ood_quantile: float = 0.98  # share of validation images the out-of-distribution score must let through
+    pca_dim: int = 128  # PCA dimensions of the pooled features the Mahalanobis score works in
+    force: bool = False  # use data whose manifest differs from the model's (validation may overlap training)
+    batch_size: int = 32  # images per inference batch
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 0.5:
+            raise PneumoscanError(f"alpha {self.alpha} must lie in (0, 0.5), e.g. 0.1")
+        if not 0.5 < self.ood_quantile < 1:
+            raise PneumoscanError(f"--ood-quantile {self.ood_quantile} must lie in (0.5, 1), e.g. 0.98")
+        if self.pca_dim < 2 or self.batch_size < 1:
+            raise PneumoscanError("--pca-dim must be at least 2 and --batch-size at least 1")

@@ -1,0 +1,155 @@
+"""Teach a model when not to answer, on its own validation split: temperature, conformal sets, OOD gate.
+
+``pneumoscan calibrate --model DIR`` scores the validation split (and, for the out-of-distribution
+score, the training split's pooled features) once, then fits and stores in the model directory:
+
+1. the temperature that minimises the validation negative log-likelihood (the threshold is then
+   re-chosen on the calibrated probabilities, so verdicts and probabilities agree);
+2. the conformal quantile of APS scores at the chosen error rate (coverage measured on held-out
+   halves of the validation split: fit on one half, count on the other);
+3. the Mahalanobis scorer of :mod:`pneumoscan.uncertainty` on the training features, its threshold
+   the ``ood_quantile`` of the validation scores (so at most 2 % of validation images are flagged).
+
+Each figure goes into ``config.json`` (``calibration``, ``conformal``, ``ood``) and the model card;
+``ood.safetensors`` is recorded with its SHA-256 like any weight file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..data.manifest import Manifest
+from ..data.splits import validation_set
+from ..errors import DataError
+from ..io import atomic_write_json, file_digest, json_safe
+from ..labels import LABELS
+from ..metrics import brier_score, calibration_error, choose_threshold, compute_metrics
+from ..nets.modeldir import CONFIG_NAME, read_config
+from ..predict import Predictor
+from ..uncertainty import OOD_FILE, OODScorer, aps_scores, conformal_quantile, prediction_sets, temperature_scale
+from .config import CalibrateConfig
+from .operating_point import write_threshold
+
+log = logging.getLogger(__name__)
+
+
+def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of ``probs`` rescaled by it."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y, int)
+
+    def nll(t: float) -> float:
+        p = temperature_scale(probs, t)
+        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+
+    res = minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded", options={"xatol": 1e-4})
+    return float(res.x)
+
+
+def conformal_check(probs: np.ndarray, y: np.ndarray, alpha: float, seed: int = 0) -> dict:
+    """Coverage and set sizes on held-out halves: the quantile fitted on one half of the validation
+    split is tried on the other, both ways; per class and overall."""
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(y))
+    halves = np.array_split(idx, 2)
+    covered, size, labels = [], [], []
+    for fit, held in ((halves[0], halves[1]), (halves[1], halves[0])):
+        q = conformal_quantile(aps_scores(probs[fit], y[fit]), alpha)
+        sets = prediction_sets(probs[held], q)
+        covered += [LABELS[t] in s for s, t in zip(sets, y[held])]
+        size += [len(s) for s in sets]
+        labels += list(y[held])
+    covered, size, labels = np.array(covered), np.array(size), np.array(labels)
+    return {"coverage": float(covered.mean()), "mean_set_size": float(size.mean()),
+            "by_class": {lab: {"coverage": float(covered[labels == i].mean()), "mean_set_size":
+                               float(size[labels == i].mean()), "n": int((labels == i).sum())}
+                         for i, lab in enumerate(LABELS) if (labels == i).any()}}
+
+
+def fit_ood(train_feats: np.ndarray, train_y: np.ndarray, val_feats: np.ndarray, quantile: float,
+            pca_dim: int) -> OODScorer:
+    """PCA of the training features, class means and a Ledoit-Wolf shared covariance in that space;
+    the threshold lets ``quantile`` of the validation images through."""
+    from sklearn.covariance import LedoitWolf
+    from sklearn.decomposition import PCA
+
+    k = int(min(pca_dim, train_feats.shape[1], len(train_feats) - 1))
+    pca = PCA(n_components=k, random_state=0).fit(train_feats)
+    z = pca.transform(train_feats)
+    y = np.asarray(train_y, int)
+    means = np.stack([z[y == c].mean(0) if (y == c).any() else z.mean(0) for c in range(len(LABELS))])
+    cov = LedoitWolf().fit(z - means[y]).covariance_
+    scorer = OODScorer(mean=pca.mean_, components=pca.components_, class_means=means,
+                       precision=np.linalg.inv(cov), threshold=float("inf"))
+    scorer.threshold = float(np.quantile(scorer.score(val_feats), quantile))
+    return scorer
+
+
+def _method(cfg: dict) -> tuple[str, float | None]:
+    """The threshold method the model was given (Youden unless a target sensitivity was recorded)."""
+    text = str(cfg.get("threshold_method", ""))
+    if "sensitivity >=" in text:
+        return "sensitivity", float(text.rsplit(">=", 1)[1].split()[0])
+    return "youden", None
+
+
+def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = None,
+              cfg: CalibrateConfig = CalibrateConfig(), *, progress: bool = False) -> dict:
+    """Fit and store temperature, conformal quantile and OOD scorer; returns the records written."""
+    d = Path(model_dir)
+    conf = read_config(d)
+    ev = validation_set(data, conf, d, force=cfg.force)
+    manifest_path = d / "manifest.csv" if data is None else Path(data)
+    manifest = Manifest.load(manifest_path) if manifest_path.suffix == ".csv" else None
+    if manifest is None:
+        from ..data.index import resolve_manifest
+        manifest = resolve_manifest(data)
+    train = manifest.subset("train")
+    if not train:
+        raise DataError(f"{manifest_path} has no training split: the out-of-distribution score is fitted on it")
+    pred = Predictor(d)
+    try:
+        pred.temperature, pred.gate = 1.0, False  # fit on the raw outputs, every image scored
+        raw, feats, kept, errors = pred.arrays(ev.paths, cfg.batch_size, progress)
+        y = np.array([dict(zip(ev.paths, ev.y))[p] for p in kept], int)
+        tr_raw, tr_feats, tr_kept, _ = pred.arrays([s.path for s in train], cfg.batch_size, progress)
+        tr_y = np.array([dict((s.path, s.target) for s in train)[p] for p in tr_kept], int)
+    finally:
+        pred.close()
+    if feats is None:
+        raise DataError(f"{d} gives no pooled features (an ONNX export without a 'features' output); export it "
+                        "again with 'pneumoscan export' on a copy, or calibrate with the torch backend")
+    t = fit_temperature(raw, y) if cfg.temperature else 1.0
+    cal = temperature_scale(raw, t)
+    method, target = _method(conf)
+    thr, how = choose_threshold(y, cal, method, target)
+    check = conformal_check(cal, y, cfg.alpha)
+    qhat = conformal_quantile(aps_scores(cal, y), cfg.alpha)
+    scorer = fit_ood(tr_feats, tr_y, feats, cfg.ood_quantile, cfg.pca_dim)
+    flagged = float((scorer.score(feats) > scorer.threshold).mean())
+    scorer.save(d / OOD_FILE)
+    records = {
+        "calibration": {"temperature": t, "fitted_on": "validation", "n": int(len(y)),
+                        "ece_before": calibration_error(y, raw), "ece_after": calibration_error(y, cal),
+                        "brier_before": brier_score(y, raw), "brier_after": brier_score(y, cal)},
+        "conformal": {"method": "aps", "alpha": cfg.alpha, "qhat": qhat, "heldout": check,
+                      "note": "coverage holds for images exchangeable with the validation split only"},
+        "ood": {"file": OOD_FILE, "method": "mahalanobis in a PCA of the pooled features (Lee et al. 2018)",
+                "pca_dim": int(scorer.components.shape[0]), "threshold": scorer.threshold,
+                "validation_flagged": flagged, "quantile": cfg.ood_quantile, "n_train": int(len(tr_y))},
+    }
+    conf = read_config(d)
+    conf.update(records)
+    conf["files"] = {**conf.get("files", {}), OOD_FILE: file_digest(d / OOD_FILE)}
+    atomic_write_json(d / CONFIG_NAME, conf)
+    write_threshold(d, thr, how + " (calibrated probabilities)",
+                    record={"data": ev.source, "n_val": int(len(y)), "calibrated": True},
+                    val_metrics=json_safe(compute_metrics(y, cal, thr)) if ev.matches_model else None)
+    log.info("calibrated %s: T=%.3f, ECE %.3f -> %.3f, conformal qhat %.3f (held-out coverage %.3f), OOD flags "
+             "%.1f%% of validation", d, t, records["calibration"]["ece_before"], records["calibration"]["ece_after"],
+             qhat, check["coverage"], 100 * flagged)
+    return records

@@ -1,0 +1,110 @@
+"""Knowing when not to answer: calibrated probabilities, conformal prediction sets, and a learned
+out-of-distribution score. Torch-free (numpy only): this runs on every prediction, ONNX path included.
+
+* **Temperature scaling** (Guo et al. 2017): probabilities ``softmax(log p / T)`` with one ``T`` fitted
+  on validation (``pneumoscan calibrate``), so that 0.9 means right nine times in ten there.
+* **Split conformal prediction sets** (adaptive prediction sets, APS; Romano et al. 2020): the classes
+  taken in order of probability until their cumulative probability passes a quantile ``qhat`` chosen
+  on validation, so the set holds the true class with probability at least 1 - alpha for data
+  exchangeable with the validation split, and only for such data. A set holding normal and a
+  pneumonia class is a verdict of "uncertain: refer".
+* **Mahalanobis out-of-distribution score** (Lee et al. 2018): the distance of the image's pooled
+  features to the nearest class mean, under the training features' shared covariance, after a PCA;
+  its threshold flags at most 2 % of the validation images. A flagged image gets no diagnosis.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .labels import BACTERIAL, LABELS, NORMAL, VIRAL
+
+OOD_FILE = "ood.safetensors"
+UNCERTAIN = "uncertain: refer"  # the verdict when a prediction set holds normal and a pneumonia class
+
+
+def temperature_scale(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log p / T)`` row-wise: T > 1 softens over-confident probabilities, T = 1 changes nothing."""
+    if temperature == 1.0:
+        return np.asarray(probs, float)
+    z = np.log(np.clip(np.asarray(probs, float), 1e-12, None)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def aps_scores(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Conformity scores of APS: the probability mass of the classes ranked at or above the true one."""
+    p = np.asarray(probs, float)
+    order = np.argsort(-p, axis=1, kind="stable")
+    cum = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
+    rank = np.argmax(order == np.asarray(y)[:, None], axis=1)
+    return cum[np.arange(len(p)), rank]
+
+
+def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
+    """The split-conformal quantile: the ceil((n + 1)(1 - alpha)) / n empirical quantile of the scores."""
+    n = len(scores)
+    level = min(1.0, np.ceil((n + 1) * (1 - alpha)) / n)
+    return float(np.quantile(scores, level, method="higher"))
+
+
+def prediction_sets(probs: np.ndarray, qhat: float) -> list[list[str]]:
+    """APS sets: classes in order of probability while their cumulative probability stays within
+    ``qhat`` (the most probable class always), each set in LABELS order."""
+    p = np.asarray(probs, float)
+    order = np.argsort(-p, axis=1, kind="stable")
+    cum = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
+    keep = cum <= qhat + 1e-12
+    keep[:, 0] = True
+    out = []
+    for o, k in zip(order, keep):
+        members = set(o[k].tolist())
+        out.append([lab for i, lab in enumerate(LABELS) if i in members])
+    return out
+
+
+def set_verdict(label: str, pset: list[str]) -> str:
+    """The label, or :data:`UNCERTAIN` when the set holds normal and a kind of pneumonia."""
+    if LABELS[NORMAL] in pset and (LABELS[BACTERIAL] in pset or LABELS[VIRAL] in pset):
+        return UNCERTAIN
+    return label
+
+
+@dataclass
+class OODScorer:
+    """Mahalanobis distance to the nearest class mean in a PCA of the training features."""
+
+    mean: np.ndarray  # (d,) training feature mean
+    components: np.ndarray  # (k, d) PCA directions
+    class_means: np.ndarray  # (classes, k) per-class means in PCA space
+    precision: np.ndarray  # (k, k) inverse of the shared (shrunk) covariance
+    threshold: float  # scores above this are out of distribution
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features, np.float64) - self.mean) @ self.components.T
+        d = z[:, None, :] - self.class_means[None]
+        m = np.einsum("nck,kl,ncl->nc", d, self.precision, d)
+        return np.sqrt(np.clip(m.min(axis=1), 0, None))
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.numpy import save
+
+        from .io import atomic_write_bytes
+
+        tensors = {k: np.ascontiguousarray(getattr(self, k), np.float32)
+                   for k in ("mean", "components", "class_means", "precision")}
+        tensors["threshold"] = np.array([self.threshold], np.float32)
+        atomic_write_bytes(Path(path), save(tensors, metadata={"format": "pneumoscan-ood/1"}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "OODScorer":
+        from safetensors.numpy import load_file
+
+        t = load_file(str(path))
+        return cls(mean=t["mean"].astype(np.float64), components=t["components"].astype(np.float64),
+                   class_means=t["class_means"].astype(np.float64), precision=t["precision"].astype(np.float64),
+                   threshold=float(t["threshold"][0]))
