@@ -172,8 +172,9 @@ def test_the_service_never_imports_torch(onnx_model):
         from fastapi.testclient import TestClient
         from pneumoscan.web.app import create_app
         from pneumoscan.web.config import ServeConfig
-        buf = io.BytesIO(); Image.fromarray(np.full((64, 64), 90, np.uint8)).save(buf, "JPEG")
-        with TestClient(create_app(ServeConfig(model_dir={str(onnx_model)!r}))) as c:
+        noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)  # not blank: blank is refused
+        buf = io.BytesIO(); Image.fromarray(noise).save(buf, "JPEG")
+        with TestClient(create_app(ServeConfig(model_dir={str(onnx_model)!r})), base_url="http://127.0.0.1") as c:
             assert c.app.state.service.ready.wait(60)
             r = c.post("/api/predict", files={{"file": ("x.jpg", buf.getvalue(), "image/jpeg")}})
             assert r.status_code == 200, r.text

@@ -3,14 +3,23 @@
 :class:`Predictor` loads a model directory (its ONNX export through ONNX Runtime, or the PyTorch
 weights), applies the preprocessing stored in the model's JSON and the shared decision rule,
 and returns :class:`Prediction` objects. The CLI, the evaluator, the explainers and the web
-service all use it. On the ONNX backend nothing here imports torch.
+service all use it. On the ONNX backend nothing here imports torch: a model that has to be
+exported first is exported in a child process when this one has not loaded torch.
+
+Blank images are refused (:class:`~pneumoscan.data.imaging.BlankImageError`); decoder notes
+(a truncated JPEG, an unusable DICOM window) join the out-of-scope hints in each prediction's
+``warnings``. An ONNX export with a ``cam`` output (:mod:`pneumoscan.export.onnx`) also gives
+Grad-CAM maps (:meth:`Predictor.explain_xray`), still without torch.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +27,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
-from .data.imaging import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, XRay, load_xray  # noqa: F401  (ALLOWED_FORMATS: for callers)
+from .data.imaging import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, BlankImageError, XRay, check_content, load_xray  # noqa: F401  (some: for the web layer)
 from .errors import ImageError, ModelError
 from .labels import DEFAULT_THRESHOLD, LABELS, decide, pneumonia_score, softmax
 from .metrics import model_prior, prevalence_prior, prior_shift
@@ -33,6 +42,8 @@ if TYPE_CHECKING:  # torch loads only for the torch backend: ONNX serving stays 
     from .nets.checkpoint import ModelBundle
 
 BACKENDS = ("auto", "onnx", "torch")  # auto: ONNX Runtime when the model has a verified export, else PyTorch
+CAM_OUTPUT = "cam"  # the export's Grad-CAM output (pneumoscan.export.onnx.CAM_NAME)
+EXPORT_TIMEOUT_S = 1800  # an export in a child process that takes longer is stopped
 
 
 @dataclass(frozen=True)
@@ -74,12 +85,13 @@ class Predictor:
     ``backend`` is "auto" (ONNX Runtime when the model directory has a verified export, else
     PyTorch), "onnx" or "torch". With ``export_missing`` an "onnx"/"auto" predictor of a model
     without an export exports one into a temporary folder first (the model directory is never
-    written to).
+    written to); with ``need_cam`` too, an export without a ``cam`` output (older exports, such
+    as the shipped model's) is re-exported the same way, so that :meth:`explain_xray` works.
     """
 
     def __init__(self, model_dir: str | os.PathLike | None = None, *, backend: str = "auto",
                  device: str = "cpu", prevalence: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 threads: int | None = None, export_missing: bool = False) -> None:
+                 threads: int | None = None, export_missing: bool = False, need_cam: bool = False) -> None:
         if backend not in BACKENDS:
             raise ModelError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if prevalence is not None and not 0.0 < prevalence < 1.0:
@@ -99,6 +111,7 @@ class Predictor:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.bundle: ModelBundle | None = None
         self._session = None
+        self.outputs: list[str] = []  # the ONNX graph's outputs (logits first)
         self.onnx_path: Path | None = None  # the ONNX file that runs (a temporary export with export_missing)
         if backend == "torch":
             from .nets.checkpoint import load_model
@@ -106,23 +119,42 @@ class Predictor:
             self.bundle = load_model(self.model_dir)
             self.net = self.bundle.net.to(device).eval()
         else:
-            onnx_dir = self._exported_copy() if export_missing and not has_onnx(self.model_dir) else self.model_dir
+            stale = need_cam and has_onnx(self.model_dir) and CAM_OUTPUT not in self.config.get("onnx", {}).get("outputs", [])
+            fresh = export_missing and (stale or not has_onnx(self.model_dir))
+            onnx_dir = self._exported_copy() if fresh else self.model_dir
             onnx_cfg = read_config(onnx_dir)
             self.onnx_path = onnx_dir / (onnx_name(onnx_cfg) or "model.onnx")
             self._session = _onnx_session(onnx_dir, onnx_cfg, threads)
+            self.outputs = [o.name for o in self._session.get_outputs()]
+
+    @property
+    def has_cam(self) -> bool:
+        """Whether :meth:`explain_xray` can run (an ONNX graph with the ``cam`` output)."""
+        return CAM_OUTPUT in self.outputs
 
     def _exported_copy(self) -> Path:
-        """A temporary copy of the model directory with an ONNX export (imports torch: only then)."""
-        from .export.onnx import export_onnx
-
-        log.warning("%s has no ONNX export; exporting into a temporary folder (run 'pneumoscan export "
-                    "--model %s' once to skip this)", self.model_dir, self.model_dir)
+        """A temporary copy of the model directory with an ONNX export (torch runs in a child process
+        unless this process has imported it already)."""
+        log.warning("%s has no ONNX export%s; exporting into a temporary folder (run 'pneumoscan export "
+                    "--model %s' on a copy once to skip this)", self.model_dir,
+                    "" if not has_onnx(self.model_dir) else " with a Grad-CAM output", self.model_dir)
         self._tmp = tempfile.TemporaryDirectory(prefix="pneumoscan-onnx-")
         tmp = Path(self._tmp.name)
         for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
             if (self.model_dir / name).is_file():
                 shutil.copy2(self.model_dir / name, tmp / name)
-        export_onnx(tmp)
+        cfg = read_config(tmp)
+        cfg.pop("onnx", None)
+        cfg.get("files", {}).pop(onnx_name(self.config) or "model.onnx", None)
+        from .io import atomic_write_json
+
+        atomic_write_json(tmp / CONFIG_NAME, cfg)  # the copy describes no export until its own is made
+        if "torch" in sys.modules:
+            from .export.onnx import export_onnx
+
+            export_onnx(tmp)
+        else:  # keep this process torch-free (a server stays small): export in a child process
+            _export_in_child(tmp)
         return tmp
 
     def close(self) -> None:
@@ -146,7 +178,7 @@ class Predictor:
         """Class probabilities for a normalised float batch (N, 3, S, S)."""
         if self._session is not None:
             x = np.asarray(batch.numpy() if hasattr(batch, "numpy") else batch, np.float32)
-            logits = self._session.run(None, {"input": x.astype(np.float32, copy=False)})[0]
+            logits = self._session.run(self.outputs[:1], {"input": x.astype(np.float32, copy=False)})[0]
             p = softmax(logits)
         else:
             import torch
@@ -173,11 +205,24 @@ class Predictor:
 
     def predict_xray(self, x: XRay, name: str = "image") -> Prediction:
         p = self.probabilities(self.pre.array(x.pixels)[None])[0]
-        return self.result(name, p, check_scope(x))
+        return self.result(name, p, check_scope(x) + x.notes)
+
+    def explain_xray(self, x: XRay, name: str = "image") -> tuple[Prediction, np.ndarray]:
+        """The prediction and the Grad-CAM map (float32, S x S, non-negative) of its predicted class,
+        from one run of the ONNX graph (:attr:`has_cam`); torch-free."""
+        if not self.has_cam:
+            raise ModelError(f"{self.onnx_path or self.model_dir} has no '{CAM_OUTPUT}' output; re-export the "
+                             "model with 'pneumoscan export' (or load it with need_cam=True)")
+        x_in = self.pre.array(x.pixels)[None]
+        logits, cam = self._session.run([self.outputs[0], CAM_OUTPUT], {"input": x_in})
+        pred = self.result(name, self._adjust(softmax(logits))[0], check_scope(x) + x.notes)
+        return pred, np.ascontiguousarray(cam[0, list(self.labels).index(pred.label)], dtype=np.float32)
 
     def decode(self, data: bytes | str | os.PathLike, name: str | None = None) -> XRay:
-        """Decode an upload or a file with this predictor's pixel limit (JPEG draft at the model size)."""
-        return load_xray(data, name=name, max_pixels=self.max_pixels, size_hint=self.prep_cfg.size)
+        """Decode an upload or a file with this predictor's pixel limit (JPEG draft at the model size);
+        a blank image is refused (:class:`BlankImageError`)."""
+        x = load_xray(data, name=name, max_pixels=self.max_pixels, size_hint=self.prep_cfg.size)
+        return check_content(x, name or (data if isinstance(data, (str, os.PathLike)) else "upload"))
 
     def predict_bytes(self, data: bytes, name: str = "upload") -> Prediction:
         return self.predict_xray(self.decode(data, name), name)
@@ -195,13 +240,13 @@ class Predictor:
             xs, names, warns = [], [], []
             for p in chunk:
                 try:
-                    x = load_xray(p, max_pixels=self.max_pixels, size_hint=self.prep_cfg.size)
+                    x = self.decode(p, str(p))
                 except ImageError as e:
                     errors.append((str(p), str(e)))
                     continue
                 xs.append(self.pre.array(x.pixels))
                 names.append(str(p))
-                warns.append(check_scope(x))
+                warns.append(check_scope(x) + x.notes)
             if xs:
                 probs = self.probabilities(np.stack(xs))
                 preds.extend(self.result(n, p, w) for n, p, w in zip(names, probs, warns))
@@ -219,6 +264,43 @@ class Predictor:
             self.probabilities(x)
             dt = time.perf_counter() - t
         return dt
+
+
+_CHILDREN: set[subprocess.Popen] = set()  # exports running in child processes (stop_exports ends them)
+_CHILDREN_LOCK = threading.Lock()
+
+
+def _export_in_child(model_dir: Path) -> None:
+    """``export_onnx(model_dir)`` in a child Python (torch loads there, never here)."""
+    code = "import sys; from pneumoscan.export.onnx import export_onnx; export_onnx(sys.argv[1])"
+    t0 = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", code, str(model_dir)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    with _CHILDREN_LOCK:
+        _CHILDREN.add(child)
+    try:
+        _, err = child.communicate(timeout=EXPORT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise ModelError(f"the ONNX export of {model_dir} took over {EXPORT_TIMEOUT_S} s and was stopped") from None
+    finally:
+        with _CHILDREN_LOCK:
+            _CHILDREN.discard(child)
+    if child.returncode != 0:
+        last = (err.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+        raise ModelError(f"the ONNX export failed: {last[:300]}")
+    log.info("exported %s in a child process in %.1f s", model_dir, time.perf_counter() - t0)
+
+
+def stop_exports() -> None:
+    """Stop every export still running in a child process (a server shutting down)."""
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for child in children:
+        if child.poll() is None:
+            log.info("stopping the ONNX export in process %d", child.pid)
+            child.terminate()
 
 
 def _onnx_session(model_dir: Path, config: dict, threads: int | None):

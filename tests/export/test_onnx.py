@@ -46,7 +46,7 @@ def test_export_writes_graph_and_config(exported):
     assert cfg["files"]["model.safetensors"] == sha256_file(exported / "model.safetensors")  # kept
     assert onnx_cfg["parity"]["passed"] and onnx_cfg["parity"]["max_abs_prob_diff"] <= MAX_PROB_DIFF
     model = onnx.load(str(exported / "model.onnx"))
-    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
+    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output][0] == "logits"
     assert not list(exported.glob("*.tmp")) and not list(exported.glob("*.data"))
     assert has_onnx(exported)
 
@@ -131,3 +131,64 @@ def test_onnx_backend_without_export_says_what_to_do(tiny_model_dir, tmp_path):
     d = copy_model(tiny_model_dir, tmp_path / "m")
     with pytest.raises(ModelError, match="pneumoscan export"):
         Predictor(d, backend="onnx")
+
+
+# -- #13: the Grad-CAM and pooled-features outputs ------------------------------------------------------
+
+def _gradcam_matches(model: Path, size: int, n: int = 3) -> float:
+    """Max |ONNX cam - Captum Grad-CAM| over n images x every class, each map scaled to max 1."""
+    import torch
+
+    from pneumoscan.explain.gradcam import GradCAM
+    from pneumoscan.runtime import ort_session
+
+    net = load_model(model).net.eval()
+    x = sample_inputs(size, n, seed=5)
+    cam = ort_session(model / "model.onnx").run(["cam"], {"input": x})[0]
+    worst = 0.0
+    for i in range(n):
+        for k in range(cam.shape[1]):
+            ref = GradCAM()(net, torch.from_numpy(x[i:i + 1]), k)
+            worst = max(worst, float(np.abs(ref / max(ref.max(), 1e-12) - cam[i, k] / max(cam[i, k].max(), 1e-12)).max()))
+    return worst
+
+
+@pytest.mark.slow
+def test_export_outputs_logits_features_and_cam(exported):
+    import torch
+
+    from pneumoscan.runtime import ort_session
+
+    sess = ort_session(exported / "model.onnx")
+    assert [o.name for o in sess.get_outputs()] == ["logits", "features", "cam"]  # logits stays output 0
+    cfg = json.loads((exported / "config.json").read_text())["onnx"]
+    assert cfg["outputs"] == ["logits", "features", "cam"] and cfg["cam"]["parity"]["passed"] and cfg["parity"]["passed"]
+    net = load_model(exported).net.eval()
+    x = sample_inputs(64, 2, seed=7)
+    _, feats, cam = sess.run(None, {"input": x})
+    with torch.inference_mode():
+        pooled = net.backbone(torch.from_numpy(x)).numpy()
+    assert feats.shape == pooled.shape and np.abs(feats - pooled).max() < 1e-4
+    assert cfg["features"]["members"] == [[0, pooled.shape[1]]]
+    assert cam.shape == (2, 3, 64, 64) and cam.min() >= 0
+
+
+@pytest.mark.slow
+def test_onnx_cam_equals_torch_gradcam(exported):
+    assert _gradcam_matches(exported, 64) < 1e-4
+
+
+@pytest.mark.slow
+def test_ensemble_cam_equals_torch_gradcam_with_flip_tta(tiny_model_dir, tmp_path):
+    from pneumoscan.train.ensemble import build_ensemble
+
+    a = copy_model(tiny_model_dir, tmp_path / "a")
+    b = copy_model(tiny_model_dir, tmp_path / "b")
+    for m in (a, b):
+        (m / "manifest.csv").unlink(missing_ok=True)
+    ens = build_ensemble([a, b], tmp_path / "ens", tta="flip")
+    export_onnx(ens)
+    cfg = json.loads((ens / "config.json").read_text())["onnx"]
+    width = cfg["features"]["members"][0][1]
+    assert cfg["features"]["members"] == [[0, width], [width, 2 * width]]  # per member, side by side
+    assert _gradcam_matches(ens, 64) < 1e-4

@@ -2,8 +2,10 @@
 
 JPEG and PNG (8/16-bit grayscale, RGB, RGBA, palette, CMYK, EXIF-rotated) through Pillow;
 DICOM through pydicom (modality and VOI LUT applied, MONOCHROME1 inverted). Formats outside
-the allow-list are refused, and the pixel count is checked *before* decoding so that a
-decompression bomb costs nothing.
+the allow-list are refused, and the pixel count (for DICOM: rows x columns x frames x samples)
+is checked *before* decoding so that a decompression bomb costs nothing; a multi-frame DICOM
+decodes its first frame only. Whatever a file holds, decoding raises :class:`ImageError` or
+returns an :class:`XRay`. :func:`check_content` refuses blank images (the predictor calls it).
 """
 from __future__ import annotations
 
@@ -88,7 +90,9 @@ def load_xray(source: Source, *, name: str | None = None, max_pixels: int = DEFA
 
     ``size_hint`` lets large JPEGs decode at a reduced scale (Pillow ``draft``), never below
     the hint, which is much faster when the target is a 224-320 px model input.
-    Raises :class:`ImageError` (or a subclass) with the file name and what to do.
+    Raises :class:`ImageError` (or a subclass) with the file name and what to do, whatever the
+    file holds: no other exception leaves the decoder (a :class:`MemoryError` aside).
+    Decoder warnings that change what the model sees land in :attr:`XRay.notes`.
     """
     label = _name(source, name)
     head = _read_head(source, label)
@@ -99,9 +103,16 @@ def load_xray(source: Source, *, name: str | None = None, max_pixels: int = DEFA
         raise ImageError(f"{label}: not a recognised image (expected JPEG, PNG or DICOM)")
     if fmt not in ALLOWED_FORMATS:
         raise UnsupportedFormatError(f"{label}: {fmt.upper()} is not accepted; convert it to PNG, JPEG or DICOM")
-    if fmt == "dicom":
-        return _load_dicom(source, label, max_pixels)
-    return _load_pil(source, label, fmt, max_pixels, size_hint)
+    try:
+        if fmt == "dicom":
+            return _load_dicom(source, label, max_pixels)
+        return _load_pil(source, label, fmt, max_pixels, size_hint)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as e:  # a decoder bug on a hostile file is the file's fault: one clear line, never a crash
+        log.debug("decoding %s failed", label, exc_info=True)
+        raise ImageError(f"{label}: cannot be decoded as {fmt.upper()} ({type(e).__name__}: {_why(e)}); "
+                         "the file is corrupt, re-export it") from None
 
 
 def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: int | None) -> XRay:
@@ -132,7 +143,8 @@ def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: 
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{label}: broken {fmt.upper()} ({e}); re-export or re-download the file") from None
     pixels, colorfulness = _to_gray8(im)
-    return XRay(pixels, format=fmt, mode=orig_mode, size=(w, h), colorfulness=colorfulness)
+    notes = [n for n in [truncation_note(pixels) if fmt == "jpeg" else None] if n]
+    return XRay(pixels, format=fmt, mode=orig_mode, size=(w, h), colorfulness=colorfulness, notes=notes)
 
 
 def _to_gray8(im: Image.Image) -> tuple[np.ndarray, float]:
@@ -164,38 +176,171 @@ def _stretch(a: np.ndarray) -> np.ndarray:
     return np.clip((a - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
 
 
+def _why(e: BaseException) -> str:
+    """One line of an exception for a user message (first line, at most 200 characters)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:200]
+
+
 def _load_dicom(source: Source, label: str, max_pixels: int) -> XRay:
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pragma: no cover - pydicom is a dependency
         raise ImageError(f"{label}: DICOM needs pydicom; pip install pydicom") from None
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
         ds = pydicom.dcmread(fp)
     except Exception as e:  # pydicom raises many types for broken files
-        raise ImageError(f"{label}: unreadable DICOM ({e})") from None
-    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
-    if "PixelData" not in ds or rows == 0 or cols == 0:
-        raise ImageError(f"{label}: DICOM file holds no image (no PixelData)")
-    if rows * cols > max_pixels:
-        raise ImageTooLargeError(f"{label}: {cols} x {rows} pixels exceeds the limit of {max_pixels:,}")
+        raise ImageError(f"{label}: unreadable DICOM ({_why(e)})") from None
     try:
-        arr = ds.pixel_array
+        return _decode_dicom(ds, label, max_pixels)
+    except ImageError:
+        raise
+    except Exception as e:  # pydicom parses elements lazily: a broken value surfaces anywhere below
+        log.debug("malformed DICOM %s", label, exc_info=True)
+        raise ImageError(f"{label}: malformed DICOM header or pixel data ({type(e).__name__}: {_why(e)}); "
+                         "re-export the image from the viewer or PACS") from None
+
+
+def _dicom_int(ds, keyword: str, label: str, default: int | None = None) -> int:
+    """An integer element, validated: a corrupt VR or value is one clear :class:`ImageError`."""
+    try:
+        value = ds.get(keyword, default)
+        if value is None or value == "":
+            if default is None:
+                raise ImageError(f"{label}: DICOM file holds no image (no {keyword})")
+            return default
+        return int(value)
+    except ImageError:
+        raise
     except Exception as e:
-        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        tname = getattr(tsyntax, "name", str(tsyntax))
-        raise ImageError(f"{label}: cannot decode DICOM pixel data ({tname}): {e}; "
-                         "install the codecs with 'pip install pneumoscan[dicom-codecs]'") from None
+        raise ImageError(f"{label}: DICOM {keyword} is unusable ({_why(e)}); re-export the image") from None
+
+
+def _decode_dicom(ds, label: str, max_pixels: int) -> XRay:
+    """The first frame of a parsed dataset, after every size is checked (nothing decoded before)."""
+    if "PixelData" not in ds:
+        raise ImageError(f"{label}: DICOM file holds no image (no PixelData)")
+    rows, cols = _dicom_int(ds, "Rows", label), _dicom_int(ds, "Columns", label)
+    frames = _dicom_int(ds, "NumberOfFrames", label, 1)
+    samples = _dicom_int(ds, "SamplesPerPixel", label, 1)
+    bits = _dicom_int(ds, "BitsAllocated", label)
+    if rows < 1 or cols < 1 or frames < 1 or samples not in (1, 3, 4) or bits not in (1, 8, 16, 32, 64):
+        raise ImageError(f"{label}: DICOM declares an impossible image ({cols} x {rows}, {frames} frame(s), "
+                         f"{samples} sample(s), {bits} bits); re-export the image")
+    declared = rows * cols * frames * samples  # every format: pixels held, not only those decoded
+    if declared > max_pixels:
+        what = f"{cols} x {rows}" + (f" x {frames} frames" if frames > 1 else "") + (
+            f" x {samples} samples" if samples > 1 else "")
+        raise ImageTooLargeError(f"{label}: {what} pixels ({declared:,}) exceeds the limit of {max_pixels:,}; "
+                                 "send a single-frame chest X-ray")
+    arr = _first_frame(ds, label)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = arr[..., :3].mean(axis=-1)
-    elif arr.ndim == 3:  # multi-frame: first frame
-        arr = arr[0]
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    a = apply_modality_lut(arr, ds)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        a = apply_voi_lut(a, ds)
+    if arr.ndim != 2 or arr.shape != (rows, cols):
+        raise ImageError(f"{label}: DICOM pixel data has shape {arr.shape}, not the declared {rows} x {cols}")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip()
+    notes: list[str] = []
+    a = _dicom_lut(arr, ds, notes, label)
     a = _stretch(np.asarray(a, dtype=np.float32))
     if photometric == "MONOCHROME1":  # higher values are darker: invert to the usual look
         a = 255 - a
-    return XRay(a, format="dicom", mode=photometric, size=(cols, rows))
+    return XRay(a, format="dicom", mode=photometric, size=(cols, rows), notes=notes)
+
+
+def _first_frame(ds, label: str) -> np.ndarray:
+    """Decode frame 0 only (pydicom's ``index``): a multi-frame object never decodes whole."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        return np.asarray(pixel_array(ds, index=0))
+    except Exception as e:
+        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        tname = getattr(tsyntax, "name", str(tsyntax))
+        raise ImageError(f"{label}: cannot decode DICOM pixel data ({tname}): {_why(e)}; "
+                         "install the codecs with 'pip install pneumoscan[dicom-codecs]'") from None
+
+
+def _values(ds, *keywords: str) -> str:
+    """``Keyword 'value'`` for each element present, read safely (for messages)."""
+    out = []
+    for k in keywords:
+        try:
+            v = ds[k].value if k in ds else None
+        except Exception:
+            v = "<unreadable>"
+        if v is not None:
+            out.append(f"{k} {str(v)[:40]!r}")
+    return ", ".join(out) or "a LUT sequence"
+
+
+def _dicom_lut(arr: np.ndarray, ds, notes: list[str], label: str) -> np.ndarray:
+    """Modality then VOI LUT; a broken rescale or window (display hints only: the image is stretched
+    to its own range afterwards) is skipped with a note instead of refusing the image."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    a = arr
+    try:
+        a = apply_modality_lut(arr, ds)
+    except Exception as e:
+        notes.append(f"DICOM rescale is unusable ({_values(ds, 'RescaleSlope', 'RescaleIntercept')}); "
+                     "stored values used as they are")
+        log.info("%s: modality LUT skipped: %s", label, e)
+    try:
+        if "WindowCenter" in ds or "VOILUTSequence" in ds:
+            a = apply_voi_lut(a, ds)
+    except Exception as e:
+        notes.append(f"DICOM window is unusable ({_values(ds, 'WindowCenter', 'WindowWidth')}); "
+                     "the image's full range is used instead")
+        log.info("%s: VOI LUT skipped: %s", label, e)
+    a = np.asarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise ImageError(f"{label}: DICOM pixel values are not finite after rescaling; re-export the image")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# content checks: blank images are refused, truncated JPEGs flagged
+
+BLANK_STD = 2.0  # gray levels (0..255): below this spread the image holds nothing to classify
+FILL_GRAY = 128  # what libjpeg writes for the blocks of a JPEG whose data ended early ("premature end")
+
+
+class BlankImageError(ImageError):
+    """The image decodes but is blank or nearly uniform: there is nothing to classify."""
+
+
+def blank_reason(x: XRay) -> str | None:
+    """Why ``x`` holds nothing to classify (uniform or nearly), or None. Checked on at most ~1 M pixels."""
+    h, w = x.pixels.shape
+    k = max(1, int(np.sqrt(h * w / 1e6)))
+    sample = x.pixels[::k, ::k]
+    std = float(sample.std())
+    if std < BLANK_STD:
+        return (f"image is blank or nearly uniform (mean {float(sample.mean()):.0f}, spread {std:.2f} gray levels "
+                f"< {BLANK_STD:g}); send the X-ray itself")
+    return None
+
+
+def check_content(x: XRay, label: str) -> XRay:
+    """Raise :class:`BlankImageError` for a blank image; returns ``x`` (its notes may say more)."""
+    why = blank_reason(x)
+    if why:
+        raise BlankImageError(f"{label}: {why}")
+    return x
+
+
+def truncation_note(pixels: np.ndarray) -> str | None:
+    """A note when the bottom of a decoded JPEG is libjpeg's grey fill: the file's data ended early.
+
+    libjpeg only *warns* ("Premature end of JPEG file" / "premature end of data segment") and
+    Pillow does not pass its warnings on, so the fill itself is the evidence: whole rows of
+    exactly 128 at the bottom, at least 8 (one block row) and 2 % of the height.
+    """
+    h = pixels.shape[0]
+    flat = np.all(pixels == FILL_GRAY, axis=1)
+    n = int(np.argmin(flat[::-1])) if not flat.all() else h  # flat rows at the bottom
+    if n >= max(8, int(0.02 * h)):
+        return (f"the JPEG data ends early: the bottom {100 * n / h:.0f} % of the image is the decoder's grey "
+                "fill (libjpeg: premature end of data); the file is truncated, re-export or re-download it")
+    return None

@@ -12,7 +12,6 @@ import copy
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -22,52 +21,12 @@ from ..data.imaging import XRay
 from ..errors import ModelError, PneumoscanError
 from ..nets.heads import eval_mode
 from .gradcam import GradCAM
+from .maps import CENTRAL_REGION, METHODS, Explanation, central_share  # noqa: F401  (re-exported: torch-free home)
 from .occlusion import BATCH, PATCH, STRIDE, OcclusionSensitivity, _check_input, _check_target, _torch_forward, onnx_forward
 
 log = logging.getLogger(__name__)
 
-METHODS = ("occlusion", "gradcam")
 ENGINES = ("auto", "incremental", "onnx", "torch")
-
-
-CENTRAL_REGION = (0.20, 0.80, 0.15, 0.85)
-"""(left, right, top, bottom) of the central chest region as fractions of width and height.
-
-The central 60 % of the width and 70 % of the height, which holds both lungs and the heart on a
-frontal pediatric film, while side markers, text labels, borders and corners fall outside it. The
-region covers 42 % of the image, so a map spread evenly over the image puts 0.42 of its mass there.
-"""
-
-
-@dataclass
-class Explanation:
-    """One heat map for one image: the map, the class it explains and the prediction."""
-
-    method: str  # "occlusion" or "gradcam"
-    heatmap: np.ndarray  # float32 (S, S) at the model input resolution
-    target: int  # index of the explained (predicted) class
-    label: str  # predicted class name
-    probabilities: dict[str, float]  # the predictor's probabilities (LABELS order)
-    seconds: float = 0.0  # time the map took
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def central_share(self) -> float:
-        return central_share(self.heatmap)
-
-
-def central_share(heatmap: np.ndarray, region: tuple[float, float, float, float] = CENTRAL_REGION) -> float:
-    """Share of the map's positive mass inside ``region`` (see :data:`CENTRAL_REGION`); NaN for an empty map."""
-    h = np.clip(np.nan_to_num(np.asarray(heatmap, np.float64)), 0, None)
-    if h.ndim != 2:
-        raise PneumoscanError(f"expected a 2-D heat map, got shape {h.shape}")
-    total = h.sum()
-    if total <= 0:
-        return float("nan")
-    rows, cols = h.shape
-    left, right, top, bottom = region
-    inner = h[int(round(top * rows)):int(round(bottom * rows)), int(round(left * cols)):int(round(right * cols))]
-    return float(inner.sum() / total)
 
 
 class Explainer:

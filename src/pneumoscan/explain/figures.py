@@ -10,8 +10,6 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
-import cv2
-import matplotlib
 import numpy as np
 from matplotlib.patches import Rectangle
 
@@ -20,12 +18,10 @@ from ..data.index import label_from_path
 from ..errors import PneumoscanError
 from ..io import atomic_path
 from ..plots import plt, save_figure
-from .explainer import CENTRAL_REGION, METHODS, Explainer, Explanation
+from .explainer import Explainer
+from .maps import CENTRAL_REGION, METHODS, NAMES, Explanation, display_pair, overlay_png, style, title  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-DISPLAY_SIDE = 512  # longest side of the X-ray as drawn (px); the map is stretched to it
-NAMES = {"occlusion": "occlusion sensitivity", "gradcam": "Grad-CAM"}
 
 
 def short_name(name: str, width: int = 28) -> str:
@@ -47,36 +43,8 @@ def save_array(arr: np.ndarray, path: str | os.PathLike) -> Path:
 # heat-map overlays
 
 
-def display_pair(gray: np.ndarray, heat: np.ndarray, side: int = DISPLAY_SIDE) -> tuple[np.ndarray, np.ndarray]:
-    """The X-ray shrunk to at most ``side`` px (aspect kept) and the map stretched onto it.
-
-    The model saw the image squashed to a square, so the square map is stretched back to the
-    X-ray's own aspect to land on the anatomy it describes.
-    """
-    h, w = gray.shape
-    scale = min(1.0, side / max(h, w))
-    dw, dh = max(1, round(w * scale)), max(1, round(h * scale))
-    img = cv2.resize(gray, (dw, dh), interpolation=cv2.INTER_AREA) if (dw, dh) != (w, h) else gray
-    hm = cv2.resize(np.nan_to_num(heat).astype(np.float32), (dw, dh), interpolation=cv2.INTER_LINEAR)
-    return img, hm
-
-
-def _style(e: Explanation, heat: np.ndarray) -> dict:
-    """Colour map, limits and colour-bar label: occlusion is signed (a probability drop), Grad-CAM relative."""
-    if e.method == "occlusion":
-        lim = float(np.abs(heat).max()) or 1e-6
-        return dict(cmap="RdBu_r", vmin=-lim, vmax=lim, label=f"drop in P({e.label})")
-    top = float(heat.max()) or 1.0
-    return dict(cmap="inferno", vmin=0.0, vmax=top, label="relative importance")  # perceptually uniform, not jet
-
-
-def _title(e: Explanation) -> str:
-    probs = ", ".join(f"{k} {v:.2f}" for k, v in e.probabilities.items())
-    return f"predicted {e.label} ({probs})"
-
-
 def _draw_overlay(ax, img: np.ndarray, hm: np.ndarray, e: Explanation, alpha: float = 0.45):
-    st = _style(e, hm)
+    st = style(e, hm)
     ax.imshow(img, cmap="gray", vmin=0, vmax=255)
     im = ax.imshow(hm, cmap=st["cmap"], vmin=st["vmin"], vmax=st["vmax"], alpha=alpha)
     ax.set_axis_off()
@@ -96,42 +64,8 @@ def overlay_figure(gray: np.ndarray, e: Explanation, title_name: str | None = No
     axes[1].set_title(f"{NAMES[e.method]}; central share {e.central_share:.2f}", fontsize=9)
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02).set_label(label, fontsize=8)
     head = f"{title_name}: " if title_name else ""
-    fig.suptitle(head + _title(e), fontsize=10)
+    fig.suptitle(head + title(e), fontsize=10)
     return fig
-
-
-def overlay_png(gray: np.ndarray, e: Explanation, title_name: str | None = None, side: int = 448) -> bytes:
-    """One-panel overlay as PNG bytes, drawn with OpenCV (no matplotlib figure: a few ms, for the web).
-
-    The X-ray (at most ``side`` px) with the map blended in, a colour bar on the right with its
-    range, and the prediction in a header line.
-    """
-    img, hm = display_pair(gray, e.heatmap, side)
-    if max(img.shape) < side:  # small inputs (e.g. 224 px) are enlarged so the header fits
-        k = side / max(img.shape)
-        dsize = (round(img.shape[1] * k), round(img.shape[0] * k))
-        img, hm = cv2.resize(img, dsize, interpolation=cv2.INTER_LINEAR), cv2.resize(hm, dsize)
-    st = _style(e, hm)
-    lut = (matplotlib.colormaps[st["cmap"]](np.linspace(0, 1, 256))[:, 2::-1] * 255).astype(np.uint8)  # BGR
-    idx = np.clip((hm - st["vmin"]) / (st["vmax"] - st["vmin"]) * 255, 0, 255).astype(np.uint8)
-    base = np.repeat(img[..., None], 3, axis=2).astype(np.float32)
-    blend = (0.55 * base + 0.45 * lut[idx]).astype(np.uint8)
-    h, w = img.shape
-    bar = np.repeat(lut[::-1][np.linspace(0, 255, h).astype(int)][:, None], 14, axis=1)
-    canvas = np.full((h + 44, w + 74, 3), 255, np.uint8)
-    canvas[40:40 + h, :w] = blend
-    canvas[40:40 + h, w + 6:w + 20] = bar
-    font, black = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0)
-    cv2.putText(canvas, f"{st['vmax']:.3g}", (w + 22, 50), font, 0.35, black, 1, cv2.LINE_AA)
-    cv2.putText(canvas, f"{st['vmin']:.3g}", (w + 22, 38 + h), font, 0.35, black, 1, cv2.LINE_AA)
-    head = f"{title_name}: " if title_name else ""
-    cv2.putText(canvas, head + _title(e), (4, 16), font, 0.42, black, 1, cv2.LINE_AA)
-    cv2.putText(canvas, f"{NAMES[e.method]} ({st['label']}); central share {e.central_share:.2f}", (4, 33),
-                font, 0.38, black, 1, cv2.LINE_AA)
-    ok, buf = cv2.imencode(".png", canvas)
-    if not ok:  # pragma: no cover - OpenCV always encodes a uint8 image
-        raise PneumoscanError("could not encode the overlay as PNG")
-    return buf.tobytes()
 
 
 def save_overlay(gray: np.ndarray, e: Explanation, path: str | os.PathLike, title_name: str | None = None) -> Path:
@@ -180,6 +114,15 @@ _PREDICTORS: dict[str, object] = {}
 _LOCK = threading.Lock()
 
 
+def explainer_for(predictor) -> Explainer:
+    """The :class:`Explainer` of a torch-backend predictor, built once and reused."""
+    with _LOCK:  # one explainer (and one copy of the network) per predictor
+        explainer = _EXPLAINERS.get(predictor)
+        if explainer is None:
+            explainer = _EXPLAINERS[predictor] = Explainer(predictor)
+        return explainer
+
+
 def explain_overlay_png(predictor, xray: XRay, method: str = "gradcam") -> bytes:
     """A PNG of ``xray`` with the ``method`` heat map ("gradcam" or "occlusion") of its predicted class.
 
@@ -188,11 +131,7 @@ def explain_overlay_png(predictor, xray: XRay, method: str = "gradcam") -> bytes
     """
     if method not in METHODS:
         raise PneumoscanError(f"explanation method {method!r} is unknown; use gradcam or occlusion")
-    with _LOCK:  # one explainer (and one copy of the network) per predictor
-        explainer = _EXPLAINERS.get(predictor)
-        if explainer is None:
-            explainer = _EXPLAINERS[predictor] = Explainer(predictor)
-    (e,) = explainer(xray, (method,))
+    (e,) = explainer_for(predictor)(xray, (method,))
     return overlay_png(xray.pixels, e, title_name=None)
 
 

@@ -10,7 +10,8 @@ class ServeConfig:
     """Settings of the service; each has a CLI option in ``pneumoscan serve``."""
 
     FLAGS: ClassVar[dict[str, str]] = {"deadline_s": "--deadline", "ort_threads": "--threads",
-                                       "access_log": "--no-access-log", "model_dir": "--model"}
+                                       "access_log": "--no-access-log", "model_dir": "--model",
+                                       "header_timeout_s": "--header-timeout", "body_timeout_s": "--body-timeout"}
 
     model_dir: str | None = None  # model directory; None = the shipped default (or $PNEUMOSCAN_MODEL)
     host: str = "127.0.0.1"  # address to bind: this machine only; 0.0.0.0 exposes the service to the network
@@ -20,10 +21,18 @@ class ServeConfig:
     max_pixels: int = 25_000_000  # decoded-image pixel limit (5000 x 5000), checked before decoding
     workers: int = 2  # inference threads: requests decoded and run at the same time
     queue: int = 16  # requests allowed to wait for a worker; past that: 503 + Retry-After at once
+    explain_workers: int = 1  # explanation threads, apart from the prediction workers (never starve predictions)
+    explain_queue: int = 2  # explanations allowed to wait; past that: 503 + Retry-After at once
     deadline_s: float = 10.0  # seconds before a request (queue wait included) gets 503
     ort_threads: int = 1  # ONNX Runtime intra-op threads per inference (workers x threads ~ cores)
     warmup: int = 3  # warm-up inferences before /readyz turns 200
     access_log: bool = True  # log every request
+    allowed_hosts: tuple[str, ...] | None = None  # Host header values served (DNS-rebinding guard), e.g.
+    # xray.example.org,*.example.org; none: derived from --host (127.0.0.1: localhost names; 0.0.0.0: any)
+    header_timeout_s: float = 10.0  # seconds a client may take to send a request's headers (slowloris guard)
+    body_timeout_s: float = 60.0  # seconds a client may take to send a whole request body (20 MiB at 3 Mbit/s)
+    max_connections: int = 128  # open connections at most; past that: 503 + Retry-After, then the connection closes
+    max_inflight_mb: float = 100.0  # MiB of request bodies held at once (all requests); past that: 503 + Retry-After
 
     def __post_init__(self) -> None:
         from ..errors import PneumoscanError
@@ -32,9 +41,39 @@ class ServeConfig:
             raise PneumoscanError("--queue must be >= 0, --deadline and --max-upload-mb > 0")
         if self.workers < 1 or self.ort_threads < 1 or self.max_pixels < 1 or self.warmup < 0:
             raise PneumoscanError("--workers, --threads and --max-pixels must be at least 1")
+        if self.explain_workers < 1 or self.explain_queue < 0:
+            raise PneumoscanError("--explain-workers must be at least 1 and --explain-queue >= 0")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise PneumoscanError("--header-timeout and --body-timeout must be > 0 seconds")
+        if self.max_connections < 1 or self.max_inflight_mb < self.max_upload_mb:
+            raise PneumoscanError(f"--max-connections must be at least 1 and --max-inflight-mb ({self.max_inflight_mb:g}) "
+                                  f"at least --max-upload-mb ({self.max_upload_mb:g})")
+        for h in self.allowed_hosts or ():
+            if not h or "*" in h[1:] or (h.startswith("*") and h != "*" and not h.startswith("*.")):
+                raise PneumoscanError(f"--allowed-hosts entry {h!r} is not a host name, an address, '*' or '*.domain'")
         if not 0 < self.port < 65536:
             raise PneumoscanError(f"--port {self.port} must lie in 1..65535")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        return int(self.max_inflight_mb * 2**20)
+
+    def trusted_hosts(self) -> list[str]:
+        """Host header values to serve: ``allowed_hosts``, else what ``host`` implies.
+
+        A loopback bind answers only to loopback names, so a page on another site cannot reach
+        it through DNS rebinding; a wildcard bind (0.0.0.0, ::) cannot know its names and
+        serves any (set --allowed-hosts there); a named host or address serves that name.
+        """
+        if self.allowed_hosts:
+            return list(self.allowed_hosts)
+        loopback = ["127.0.0.1", "localhost", "::1"]
+        if self.host in ("0.0.0.0", "::", ""):
+            return ["*"]
+        if self.host in loopback or self.host.startswith("127."):
+            return list(dict.fromkeys([self.host, *loopback]))
+        return [self.host]

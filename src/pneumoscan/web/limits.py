@@ -1,23 +1,34 @@
-"""Bounds of the service: a worker pool with a bounded queue, request-body limits, security headers.
+"""Bounds of the service: worker pools with bounded queues, request-body limits, Host and security headers.
 
 - request bodies are counted as they arrive (:class:`BodyLimitMiddleware`): over the limit is a
   413 before the body is held in memory, whatever ``Content-Length`` says or if it is absent;
-- inference runs on a fixed pool of threads with a bounded queue (:class:`Limiter`): past the
-  queue a request is refused at once with 503 + ``Retry-After``; past its deadline it gets 503;
+  all bodies together are capped in bytes (:class:`InFlight`) and in time (a 408);
+- inference runs on fixed pools of threads with bounded queues (:class:`Limiter`; one for
+  predictions, one for explanations): past the queue a request is refused at once with 503 +
+  ``Retry-After``; past its deadline it gets 503;
+- only the Host names the server is meant to answer to are served (:class:`TrustedHostsMiddleware`);
 - client file names are only ever shown (sanitised), never used as paths.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import re
 import threading
 import time
+import unicodedata
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-from fastapi.responses import JSONResponse
+from starlette._utils import parse_host_header
+from starlette.datastructures import Headers
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..errors import PneumoscanError
+from .problems import send_problem
+
+log = logging.getLogger(__name__)
 
 API_PATHS = ("/api/predict", "/api/explain")  # the POST endpoints that take an upload
 
@@ -38,12 +49,13 @@ class Limiter:
     is dropped without running.
     """
 
-    def __init__(self, workers: int, queue: int) -> None:
+    def __init__(self, workers: int, queue: int, name: str = "requests") -> None:
         if workers < 1 or queue < 0:
             raise PneumoscanError(f"workers ({workers}) must be >= 1 and queue ({queue}) >= 0")
+        self.name = name  # what the jobs are, for messages ("predictions", "explanations")
         self.workers = workers
         self.capacity = workers + queue
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pneumoscan-infer")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"pneumoscan-{name}")
         self._lock = threading.Lock()
         self._pending = 0
 
@@ -82,74 +94,142 @@ class Limiter:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+NAME_CHARS = 80  # longest file name shown in a message (the middle is elided)
+
+
 def safe_name(name: str | None) -> str:
-    """A client file name made safe to show in messages (never used as a path)."""
-    base = re.split(r"[\\/]", name or "")[-1]
-    base = re.sub(r"[^A-Za-z0-9._ ()+-]", "_", base).strip(" .")[:80]
+    """A client file name made safe to show in messages (never used as a path).
+
+    The last path component, NFC-normalised; letters and digits of every script are kept
+    (``Röntgen_胸部.dcm`` stays readable), control, format (bidi overrides) and path characters
+    become ``_``, and a long name keeps its start and its extension around an ellipsis.
+    """
+    base = unicodedata.normalize("NFC", re.split(r"[\\/]", name or "")[-1])
+    keep = "._ ()+-,#@'"
+    base = "".join(c if (c.isalnum() or c in keep or unicodedata.category(c) in ("Mn", "Mc")) else "_"
+                   for c in base).strip(" .")
+    if len(base) > NAME_CHARS:
+        stem, dot, ext = base.rpartition(".")
+        ext = dot + ext if dot and len(ext) <= 8 else ""
+        base = base[:NAME_CHARS - len(ext) - 1].rstrip(" .") + "\u2026" + ext
     return base or "upload"
 
 
-async def _send_json(send: Callable, status: int, detail: str, extra_headers: list | None = None) -> None:
-    body = JSONResponse({"detail": detail}).body
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close"), *(extra_headers or [])]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+class InFlight:
+    """Bytes of request bodies held at once, across requests (event-loop only: no lock needed)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+
+    def reserve(self, n: int) -> bool:
+        if n > 0 and self.held + n > self.capacity:
+            return False
+        self.held += max(0, n)
+        return True
+
+    def release(self, n: int) -> None:
+        self.held -= n
 
 
-class _TooLarge(Exception):
-    pass
+class _Refused(Exception):
+    """Raised from inside ``receive`` when the body is refused part-way; the middleware answers."""
+
+    def __init__(self, status: int, detail: str, code: str, retry_after: int | None = None, close: bool = False):
+        super().__init__(detail)
+        self.status, self.detail, self.code, self.retry_after, self.close = status, detail, code, retry_after, close
 
 
 class BodyLimitMiddleware:
-    """ASGI middleware: 413 once a body passes ``max_bytes`` (counted), 503 when the queue is full.
+    """ASGI middleware bounding every request body: size, bytes in flight, time, and a full queue.
 
-    A declared ``Content-Length`` over the limit is refused before anything is received. The
-    bytes actually received are counted too, so a lying or absent length is caught as soon as
-    the limit is crossed; whatever the app was doing with the partial body is discarded.
+    - a declared ``Content-Length`` over ``max_bytes`` is a 413 before anything is received, and
+      the bytes actually received are counted too (a lying or absent length is caught as soon as
+      the limit is crossed; whatever the app was doing with the partial body is discarded);
+    - all requests together hold at most ``inflight.capacity`` body bytes (declared lengths are
+      reserved up front, chunked bodies as they arrive): past that, 503 + ``Retry-After``;
+    - an upload path whose :class:`Limiter` is full is a 503 + ``Retry-After`` before the body is read;
+    - the whole body must arrive within ``body_timeout_s`` (a body sent at 1 B/s is a 408).
+
+    Refusals sent before the body was read keep the connection open (no ``Connection: close``):
+    the server reads and drops the rest of the body, so clients see the status, not a reset.
     """
 
-    def __init__(self, app, max_bytes: int, limiter: Limiter | None = None) -> None:
+    def __init__(self, app, max_bytes: int, limiters: dict[str, Limiter] | None = None,
+                 inflight: InFlight | None = None, body_timeout_s: float = 60.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.limiter = limiter
+        self.limiters = limiters or {}
+        self.inflight = inflight or InFlight(8 * max_bytes)
+        self.body_timeout_s = body_timeout_s
+
+    def _limit_msg(self) -> str:
+        return f"upload larger than the limit of {self.max_bytes / 2**20:g} MiB; send a smaller image"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        limit_msg = f"upload larger than the limit of {self.max_bytes / 2**20:g} MiB; send a smaller image"
+        path = scope["path"]
         declared = dict(scope.get("headers") or []).get(b"content-length")
+        n = 0
         if declared is not None:
             try:
                 n = int(declared)
             except ValueError:
-                await _send_json(send, 400, "invalid Content-Length header")
+                await send_problem(send, 400, "invalid Content-Length header", "bad_request", path, close=True)
                 return
             if n > self.max_bytes:
-                await _send_json(send, 413, limit_msg)
+                await send_problem(send, 413, self._limit_msg(), "upload_too_large", path)
                 return
-        if self.limiter is not None and scope["path"] in API_PATHS and self.limiter.full():
-            await _send_json(send, 503, "server busy: too many requests queued; retry shortly",
-                             [(b"retry-after", b"1")])
+        limiter = self.limiters.get(path)
+        if limiter is not None and limiter.full():
+            await send_problem(send, 503, f"server busy: too many {limiter.name} queued; retry shortly", "busy",
+                               path, retry_after=1)
             return
+        if not self.inflight.reserve(n):
+            await send_problem(send, 503, self._inflight_msg(), "busy_uploads", path, retry_after=2)
+            return
+        reserved = n
+        try:
+            reserved = await self._guarded(scope, receive, send, reserved)
+        finally:
+            self.inflight.release(reserved)
+
+    def _inflight_msg(self) -> str:
+        return (f"server busy: {self.inflight.capacity / 2**20:g} MiB of uploads are already being received; "
+                "retry shortly")
+
+    async def _guarded(self, scope, receive, send, reserved: int) -> int:
+        """Run the app with a counting, timed ``receive``; returns the bytes reserved in the end."""
+        deadline = time.monotonic() + self.body_timeout_s
         received = 0
-        too_large = False
+        refused: _Refused | None = None
         started = False
 
         async def counting_receive():
-            nonlocal received, too_large
-            msg = await receive()
+            nonlocal received, refused, reserved
+            try:
+                msg = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                refused = _Refused(408, f"request body not received within {self.body_timeout_s:g} s; "
+                                        "check the connection and retry", "body_timeout", close=True)
+                raise refused from None
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > self.max_bytes:
-                    too_large = True
-                    raise _TooLarge()
+                    refused = _Refused(413, self._limit_msg(), "upload_too_large")
+                    raise refused
+                if received > reserved:  # a chunked (or under-declared) body: reserve as it comes
+                    if not self.inflight.reserve(received - reserved):
+                        refused = _Refused(503, self._inflight_msg(), "busy_uploads", retry_after=2)
+                        raise refused
+                    reserved = received
             return msg
 
         async def guarded_send(msg):
             nonlocal started
-            if too_large:  # the app's reaction to the cut-off body (e.g. a 400) is replaced by the 413
+            if refused is not None:  # the app's reaction to the cut-off body (e.g. a 400) is replaced
                 return
             if msg["type"] == "http.response.start":
                 started = True
@@ -158,29 +238,67 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, counting_receive, guarded_send)
         except Exception:
-            if not too_large:
+            if refused is None:
                 raise
-        if too_large and not started:
-            await _send_json(send, 413, limit_msg)
+        if refused is not None and not started:
+            r = refused
+            await send_problem(send, r.status, r.detail, r.code, scope["path"], retry_after=r.retry_after, close=r.close)
+        return reserved
+
+
+class TrustedHostsMiddleware(TrustedHostMiddleware):
+    """Starlette's Host allow-list (DNS-rebinding guard), refusing with problem details.
+
+    Starlette's own middleware answers a plain-text 400; this keeps its pattern rules
+    (exact names, ``*.domain``, ``*``) and host parsing, and answers in the one error schema.
+    """
+
+    def __init__(self, app, allowed_hosts: list[str]) -> None:
+        super().__init__(app, allowed_hosts=allowed_hosts, www_redirect=False)
+
+    def allows(self, scope) -> bool:
+        if self.allow_any:
+            return True
+        parsed = parse_host_header(Headers(scope=scope).get("host"))
+        if parsed is None:
+            return False
+        host = parsed.host.lower().strip("[]")
+        return any(host == p.strip("[]") or (p.startswith("*.") and host.endswith(p[1:])) for p in self.allowed_hosts)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.allows(scope):
+            await self.app(scope, receive, send)
+            return
+        log.warning("refused Host header %r (allowed: %s)", Headers(scope=scope).get("host"),
+                    ", ".join(self.allowed_hosts))
+        await send_problem(send, 400, "this server does not answer to that Host name (see --allowed-hosts)",
+                           "untrusted_host", scope["path"])
 
 
 class SecurityHeadersMiddleware:
-    """Headers that keep browsers from sniffing types or framing the page."""
+    """Headers that keep browsers from sniffing types or framing the page; a CSP on the API docs too.
+
+    The docs pages (Swagger UI, ReDoc, served from the package by fastapi-offline) get a policy
+    that lets only this server's scripts, styles and images load: ReDoc's bundle links a logo on
+    a CDN, which the browser then never requests.
+    """
 
     HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                (b"referrer-policy", b"no-referrer")]
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, docs_paths: tuple[str, ...] = ("/docs", "/redoc")) -> None:
         self.app = app
+        self.docs_paths = docs_paths
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        extra = [(b"content-security-policy", DOCS_CSP.encode())] if scope["path"] in self.docs_paths else []
 
         async def add_headers(msg):
             if msg["type"] == "http.response.start":
-                msg = {**msg, "headers": [*msg.get("headers", []), *self.HEADERS]}
+                msg = {**msg, "headers": [*msg.get("headers", []), *self.HEADERS, *extra]}
             await send(msg)
 
         await self.app(scope, receive, add_headers)
@@ -188,3 +306,6 @@ class SecurityHeadersMiddleware:
 
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'; font-src 'self' data:; "
+            "frame-ancestors 'none'; base-uri 'none'")  # the docs pages start their bundles with an inline script
