@@ -47,11 +47,11 @@ def test_cli_table(tiny_model_dir, files, capsys):
     assert main(["-q", "predict", *files[:2], "--model", str(tiny_model_dir)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"# {INTENDED_USE}" and "threshold" in out[1]
-    assert out[2].split()[:2] == ["path", "label"] and out[2].split()[-1] == "pneumonia"
+    assert out[2].split()[:2] == ["path", "verdict"] and out[2].split()[-2:] == ["pneumonia", "set"]
     rows = [line for line in out[3:] if not line.startswith(("  warning", "#"))]
     assert len(rows) == 2 and rows[0].startswith(files[0])
-    assert rows[0].split()[1] in LABELS and rows[0].split()[-1] in ("yes", "no")
-    assert out[-1].startswith("# 2 predicted (") and out[-1].endswith("0 failed")  # the summary
+    assert rows[0].split()[1] in LABELS and rows[0].split()[-2] in ("yes", "no")
+    assert out[-1].startswith("# 2 answered (") and out[-1].endswith("0 out of scope, 0 failed")  # the summary
 
 
 def test_cli_json(tiny_model_dir, files, dataset_dir, capsys):
@@ -60,8 +60,10 @@ def test_cli_json(tiny_model_dir, files, dataset_dir, capsys):
     assert doc["intended_use"] == INTENDED_USE and doc["errors"] == []
     assert len(doc["predictions"]) == 16  # a folder is expanded
     p = doc["predictions"][0]
-    assert set(p) >= {"path", "label", "probabilities", "pneumonia", "pneumonia_probability", "threshold"}
-    assert list(p["probabilities"]) == list(LABELS)
+    assert set(p) >= {"path", "label", "probabilities", "pneumonia", "pneumonia_probability", "threshold", "in_scope",
+                      "verdict", "reasons", "ood_score", "prediction_set"}
+    assert list(p["probabilities"]) == list(LABELS) and p["in_scope"] is True and p["reasons"] == []
+    assert p["verdict"] == p["label"] and p["prediction_set"] is None  # an uncalibrated model: no sets, no learned score
 
 
 def test_cli_csv_and_partial_failure(tiny_model_dir, files, tmp_path, capsys):
@@ -75,7 +77,7 @@ def test_cli_csv_and_partial_failure(tiny_model_dir, files, tmp_path, capsys):
     assert set(rows[0]) >= {"label", "p_normal", "p_bacterial", "p_viral", "pneumonia", "threshold", "error"}
     assert sum(float(rows[0][f"p_{lab}"]) for lab in LABELS) == pytest.approx(1.0, abs=1e-3)
     assert rows[0]["error"] == "" and rows[1]["label"] == "" and "broken.png" in rows[1]["error"]
-    assert cap.out.splitlines()[0].startswith("path,label,")  # no comment line a CSV reader would take as header
+    assert cap.out.splitlines()[0].startswith("path,in_scope,label,verdict,")  # no comment line a CSV reader would take as header
     err = cap.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pneumoscan: error:") and "broken.png" in err[0]
 
@@ -103,4 +105,33 @@ def test_cli_out_file_and_summary(tiny_model_dir, dataset_dir, tmp_path, capsys)
     assert rc == 0
     printed = capsys.readouterr().out
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert len(rows) == 16 and "16 predicted (" in printed and "0 failed" in printed and str(out) in printed
+    assert len(rows) == 16 and "16 answered (" in printed and "0 failed" in printed and str(out) in printed
+
+
+def _small_png(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "thumb.png"
+    Image.fromarray(np.random.default_rng(0).normal(120, 30, (64, 64)).clip(0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_cli_out_of_scope_is_exit_3_with_reasons_and_no_label(tiny_model_dir, files, tmp_path, capsys):
+    small = _small_png(tmp_path)
+    rc = main(["-q", "predict", files[0], str(small), "--model", str(tiny_model_dir), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 3  # nothing failed, but one input got no diagnosis
+    ok, out = doc["predictions"]
+    assert ok["in_scope"] is True and ok["label"] in LABELS
+    assert out["in_scope"] is False and out["label"] is None and out["probabilities"] is None
+    assert out["verdict"] == "not a pediatric frontal chest X-ray" and "too small (64 x 64" in out["reasons"][0]
+    assert main(["-q", "predict", str(small), "--model", str(tiny_model_dir)]) == 3
+    text = capsys.readouterr().out
+    assert "not a pediatric frontal chest X-ray: no diagnosis" in text and "  reason: too small" in text
+    assert text.splitlines()[-1] != "" and "0 answered" not in text  # one input: no summary line
+
+
+def test_cli_out_of_scope_csv_row(tiny_model_dir, tmp_path, capsys):
+    assert main(["-q", "predict", str(_small_png(tmp_path)), "--model", str(tiny_model_dir), "--csv"]) == 3
+    (row,) = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert row["in_scope"] == "0" and row["label"] == "" and row["p_normal"] == "" and "too small" in row["reasons"]

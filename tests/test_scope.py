@@ -1,4 +1,5 @@
-"""Out-of-scope warnings: each one fires on its kind of input and none fires on X-ray-like images."""
+"""The image checks of the out-of-scope gate: each fires on its kind of input, none on X-ray-like images
+or on the training split, and a stopped input gets no diagnosis."""
 from __future__ import annotations
 
 import io
@@ -9,15 +10,11 @@ import pytest
 from PIL import Image
 
 from pneumoscan.data.imaging import load_xray
-from pneumoscan.scope import (
-    DEFAULT_THRESHOLDS,
-    MAX_ASPECT,
-    MAX_COLORFULNESS,
-    MIN_SIDE,
-    ScopeThresholds,
-    check_scope,
-    describe_thresholds,
-)
+from pneumoscan.scope import DEFAULT_THRESHOLDS, ScopeThresholds, check_scope, describe_thresholds
+
+MAX_ASPECT = DEFAULT_THRESHOLDS.max_aspect_ratio
+MAX_COLORFULNESS = DEFAULT_THRESHOLDS.max_colorfulness
+MIN_SIDE = DEFAULT_THRESHOLDS.min_side_px
 
 
 def _xray_like(w: int = 224, h: int = 224, seed: int = 0) -> np.ndarray:
@@ -81,7 +78,7 @@ def test_extreme_aspect_ratio_warns(w, h):
 
 def test_very_small_image_warns():
     msgs = _warnings(_encode(_xray_like(64, 64), "PNG"))
-    assert len(msgs) == 1 and "very small" in msgs[0] and "64 x 64" in msgs[0]
+    assert len(msgs) == 1 and "too small" in msgs[0] and "64 x 64" in msgs[0]
 
 
 def test_boundaries_do_not_warn():
@@ -90,10 +87,29 @@ def test_boundaries_do_not_warn():
     assert len(_warnings(_encode(_xray_like(MIN_SIDE - 1, MIN_SIDE - 1), "PNG"))) == 1
 
 
-def test_all_three_warnings_together():
+def test_several_reasons_together():
     rgb = np.zeros((40, 160, 3), np.uint8)
     rgb[..., 0] = 255
-    assert len(_warnings(_encode(rgb, "PNG"))) == 3
+    msgs = " | ".join(_warnings(_encode(rgb, "PNG")))
+    for part in ("colour", "aspect ratio 4.0:1", "too small", "blank or nearly constant"):
+        assert part in msgs
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda: np.full((300, 300), 128, np.uint8) + np.arange(300, dtype=np.uint8)[None] % 5, "blank or nearly constant"),
+    (lambda: np.clip(_xray_like(300, 300).astype(int) - 200, 0, 255).astype(np.uint8), "under-exposed"),
+    (lambda: np.clip(_xray_like(300, 300).astype(int) + 200, 0, 255).astype(np.uint8), "over-exposed"),
+    (lambda: np.random.default_rng(0).integers(0, 256, (300, 300)).astype(np.uint8), "noise rather than anatomy"),
+])
+def test_each_content_check_fires(make, reason):
+    msgs = _warnings(_encode(make(), "PNG"))
+    assert any(m.startswith(reason) for m in msgs), msgs
+
+
+def test_truncated_jpeg_is_a_damaged_file():
+    data = _encode(_xray_like(400, 400))
+    msgs = _warnings(data[: int(len(data) * 0.6)] + b"\xff\xd9")  # data ends early, the end marker is there
+    assert any(m.startswith("the file is damaged") for m in msgs), msgs
 
 
 def test_custom_thresholds_and_description():
@@ -101,17 +117,21 @@ def test_custom_thresholds_and_description():
     assert check_scope(x) == []
     assert len(check_scope(x, ScopeThresholds(max_aspect_ratio=1.2, min_side_px=256))) == 2
     text = " ".join(" ".join(r) for r in describe_thresholds())
-    for v in DEFAULT_THRESHOLDS.to_dict().values():
-        assert f"{v:g}" in text
+    for k, v in DEFAULT_THRESHOLDS.to_dict().items():  # every threshold is quoted in the card
+        assert (f"{v:.0%}" if k.endswith("share") else f"{v:g}") in text, k
 
 
-def test_prediction_is_warned_not_refused(tiny_model_dir):
-    from pneumoscan.predict import Predictor
+def test_stopped_input_gets_no_diagnosis(tiny_model_dir):
+    from pneumoscan.predict import OUT_OF_SCOPE, Predictor
 
-    p = Predictor(tiny_model_dir).predict_bytes(_encode(_xray_like(64, 64), "PNG"), name="small.png")
-    assert p.label in ("normal", "bacterial", "viral")
-    assert len(p.warnings) == 1 and "very small" in p.warnings[0]
-    assert Predictor(tiny_model_dir).predict_bytes(_encode(_xray_like(), "PNG")).warnings == []
+    pred = Predictor(tiny_model_dir)
+    p = pred.predict_bytes(_encode(_xray_like(64, 64), "PNG"), name="small.png")
+    assert (p.in_scope, p.label, p.probabilities, p.pneumonia, p.verdict) == (False, None, None, None, OUT_OF_SCOPE)
+    assert len(p.reasons) == 1 and "too small" in p.reasons[0]
+    d = p.to_dict()
+    assert d["label"] is None and d["in_scope"] is False and "scores" not in d
+    ok = pred.predict_bytes(_encode(_xray_like(), "PNG"))
+    assert ok.in_scope and ok.reasons == [] and ok.label in ("normal", "bacterial", "viral") and ok.verdict == ok.label
 
 
 @pytest.mark.realdata

@@ -26,6 +26,10 @@ class ImageTooLargeError(ImageError):
     """The image declares more pixels than the configured limit (decompression bomb guard)."""
 
 
+class OutOfScopeError(ImageError):
+    """The input is not a pediatric frontal chest X-ray the model can read (the out-of-scope gate)."""
+
+
 class ModelError(PneumoscanError):
     """A model directory is missing, incomplete, or its weights fail the integrity check."""
 

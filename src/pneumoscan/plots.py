@@ -130,6 +130,50 @@ def plot_calibration(y_pneumonia: np.ndarray, score: np.ndarray, path: str | os.
     return save_figure(fig, path)
 
 
+def _reliability(y: np.ndarray, probs: np.ndarray, bins: int) -> tuple[list[float], list[float], list[int]]:
+    p = np.asarray(probs, float)
+    conf, right = p.max(axis=1), (p.argmax(axis=1) == np.asarray(y)).astype(float)
+    idx = np.clip(np.digitize(conf, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    out: tuple[list, list, list] = ([], [], [])
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            out[0].append(float(conf[m].mean()))
+            out[1].append(float(right[m].mean()))
+            out[2].append(int(m.sum()))
+    return out
+
+
+def plot_reliability(y: np.ndarray, curves: dict[str, np.ndarray], path: str | os.PathLike, bins: int = 15) -> Path:
+    """Reliability diagram of the top class (the binning of the expected calibration error): accuracy
+    against confidence, one curve per named set of probabilities (e.g. before and after scaling)."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfectly calibrated")
+    for name, probs in curves.items():
+        c, acc, n = _reliability(y, probs, bins)
+        ax.plot(c, acc, "o-", ms=4, label=name)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(1 / 3 - 0.02, 1.0)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return save_figure(fig, path)
+
+
+def plot_risk_coverage(coverage: Sequence[float], accuracy: Sequence[float], path: str | os.PathLike) -> Path:
+    """Accuracy of the images kept against the share kept, when the least confident are left out."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    ax.plot(coverage, accuracy, "-", lw=1.5)
+    for a in (0.95, 0.9, 0.8):
+        ax.axvline(a, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("share of images answered (least confident left out)")
+    ax.set_ylabel("3-class accuracy of those answered")
+    ax.set_xlim(1.0, 0.5)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 def plot_bars(names: Sequence[str], series: dict[str, Sequence[float]], path: str | os.PathLike,
               title: str = "") -> Path:
     """Grouped bar chart: one group per name, one bar per series (e.g. accuracy, AUC)."""

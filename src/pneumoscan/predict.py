@@ -6,10 +6,16 @@ and returns :class:`Prediction` objects. The CLI, the evaluator, the explainers 
 service all use it. On the ONNX backend nothing here imports torch: a model that has to be
 exported first is exported in a child process when this one has not loaded torch.
 
-Blank images are refused (:class:`~pneumoscan.data.imaging.BlankImageError`); decoder notes
-(a truncated JPEG, an unusable DICOM window) join the out-of-scope hints in each prediction's
-``warnings``. An ONNX export with a ``cam`` output (:mod:`pneumoscan.export.onnx`) also gives
-Grad-CAM maps (:meth:`Predictor.explain_xray`), still without torch.
+Every prediction passes the out-of-scope gate first. Blank images are refused outright
+(:class:`~pneumoscan.data.imaging.BlankImageError`); an image that fails a check of
+:mod:`pneumoscan.scope` (near constant, exposure, noise, colour, size, a damaged file), or whose
+pooled features lie beyond the model's out-of-distribution threshold (:mod:`pneumoscan.uncertainty`,
+fitted by ``pneumoscan calibrate``), gets ``in_scope=False``, ``label=None`` and its ``reasons``:
+no diagnosis. An accepted image gets calibrated probabilities (the model's temperature), its
+conformal prediction set, and the verdict "uncertain: refer" when that set holds normal and a
+pneumonia class. Decoder notes (an unusable DICOM window) are ``warnings``. An ONNX export with a
+``cam`` output (:mod:`pneumoscan.export.onnx`) also gives Grad-CAM maps
+(:meth:`Predictor.explain_xray`), still without torch.
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ from .metrics import model_prior, prevalence_prior, prior_shift
 from .nets.modeldir import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, has_onnx, onnx_name, read_config, resolve_model_dir, verify_file
 from .preprocess import Preprocess, PreprocessConfig
 from .runtime import ort_session
-from .scope import check_scope  # out-of-scope hints: a warning, never a refusal
+from .scope import check_scope  # the image checks of the out-of-scope gate
+from .uncertainty import UNCERTAIN, OODScorer, prediction_sets, set_verdict, temperature_scale  # noqa: F401
 
 if TYPE_CHECKING:  # torch loads only for the torch backend: ONNX serving stays light
     import torch
@@ -43,6 +50,8 @@ if TYPE_CHECKING:  # torch loads only for the torch backend: ONNX serving stays 
 
 BACKENDS = ("auto", "onnx", "torch")  # auto: ONNX Runtime when the model has a verified export, else PyTorch
 CAM_OUTPUT = "cam"  # the export's Grad-CAM output (pneumoscan.export.onnx.CAM_NAME)
+FEATURES_OUTPUT = "features"  # the export's pooled features (pneumoscan.export.onnx.FEATURES_NAME)
+OUT_OF_SCOPE = "not a pediatric frontal chest X-ray"  # the verdict of an input the gate stops
 EXPORT_TIMEOUT_S = 1800  # an export in a child process that takes longer is stopped
 
 
@@ -65,18 +74,41 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Prediction:
-    """One image's result. ``probabilities`` follow LABELS order."""
+    """One image's result. ``probabilities`` follow LABELS order and are calibrated (the model's
+    temperature, then the prior shift of ``prevalence``).
+
+    An input the gate stops has ``in_scope=False``, ``label``/``probabilities``/``pneumonia``/
+    ``prediction_set`` None and ``verdict`` :data:`OUT_OF_SCOPE`; ``reasons`` say why. ``ood_score`` is
+    the out-of-distribution score (None for a model without the learned gate). ``scores`` keeps the
+    network's calibrated probabilities even for a stopped input, for evaluation only (not in
+    :meth:`to_dict`).
+    """
 
     path: str
-    label: str
-    probabilities: dict[str, float]
-    pneumonia: bool
-    pneumonia_probability: float
+    label: str | None
+    verdict: str
+    in_scope: bool
+    probabilities: dict[str, float] | None
+    pneumonia: bool | None
+    pneumonia_probability: float | None
     threshold: float
+    prediction_set: list[str] | None = None
+    ood_score: float | None = None
+    reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    scores: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("scores")
+        return d
+
+    @property
+    def predicted(self) -> str:
+        """The class the network's probabilities decide, gate or not (evaluation; never shown to a user)."""
+        if self.label is not None:
+            return self.label
+        return LABELS[int(decide(self.scores[None], self.threshold)[0])]
 
 
 class Predictor:
@@ -108,6 +140,16 @@ class Predictor:
         self.threshold = float(self.config.get("threshold", DEFAULT_THRESHOLD))
         self.labels = LABELS  # read_config checked that the model's outputs are in this order
         self.prevalence = prevalence
+        cal = self.config.get("calibration") or {}
+        self.temperature = float(cal.get("temperature", 1.0))  # fitted by 'pneumoscan calibrate'; 1 = none
+        self.qhat: float | None = (self.config.get("conformal") or {}).get("qhat")  # None: no prediction sets
+        self.ood: OODScorer | None = None
+        self.ood_threshold: float | None = None
+        if self.config.get("ood"):
+            self.ood_threshold = float(self.config["ood"]["threshold"])
+            self.ood = OODScorer.load(verify_file(self.model_dir, self.config["ood"]["file"], self.config))
+        self.gate = True  # False: nothing is stopped (calibrate fits on every image)
+        self._graph = None  # the torch backend's ServingGraph: logits and pooled features in one pass
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.bundle: ModelBundle | None = None
         self._session = None
@@ -118,6 +160,9 @@ class Predictor:
 
             self.bundle = load_model(self.model_dir)
             self.net = self.bundle.net.to(device).eval()
+            if self.ood is not None and not self._torch_graph().with_features:
+                raise ModelError(f"{self.model_dir} has an out-of-distribution gate but its network gives no pooled "
+                                 "features in PyTorch; re-run 'pneumoscan calibrate' or use the ONNX backend")
         else:
             stale = need_cam and has_onnx(self.model_dir) and CAM_OUTPUT not in self.config.get("onnx", {}).get("outputs", [])
             fresh = export_missing and (stale or not has_onnx(self.model_dir))
@@ -126,6 +171,9 @@ class Predictor:
             self.onnx_path = onnx_dir / (onnx_name(onnx_cfg) or "model.onnx")
             self._session = _onnx_session(onnx_dir, onnx_cfg, threads)
             self.outputs = [o.name for o in self._session.get_outputs()]
+            if self.ood is not None and FEATURES_OUTPUT not in self.outputs:
+                raise ModelError(f"{self.onnx_path} has no '{FEATURES_OUTPUT}' output, which the model's out-of-"
+                                 "distribution gate needs; re-export it with 'pneumoscan export' (or use --backend torch)")
 
     @property
     def has_cam(self) -> bool:
@@ -174,21 +222,45 @@ class Predictor:
     def card_path(self) -> str:
         return str(self.model_dir / "MODEL_CARD.md")
 
-    def probabilities(self, batch: "np.ndarray | torch.Tensor") -> np.ndarray:
-        """Class probabilities for a normalised float batch (N, 3, S, S)."""
+    def _torch_graph(self):
+        if self._graph is None:
+            from .export.onnx import ServingGraph
+
+            self._graph = ServingGraph(self.net, self.prep_cfg.size)
+            self._graph.with_cam = False  # Grad-CAM comes from pneumoscan.explain on this backend
+        return self._graph
+
+    def forward(self, batch: "np.ndarray | torch.Tensor", features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities, pooled features or None) of a normalised float batch (N, 3, S, S).
+        Features come from the same pass (the export's ``features`` output, or the torch graph)."""
+        feats = None
         if self._session is not None:
             x = np.asarray(batch.numpy() if hasattr(batch, "numpy") else batch, np.float32)
-            logits = self._session.run(self.outputs[:1], {"input": x.astype(np.float32, copy=False)})[0]
-            p = softmax(logits)
+            want = self.outputs[:1] + ([FEATURES_OUTPUT] if features and FEATURES_OUTPUT in self.outputs else [])
+            out = self._session.run(want, {"input": x.astype(np.float32, copy=False)})
+            p = softmax(out[0])
+            feats = out[1] if len(out) > 1 else None
         else:
             import torch
 
             x = torch.as_tensor(batch).to(self.device)
             with torch.inference_mode():
-                p = self.net(x).float().softmax(-1).cpu().numpy()
-        return self._adjust(p)
+                graph = self._torch_graph() if features else None
+                if graph is not None and graph.with_features:
+                    logits, f = graph(x)[:2]
+                    feats = f.float().cpu().numpy()
+                else:
+                    logits = self.net(x)
+                p = logits.float().softmax(-1).cpu().numpy()
+        return self._adjust(p), feats
+
+    def probabilities(self, batch: "np.ndarray | torch.Tensor") -> np.ndarray:
+        """Calibrated class probabilities for a normalised float batch (N, 3, S, S)."""
+        return self.forward(batch)[0]
 
     def _adjust(self, p: np.ndarray) -> np.ndarray:
+        """The model's temperature, then the prior shift to ``prevalence``."""
+        p = temperature_scale(p, self.temperature)
         if self.prevalence is None:
             return p
         return prior_shift(p, model_prior(self.config), prevalence_prior(self.config, self.prevalence))
@@ -196,27 +268,62 @@ class Predictor:
     def tensor(self, x: XRay) -> "torch.Tensor":
         return self.pre(x.pixels)
 
-    def result(self, path: str, p: np.ndarray, warns: list[str] | None = None) -> Prediction:
+    def result(self, path: str, p: np.ndarray, reasons: Sequence[str] = (), warnings: Sequence[str] = (),
+               features: np.ndarray | None = None) -> Prediction:
+        """The gate and the decision for one image's calibrated probabilities ``p``: ``reasons`` from the
+        image checks, the out-of-distribution score from its pooled ``features``."""
+        reasons = list(reasons)
+        score = None
+        if self.ood is not None and features is not None:
+            score = float(self.ood.score(features[None])[0])
+            if score > self.ood_threshold:
+                reasons.append(f"its features are unlike the training X-rays (out-of-distribution score {score:.1f} "
+                               f"> {self.ood_threshold:.1f})")
+        if self.gate and reasons:
+            return Prediction(path=path, label=None, verdict=OUT_OF_SCOPE, in_scope=False, probabilities=None,
+                              pneumonia=None, pneumonia_probability=None, threshold=self.threshold, ood_score=score,
+                              reasons=reasons, warnings=list(warnings), scores=p)
         k = int(decide(p[None], self.threshold)[0])
-        return Prediction(path=path, label=self.labels[k],
+        label = self.labels[k]
+        pset = self.prediction_sets(p[None])[0] if self.qhat is not None else None
+        return Prediction(path=path, label=label, verdict=set_verdict(label, pset or [label]), in_scope=True,
                           probabilities={lab: float(v) for lab, v in zip(self.labels, p)},
                           pneumonia=k != 0, pneumonia_probability=float(pneumonia_score(p[None])[0]),
-                          threshold=self.threshold, warnings=list(warns or []))
+                          threshold=self.threshold, prediction_set=pset, ood_score=score,
+                          reasons=reasons, warnings=list(warnings), scores=p)
+
+    def prediction_sets(self, probs: np.ndarray) -> list[list[str]]:
+        """Conformal prediction sets (LABELS order) of calibrated probabilities; the decided class is
+        always in its set (the threshold rule may pick a class APS would not have reached)."""
+        decided = decide(probs, self.threshold)
+        sets = prediction_sets(probs, self.qhat)
+        return [[lab for lab in self.labels if lab in s or lab == self.labels[k]] for s, k in zip(sets, decided)]
+
+    @staticmethod
+    def screen(x: XRay) -> tuple[list[str], list[str]]:
+        """(reasons the image checks stop ``x``, decoder notes that are only warnings)."""
+        reasons = check_scope(x)
+        return reasons, [n for n in x.notes if not any(n in r for r in reasons)]
 
     def predict_xray(self, x: XRay, name: str = "image") -> Prediction:
-        p = self.probabilities(self.pre.array(x.pixels)[None])[0]
-        return self.result(name, p, check_scope(x) + x.notes)
+        p, f = self.forward(self.pre.array(x.pixels)[None], features=self.ood is not None)
+        return self.result(name, p[0], *self.screen(x), features=None if f is None else f[0])
 
-    def explain_xray(self, x: XRay, name: str = "image") -> tuple[Prediction, np.ndarray]:
+    def explain_xray(self, x: XRay, name: str = "image") -> tuple[Prediction, np.ndarray | None]:
         """The prediction and the Grad-CAM map (float32, S x S, non-negative) of its predicted class,
-        from one run of the ONNX graph (:attr:`has_cam`); torch-free."""
+        from one run of the ONNX graph (:attr:`has_cam`); torch-free. An input the gate stops gets no
+        map (None): there is no diagnosis to explain."""
         if not self.has_cam:
             raise ModelError(f"{self.onnx_path or self.model_dir} has no '{CAM_OUTPUT}' output; re-export the "
                              "model with 'pneumoscan export' (or load it with need_cam=True)")
         x_in = self.pre.array(x.pixels)[None]
-        logits, cam = self._session.run([self.outputs[0], CAM_OUTPUT], {"input": x_in})
-        pred = self.result(name, self._adjust(softmax(logits))[0], check_scope(x) + x.notes)
-        return pred, np.ascontiguousarray(cam[0, list(self.labels).index(pred.label)], dtype=np.float32)
+        names = [self.outputs[0], CAM_OUTPUT] + ([FEATURES_OUTPUT] if self.ood is not None else [])
+        out = self._session.run(names, {"input": x_in})
+        pred = self.result(name, self._adjust(softmax(out[0]))[0], *self.screen(x),
+                           features=out[2][0] if len(out) > 2 else None)
+        if not pred.in_scope:
+            return pred, None
+        return pred, np.ascontiguousarray(out[1][0, list(self.labels).index(pred.label)], dtype=np.float32)
 
     def decode(self, data: bytes | str | os.PathLike, name: str | None = None) -> XRay:
         """Decode an upload or a file with this predictor's pixel limit (JPEG draft at the model size);
@@ -227,32 +334,53 @@ class Predictor:
     def predict_bytes(self, data: bytes, name: str = "upload") -> Prediction:
         return self.predict_xray(self.decode(data, name), name)
 
+    def _batches(self, paths: Sequence[str | os.PathLike], batch_size: int, progress: bool,
+                 errors: list[tuple[str, str]], features: bool):
+        """Decode and run ``paths`` in batches: yields (names, probabilities, features or None, screens) per
+        batch, and appends undecodable files to ``errors`` as (path, error)."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
+        try:
+            for start in range(0, len(paths), batch_size):
+                chunk = paths[start:start + batch_size]
+                xs, names, screens = [], [], []
+                for p in chunk:
+                    try:
+                        x = self.decode(p, str(p))
+                    except ImageError as e:
+                        errors.append((str(p), str(e)))
+                        continue
+                    xs.append(self.pre.array(x.pixels))
+                    names.append(str(p))
+                    screens.append(self.screen(x))
+                if xs:
+                    probs, feats = self.forward(np.stack(xs), features=features)
+                    yield names, probs, feats, screens
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+
     def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 32,
                       progress: bool = False) -> tuple[list[Prediction], list[tuple[str, str]]]:
         """Predict files in batches; returns (predictions, [(path, error)]) for undecodable files."""
-        from tqdm.auto import tqdm
-
         preds: list[Prediction] = []
         errors: list[tuple[str, str]] = []
-        bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            xs, names, warns = [], [], []
-            for p in chunk:
-                try:
-                    x = self.decode(p, str(p))
-                except ImageError as e:
-                    errors.append((str(p), str(e)))
-                    continue
-                xs.append(self.pre.array(x.pixels))
-                names.append(str(p))
-                warns.append(check_scope(x) + x.notes)
-            if xs:
-                probs = self.probabilities(np.stack(xs))
-                preds.extend(self.result(n, p, w) for n, p, w in zip(names, probs, warns))
-            bar.update(len(chunk))
-        bar.close()
+        for names, probs, feats, screens in self._batches(paths, batch_size, progress, errors, self.ood is not None):
+            for i, (n, (reasons, warns)) in enumerate(zip(names, screens)):
+                preds.append(self.result(n, probs[i], reasons, warns, None if feats is None else feats[i]))
         return preds, errors
+
+    def arrays(self, paths: Sequence[str | os.PathLike], batch_size: int = 32, progress: bool = False,
+               features: bool = True) -> tuple[np.ndarray, np.ndarray | None, list[str], list[tuple[str, str]]]:
+        """(calibrated probabilities, pooled features or None, decoded paths, [(path, error)]) of every
+        decodable file, gate or not: what thresholds, prior estimates and ``pneumoscan calibrate`` fit on."""
+        errors: list[tuple[str, str]] = []
+        parts = list(self._batches(paths, batch_size, progress, errors, features))
+        names = [n for part in parts for n in part[0]]
+        probs = np.concatenate([part[1] for part in parts]) if parts else np.zeros((0, len(LABELS)))
+        feats = None if not parts or parts[0][2] is None else np.concatenate([part[2] for part in parts])
+        return probs, feats, names, errors
 
     def warmup(self, n: int = 3) -> float:
         """Run a few dummy inferences (first-call allocations); returns the last one's seconds."""
@@ -323,4 +451,6 @@ def check_model(model_dir: str | os.PathLike | None) -> Path:
     name = onnx_name(cfg)
     if name and (d / name).exists():
         verify_file(d, name, cfg)
+    if cfg.get("ood"):
+        verify_file(d, cfg["ood"]["file"], cfg)
     return d

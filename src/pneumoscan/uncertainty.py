@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .labels import BACTERIAL, LABELS, NORMAL, VIRAL
 
-OOD_FILE = "ood.safetensors"
 UNCERTAIN = "uncertain: refer"  # the verdict when a prediction set holds normal and a pneumonia class
 
 
@@ -46,10 +44,11 @@ def aps_scores(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
-    """The split-conformal quantile: the ceil((n + 1)(1 - alpha)) / n empirical quantile of the scores."""
-    n = len(scores)
-    level = min(1.0, np.ceil((n + 1) * (1 - alpha)) / n)
-    return float(np.quantile(scores, level, method="higher"))
+    """The split-conformal quantile: the k-th smallest score, k = ceil((n + 1)(1 - alpha)); infinite
+    (every class in every set) when k > n, i.e. too few calibration scores for this alpha."""
+    s = np.sort(np.asarray(scores, float))
+    k = int(np.ceil((len(s) + 1) * (1 - alpha)))
+    return float(s[k - 1]) if 1 <= k <= len(s) else float("inf")
 
 
 def prediction_sets(probs: np.ndarray, qhat: float) -> list[list[str]]:
@@ -82,7 +81,7 @@ class OODScorer:
     components: np.ndarray  # (k, d) PCA directions
     class_means: np.ndarray  # (classes, k) per-class means in PCA space
     precision: np.ndarray  # (k, k) inverse of the shared (shrunk) covariance
-    threshold: float  # scores above this are out of distribution
+    # the threshold lives in the model's config.json ("ood"), next to how it was chosen
 
     def score(self, features: np.ndarray) -> np.ndarray:
         z = (np.asarray(features, np.float64) - self.mean) @ self.components.T
@@ -90,15 +89,13 @@ class OODScorer:
         m = np.einsum("nck,kl,ncl->nc", d, self.precision, d)
         return np.sqrt(np.clip(m.min(axis=1), 0, None))
 
-    def save(self, path: str | os.PathLike) -> None:
+    def to_bytes(self) -> bytes:
+        """The scorer as safetensors (float32)."""
         from safetensors.numpy import save
-
-        from .io import atomic_write_bytes
 
         tensors = {k: np.ascontiguousarray(getattr(self, k), np.float32)
                    for k in ("mean", "components", "class_means", "precision")}
-        tensors["threshold"] = np.array([self.threshold], np.float32)
-        atomic_write_bytes(Path(path), save(tensors, metadata={"format": "pneumoscan-ood/1"}))
+        return save(tensors, metadata={"format": "pneumoscan-ood/1"})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "OODScorer":
@@ -106,5 +103,4 @@ class OODScorer:
 
         t = load_file(str(path))
         return cls(mean=t["mean"].astype(np.float64), components=t["components"].astype(np.float64),
-                   class_means=t["class_means"].astype(np.float64), precision=t["precision"].astype(np.float64),
-                   threshold=float(t["threshold"][0]))
+                   class_means=t["class_means"].astype(np.float64), precision=t["precision"].astype(np.float64))

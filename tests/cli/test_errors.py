@@ -189,7 +189,7 @@ def test_the_check_sees_an_unwritable_folder_as_another_user(world):
 
 
 def _index(src: Path, dst: Path, n_patients: int = 5) -> Path:
-    from conftest import make_dataset
+    from synthetic import make_dataset
 
     make_dataset(dst, n_patients=n_patients, per_patient=2, seed=3, size=48)
     return dst
@@ -284,7 +284,7 @@ def test_train_uses_the_manifest_beside_the_data(tmp_path, capsys):
 
 def test_dicom_files_without_an_extension_count_in_folders(tmp_path, capsys):
     pytest.importorskip("pydicom")
-    from conftest import make_dataset
+    from synthetic import make_dataset
 
     from pneumoscan.data.index import index_dataset, iter_image_files
 

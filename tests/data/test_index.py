@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_dataset
 from PIL import Image
+from synthetic import make_dataset
 
 from pneumoscan.data.index import index_dataset, label_from_path, patient_key, resolve_manifest
 from pneumoscan.data.manifest import Manifest

@@ -239,7 +239,7 @@ def test_predict_outputs_carry_intended_use_and_card(tiny_model_dir, dataset_dir
     assert text.splitlines()[0] == f"# {INTENDED_USE}" and cfg["model_id"] in text.splitlines()[1]
     table = _predict([img, "--model", str(tiny_model_dir), "--csv"], capsys)
     rows = list(csv.reader(io.StringIO(table)))  # valid CSV: no comment line (the JSON and table carry the notice)
-    assert rows[0][:2] == ["path", "label"] and rows[1][0] == img
+    assert rows[0][:3] == ["path", "in_scope", "label"] and rows[1][0] == img
 
 
 def test_card_of_a_real_ensemble(tiny_model_dir, tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_dataset
 from PIL import Image
+from synthetic import make_dataset
 
 from pneumoscan.data.index import index_dataset
 from pneumoscan.features.cache import FeatureCache

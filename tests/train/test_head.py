@@ -101,7 +101,7 @@ def test_bad_options_are_clear_errors(kw, msg):
 
 
 def test_train_needs_train_and_val_images(tmp_path):
-    from conftest import make_dataset
+    from synthetic import make_dataset
 
     root = make_dataset(tmp_path / "d", n_patients=3, per_patient=1, size=16)
     (root / "train").rename(root / "test")  # only a test split

@@ -30,7 +30,7 @@ from pneumoscan.web.limits import safe_name
 from pneumoscan.web.service import Service
 
 
-def jpeg(size: int = 96, seed: int = 0) -> bytes:
+def jpeg(size: int = 128, seed: int = 0) -> bytes:  # 128 px: the smallest side in scope
     a = np.random.default_rng(seed).normal(120, 30, (size, size)).clip(0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, "JPEG")
@@ -99,7 +99,9 @@ def test_predict_schema_and_agreement_with_torch(client, model_dir):
     ref = Predictor(model_dir, backend="torch").predict_bytes(data)
     assert j["label"] == ref.label
     assert max(abs(j["probabilities"][k] - ref.probabilities[k]) for k in LABELS) <= 1e-4
-    assert any("very small image" in w for w in j["warnings"])  # 96 px: the scope check speaks
+    assert j["in_scope"] is True and j["reasons"] == [] and j["verdict"] == j["label"]
+    small = post(client, jpeg(96)).json()  # 96 px: the scope check stops it, a 200 without a diagnosis
+    assert small["in_scope"] is False and small["label"] is None and "too small" in small["reasons"][0]
 
 
 def test_dicom_upload(client):
@@ -115,7 +117,7 @@ def test_dicom_upload(client):
     ds.Rows = ds.Columns = 160
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.random.default_rng(0).integers(0, 4096, (160, 160)).astype(np.uint16).tobytes()
+    ds.PixelData = _xray_like(160).astype(np.uint16).tobytes()
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     r = post(client, buf.getvalue(), "scan.dcm")
@@ -373,7 +375,7 @@ def test_explain_returns_png(client):
 
 # -- #13 defect 1: a malformed DICOM (or any file) is never a 500 ---------------------------------------
 
-def _xray_like(side: int = 96, seed: int = 0) -> np.ndarray:
+def _xray_like(side: int = 160, seed: int = 0) -> np.ndarray:
     """12-bit 'X-ray' values: smooth structure plus noise (not blank, not uniform)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:side, 0:side]
@@ -470,7 +472,7 @@ def test_multi_frame_dicom_refused_before_decoding(client, make_dicom):
 
 
 def test_multi_frame_dicom_under_the_limit_uses_its_first_frame(client, make_dicom):
-    a = _xray_like(64)
+    a = _xray_like(160)
     frames = np.stack([a, a[::-1], a[:, ::-1]])
     one = post(client, make_dicom(a), "one.dcm").json()
     three = post(client, make_dicom(frames), "three.dcm").json()
@@ -502,9 +504,12 @@ def test_truncated_jpeg_is_flagged(client):
     yy, xx = np.mgrid[0:256, 0:256]
     full = jpeg_from((128 + 60 * np.sin(xx / 9) * np.cos(yy / 13)).astype(np.uint8))
     cut = full[:int(len(full) * 0.6)] + b"\xff\xd9"  # data ends early, the end marker is there: libjpeg fills grey
-    r = post(client, cut, "cut.jpg")
-    assert r.status_code == 200 and any("JPEG data ends early" in w for w in r.json()["warnings"]), r.text
-    assert not any("ends early" in w for w in post(client, full, "full.jpg").json()["warnings"])
+    r = post(client, cut, "cut.jpg")  # a damaged film: out of scope (#14), a 200 with no diagnosis
+    j = r.json()
+    assert r.status_code == 200 and j["in_scope"] is False and j["label"] is None, r.text
+    assert any("JPEG data ends early" in w for w in j["reasons"]) and j["verdict"] == "not a pediatric frontal chest X-ray"
+    ok = post(client, full, "full.jpg").json()
+    assert not any("ends early" in w for w in ok["reasons"] + ok["warnings"])
 
 
 # -- #13 defect 7: one error schema (RFC 9457), response models, HEAD, one file part ----------------------
@@ -560,7 +565,9 @@ def test_head_of_page_and_probes(client):
 def test_prediction_keys_match_the_model(client):
     j = post(client, jpeg(128), "x.jpg").json()
     assert set(j) == {"label", "probabilities", "pneumonia", "pneumonia_probability", "threshold", "model", "warnings",
-                      "image", "compute_ms", "elapsed_ms"}
+                      "image", "compute_ms", "elapsed_ms", "in_scope", "verdict", "prediction_set", "ood_score", "reasons",
+                      "preview"}
+    assert j["preview"] is None and j["prediction_set"] is None and j["ood_score"] is None  # uncalibrated test model
     assert j["image"] == {"format": "jpeg", "mode": "L", "width": 128, "height": 128}
     with_preview = client.post("/api/predict?preview=true", files={"file": ("x.jpg", jpeg(128), "image/jpeg")}).json()
     assert with_preview["preview"].startswith("data:image/jpeg;base64,")
@@ -743,7 +750,8 @@ from PIL import Image
 from fastapi.testclient import TestClient
 from pneumoscan.web.app import create_app
 from pneumoscan.web.config import ServeConfig
-buf = io.BytesIO(); Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96), dtype=np.uint8)).save(buf, "PNG")
+a = np.random.default_rng(0).normal(120, 30, (128, 128)).clip(0, 255).astype(np.uint8)  # in scope for the gate
+buf = io.BytesIO(); Image.fromarray(a).save(buf, "PNG")
 files = {"file": ("x.png", buf.getvalue(), "image/png")}
 out = {}
 with TestClient(create_app(ServeConfig(model_dir=sys.argv[1])), base_url="http://127.0.0.1") as c:

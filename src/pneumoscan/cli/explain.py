@@ -64,7 +64,8 @@ def run(args) -> int:
     from ..data.index import iter_image_files
     from ..errors import ImageError, PneumoscanError
     from ..explain.explainer import CENTRAL_REGION, Explainer
-    from ..explain.figures import DISPLAY_SIDE, grid_figure, save_array, save_overlay
+    from ..explain.figures import grid_figure, save_array, save_overlay
+    from ..explain.maps import DISPLAY_SIDE
     from ..io import atomic_write_json, atomic_write_text
     from ..plots import save_figure
     from ..predict import Predictor

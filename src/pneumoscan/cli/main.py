@@ -15,8 +15,8 @@ from .. import INTENDED_USE, __version__
 from ..errors import PneumoscanError
 
 ORDER = ["run", "data", "extract", "train", "evaluate", "predict", "compare", "finetune", "pretrain", "ensemble", "soup",
-         "threshold", "calibrate", "adapt", "robustness", "explain", "visualize", "export", "serve", "card", "check",
-         "cache", "bench", "backbones"]
+         "threshold", "calibrate", "scope_suite", "adapt", "robustness", "explain", "visualize", "export", "serve", "card",
+         "check", "cache", "bench", "backbones"]
 NOT_COMMANDS = {"main", "common", "flags"}  # modules of this package that are not commands
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -99,12 +100,22 @@ def training_overlap(samples, model_dir: str | os.PathLike | None) -> int | None
     return sum(s.sha1 in train for s in samples)
 
 
-def _sample_path(m: Manifest, s) -> str:
+def sample_path(m: Manifest, s) -> str:
     """The sample's absolute path, or its path relative to the manifest when the data moved."""
     if os.path.exists(s.path):
         return s.path
     alt = Path(m.root) / s.relpath
     return str(alt) if alt.exists() else s.path
+
+
+def check_present(paths: Sequence[str], source: str) -> None:
+    """Refuse, before any work, a split whose images are not where the manifest says (a model's
+    manifest.csv from another machine): one line naming the first and how many."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} of the {len(paths)} images of {source} are not on this machine (first: "
+                        f"{missing[0]}); pass --data with the training folder (e.g. ../shared/data/chest_xray) or "
+                        "its manifest CSV")
 
 
 def validation_set(data: str | os.PathLike | None, config: dict, model_dir: str | os.PathLike | None = None, *,
@@ -137,6 +148,6 @@ def validation_set(data: str | os.PathLike | None, config: dict, model_dir: str 
         if not force and not allow_unsplit:
             raise DataError(msg + "; pass the model's manifest.csv, or --force to use it anyway")
         log.warning("%s: figures on them are optimistic", msg)
-    return EvalSet(paths=[_sample_path(m, s) for s in samples], y=np.array([s.target for s in samples], int),
+    return EvalSet(paths=[sample_path(m, s) for s in samples], y=np.array([s.target for s in samples], int),
                    source=source, split=split, manifest_sha256=digest, matches_model=matches,
                    training_overlap=overlap)

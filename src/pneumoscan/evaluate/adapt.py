@@ -85,15 +85,14 @@ def adapt(paths: list[str], predictor, cfg: AdaptConfig = AdaptConfig(), *, vali
           progress: bool = False) -> dict:
     """Estimate the class prior of the images ``paths`` (unlabelled). ``validation`` is the model's
     (labels, probabilities) on its validation split, needed by ``bbse`` and reported with ``em``."""
-    preds, errors = predictor.predict_files(paths, batch_size=cfg.batch_size, progress=progress)
-    if not preds:
+    probs, _, kept, errors = predictor.arrays(paths, cfg.batch_size, progress, features=False)
+    if not kept:
         raise DataError(f"none of the {len(paths)} images could be decoded")
-    probs = np.array([[p.probabilities[lab] for lab in LABELS] for p in preds])
     base = model_prior(predictor.config)
-    out = {"method": cfg.method, "n": len(preds), "failed": len(errors), "model": predictor.model_id,
+    out = {"method": cfg.method, "n": len(kept), "failed": len(errors), "model": predictor.model_id,
            "model_prior": dict(zip(LABELS, base.round(4).tolist())),
            "predicted_share": dict(zip(LABELS, (np.bincount(decide(probs, predictor.threshold), minlength=len(LABELS))
-                                                / len(preds)).round(4).tolist()))}
+                                                / len(kept)).round(4).tolist()))}
     if cfg.method == "em":
         prior, iters = em_prior(probs, base, cfg.max_iter, cfg.tol)
         out["iterations"] = iters
@@ -104,5 +103,5 @@ def adapt(paths: list[str], predictor, cfg: AdaptConfig = AdaptConfig(), *, vali
         prior = bbse_prior(decide(p_val, predictor.threshold), y_val, decide(probs, predictor.threshold))
     out["prior"] = dict(zip(LABELS, prior.round(4).tolist()))
     out["pneumonia_prevalence"] = round(float(1.0 - prior[0]), 4)
-    log.info("estimated prior %s (%s, %d images)", out["prior"], cfg.method, len(preds))
+    log.info("estimated prior %s (%s, %d images)", out["prior"], cfg.method, len(kept))
     return out

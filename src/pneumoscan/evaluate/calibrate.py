@@ -11,27 +11,28 @@ score, the training split's pooled features) once, then fits and stores in the m
    the ``ood_quantile`` of the validation scores (so at most 2 % of validation images are flagged).
 
 Each figure goes into ``config.json`` (``calibration``, ``conformal``, ``ood``) and the model card;
-``ood.safetensors`` is recorded with its SHA-256 like any weight file.
+The scorer's file (``ood-<hash>.safetensors``) is recorded with its SHA-256 like any weight file; the
+config is written once, last, so an interrupted run leaves the model as it was.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ..data.manifest import Manifest
-from ..data.splits import validation_set
+from ..data.splits import check_present, load_manifest, sample_path, validation_set
 from ..errors import DataError
-from ..io import atomic_write_json, file_digest, json_safe
+from ..io import atomic_write_bytes, atomic_write_json, file_digest, json_safe
 from ..labels import LABELS
 from ..metrics import brier_score, calibration_error, choose_threshold, compute_metrics
-from ..nets.modeldir import CONFIG_NAME, read_config
-from ..predict import Predictor
-from ..uncertainty import OOD_FILE, OODScorer, aps_scores, conformal_quantile, prediction_sets, temperature_scale
+from ..nets.modeldir import CONFIG_NAME, has_onnx, read_config
+from ..predict import FEATURES_OUTPUT, Predictor
+from ..uncertainty import OODScorer, aps_scores, conformal_quantile, prediction_sets, temperature_scale
 from .config import CalibrateConfig
-from .operating_point import write_threshold
+from .operating_point import set_threshold
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ def conformal_check(probs: np.ndarray, y: np.ndarray, alpha: float, seed: int = 
 
 
 def fit_ood(train_feats: np.ndarray, train_y: np.ndarray, val_feats: np.ndarray, quantile: float,
-            pca_dim: int) -> OODScorer:
+            pca_dim: int) -> tuple[OODScorer, float]:
     """PCA of the training features, class means and a Ledoit-Wolf shared covariance in that space;
-    the threshold lets ``quantile`` of the validation images through."""
+    returns the scorer and the threshold that lets ``quantile`` of the validation images through."""
     from sklearn.covariance import LedoitWolf
     from sklearn.decomposition import PCA
 
@@ -83,10 +84,8 @@ def fit_ood(train_feats: np.ndarray, train_y: np.ndarray, val_feats: np.ndarray,
     y = np.asarray(train_y, int)
     means = np.stack([z[y == c].mean(0) if (y == c).any() else z.mean(0) for c in range(len(LABELS))])
     cov = LedoitWolf().fit(z - means[y]).covariance_
-    scorer = OODScorer(mean=pca.mean_, components=pca.components_, class_means=means,
-                       precision=np.linalg.inv(cov), threshold=float("inf"))
-    scorer.threshold = float(np.quantile(scorer.score(val_feats), quantile))
-    return scorer
+    scorer = OODScorer(mean=pca.mean_, components=pca.components_, class_means=means, precision=np.linalg.inv(cov))
+    return scorer, float(np.quantile(scorer.score(val_feats), quantile))
 
 
 def _method(cfg: dict) -> tuple[str, float | None]:
@@ -103,21 +102,24 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     d = Path(model_dir)
     conf = read_config(d)
     ev = validation_set(data, conf, d, force=cfg.force)
-    manifest_path = d / "manifest.csv" if data is None else Path(data)
-    manifest = Manifest.load(manifest_path) if manifest_path.suffix == ".csv" else None
-    if manifest is None:
-        from ..data.index import resolve_manifest
-        manifest = resolve_manifest(data)
+    manifest = load_manifest(data, conf, d)
     train = manifest.subset("train")
     if not train:
-        raise DataError(f"{manifest_path} has no training split: the out-of-distribution score is fitted on it")
-    pred = Predictor(d)
+        raise DataError(f"{ev.source} has no training split: the out-of-distribution score is fitted on it")
+    train_paths = [sample_path(manifest, s) for s in train]
+    check_present(ev.paths, f"the validation split of {ev.source}")
+    check_present(train_paths, f"the training split of {ev.source}")
+    onnx_outputs = conf.get("onnx", {}).get("outputs", [])
+    backend = "onnx" if has_onnx(d) and FEATURES_OUTPUT in onnx_outputs else "torch"  # features from one pass
+    pred = Predictor(d, backend=backend)
     try:
-        pred.temperature, pred.gate = 1.0, False  # fit on the raw outputs, every image scored
-        raw, feats, kept, errors = pred.arrays(ev.paths, cfg.batch_size, progress)
-        y = np.array([dict(zip(ev.paths, ev.y))[p] for p in kept], int)
-        tr_raw, tr_feats, tr_kept, _ = pred.arrays([s.path for s in train], cfg.batch_size, progress)
-        tr_y = np.array([dict((s.path, s.target) for s in train)[p] for p in tr_kept], int)
+        pred.temperature, pred.gate, pred.prevalence = 1.0, False, None  # fit on the raw outputs, every image
+        raw, feats, kept, _ = pred.arrays(ev.paths, cfg.batch_size, progress)
+        truth = dict(zip(ev.paths, ev.y))
+        y = np.array([truth[p] for p in kept], int)
+        _, tr_feats, tr_kept, _ = pred.arrays(train_paths, cfg.batch_size, progress)
+        tr_truth = dict(zip(train_paths, (s.target for s in train)))
+        tr_y = np.array([tr_truth[p] for p in tr_kept], int)
     finally:
         pred.close()
     if feats is None:
@@ -128,27 +130,33 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     method, target = _method(conf)
     thr, how = choose_threshold(y, cal, method, target)
     check = conformal_check(cal, y, cfg.alpha)
-    qhat = conformal_quantile(aps_scores(cal, y), cfg.alpha)
-    scorer = fit_ood(tr_feats, tr_y, feats, cfg.ood_quantile, cfg.pca_dim)
-    flagged = float((scorer.score(feats) > scorer.threshold).mean())
-    scorer.save(d / OOD_FILE)
+    qhat = min(1.0, conformal_quantile(aps_scores(cal, y), cfg.alpha))  # APS scores are at most 1: 1 = all classes
+    scorer, ood_threshold = fit_ood(tr_feats, tr_y, feats, cfg.ood_quantile, cfg.pca_dim)
+    flagged = float((scorer.score(feats) > ood_threshold).mean())
+    blob = scorer.to_bytes()
+    ood_name = f"ood-{hashlib.sha256(blob).hexdigest()[:12]}.safetensors"  # a new name: the old files stay valid
     records = {
         "calibration": {"temperature": t, "fitted_on": "validation", "n": int(len(y)),
                         "ece_before": calibration_error(y, raw), "ece_after": calibration_error(y, cal),
                         "brier_before": brier_score(y, raw), "brier_after": brier_score(y, cal)},
         "conformal": {"method": "aps", "alpha": cfg.alpha, "qhat": qhat, "heldout": check,
                       "note": "coverage holds for images exchangeable with the validation split only"},
-        "ood": {"file": OOD_FILE, "method": "mahalanobis in a PCA of the pooled features (Lee et al. 2018)",
-                "pca_dim": int(scorer.components.shape[0]), "threshold": scorer.threshold,
+        "ood": {"file": ood_name, "method": "mahalanobis in a PCA of the pooled features (Lee et al. 2018)",
+                "pca_dim": int(scorer.components.shape[0]), "threshold": ood_threshold,
                 "validation_flagged": flagged, "quantile": cfg.ood_quantile, "n_train": int(len(tr_y))},
     }
     conf = read_config(d)
+    old_ood = (conf.get("ood") or {}).get("file")
+    atomic_write_bytes(d / ood_name, blob)
     conf.update(records)
-    conf["files"] = {**conf.get("files", {}), OOD_FILE: file_digest(d / OOD_FILE)}
-    atomic_write_json(d / CONFIG_NAME, conf)
-    write_threshold(d, thr, how + " (calibrated probabilities)",
-                    record={"data": ev.source, "n_val": int(len(y)), "calibrated": True},
-                    val_metrics=json_safe(compute_metrics(y, cal, thr)) if ev.matches_model else None)
+    files = {k: v for k, v in conf.get("files", {}).items() if k != old_ood}
+    conf["files"] = {**files, ood_name: file_digest(d / ood_name)}
+    set_threshold(conf, thr, how.split(" (calibrated")[0] + " (calibrated probabilities)",
+                  record={"data": ev.source, "n_val": int(len(y)), "calibrated": True},
+                  val_metrics=json_safe(compute_metrics(y, cal, thr)) if ev.matches_model else None)
+    atomic_write_json(d / CONFIG_NAME, conf)  # the one switch: config, threshold and gate change together
+    if old_ood and old_ood != ood_name:
+        (d / old_ood).unlink(missing_ok=True)
     log.info("calibrated %s: T=%.3f, ECE %.3f -> %.3f, conformal qhat %.3f (held-out coverage %.3f), OOD flags "
              "%.1f%% of validation", d, t, records["calibration"]["ece_before"], records["calibration"]["ece_after"],
              qhat, check["coverage"], 100 * flagged)

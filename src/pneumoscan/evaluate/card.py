@@ -414,6 +414,33 @@ def _limits(cfg: dict) -> dict:
                    f"{_num(nvp.get('auc'))})" if "auc" in bv and "auc" in nvp else "")}
 
 
+def _gate(cfg: dict, model_dir: Path) -> dict:
+    """The out-of-scope gate, calibration and prediction sets as recorded by ``pneumoscan calibrate``."""
+    ood, cal, conf = cfg.get("ood"), cfg.get("calibration"), cfg.get("conformal")
+    out: dict = {"ood": None, "calibration": None, "conformal": None, "suite": None}
+    if isinstance(ood, dict):
+        out["ood"] = {"method": _txt(ood.get("method")), "pca_dim": _txt(ood.get("pca_dim")),
+                      "n_train": _txt(ood.get("n_train")), "file": _txt(ood.get("file")),
+                      "threshold": _num(ood.get("threshold"), 2), "quantile": f"{ood.get('quantile', 0):.0%}",
+                      "flagged": f"{ood.get('validation_flagged', 0):.1%}"}
+    if isinstance(cal, dict):
+        out["calibration"] = {"temperature": _num(cal.get("temperature")), "n": _txt(cal.get("n")),
+                              **{k: _num(cal.get(k)) for k in ("ece_before", "ece_after", "brier_before", "brier_after")}}
+    if isinstance(conf, dict):
+        held = conf.get("heldout") or {}
+        out["conformal"] = {
+            "alpha": _txt(conf.get("alpha")), "qhat": _num(conf.get("qhat")), "coverage": _num(held.get("coverage")),
+            "size": _num(held.get("mean_set_size"), 2), "target": f"{1 - float(conf.get('alpha', 0.1)):.0%}",
+            "rows": [[lab, _txt(v.get("n")), _num(v.get("coverage")), _num(v.get("mean_set_size"), 2)]
+                     for lab, v in (held.get("by_class") or {}).items()]}
+    suite = cfg.get("scope_suite")
+    if isinstance(suite, dict) and isinstance(suite.get("groups"), dict):
+        out["suite"] = {"when": _txt(suite.get("written")),
+                        "rows": [[name.replace("_", " "), _txt(g.get("n")), f"{g.get('flagged', 0):.1%}"]
+                                 for name, g in suite["groups"].items()]}
+    return out
+
+
 def card_context(model_dir: Path, cfg: dict, shown_as: str | os.PathLike | None = None) -> dict:
     """Everything the template shows, formatted."""
     tc = cfg.get("train_config") if isinstance(cfg.get("train_config"), dict) else {}
@@ -435,7 +462,7 @@ def card_context(model_dir: Path, cfg: dict, shown_as: str | os.PathLike | None 
                 "best": _txt(cfg.get("best_epoch")) + (f" of {cfg['epochs_run']} run" if "epochs_run" in cfg else ""),
                 "time": _duration(cfg.get("train_seconds")), "hardware": _txt(cfg.get("hardware"))},
         "validation": _validation(cfg), "evaluations": [_evaluation(r) for r in load_evaluations(model_dir)],
-        "scope_rows": describe_thresholds(), "limits": _limits(cfg),
+        "scope_rows": describe_thresholds(), "limits": _limits(cfg), "gate": _gate(cfg, model_dir),
         "figures": [f for f in ("history.png",) if (model_dir / f).is_file()],
     }
 

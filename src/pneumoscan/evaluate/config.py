@@ -71,3 +71,17 @@ class CalibrateConfig:
             raise PneumoscanError(f"--ood-quantile {self.ood_quantile} must lie in (0.5, 1), e.g. 0.98")
         if self.pca_dim < 2 or self.batch_size < 1:
             raise PneumoscanError("--pca-dim must be at least 2 and --batch-size at least 1")
+
+
+@dataclass(frozen=True)
+class ScopeSuiteConfig:
+    """The out-of-scope suite (``pneumoscan scope-suite``): which inputs, how many."""
+
+    n_transformed: int = 100  # validation X-rays rotated, inverted, cropped and blurred (each way)
+    seed: int = 0  # the generated inputs and the choice of X-rays to transform
+    record: bool = False  # also store the rates in the model's config.json and card
+    force: bool = False  # use data whose manifest differs from the model's (validation may overlap training)
+
+    def __post_init__(self) -> None:
+        if self.n_transformed < 1:
+            raise PneumoscanError(f"--n-transformed {self.n_transformed} must be at least 1")

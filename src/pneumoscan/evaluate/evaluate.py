@@ -13,11 +13,12 @@ from ..data.index import content_sha1, scan
 from ..data.splits import training_overlap
 from ..errors import DataError
 from ..io import atomic_write, atomic_write_json, atomic_write_text, json_safe, staged_dir
-from ..labels import LABELS, NORMAL, pneumonia_score
-from ..metrics import N_BOOT, compute_metrics, roc_points
+from ..labels import LABELS, NORMAL, decide, pneumonia_score
+from ..metrics import N_BOOT, brier_score, calibration_error, compute_metrics, risk_coverage, roc_points
 from ..nets.modeldir import read_config, resolve_model_dir
-from ..plots import plot_calibration, plot_confusion, plot_roc, plot_threshold
-from ..predict import Predictor
+from ..plots import plot_calibration, plot_confusion, plot_reliability, plot_risk_coverage, plot_roc, plot_threshold
+from ..predict import BlankImageError, Predictor
+from ..uncertainty import UNCERTAIN, set_verdict, temperature_scale
 from .config import EvaluateConfig
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,9 @@ def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: P
     if not preds:
         raise DataError(f"none of the {len(paths)} images under {data_root or 'the given list'} could be decoded")
     y = np.array([truth[p.path] for p in preds])
-    probs = np.array([[p.probabilities[lab] for lab in LABELS] for p in preds])
+    probs = np.stack([p.scores for p in preds])  # every decoded image, the gate's too: nothing is hidden
     metrics = compute_metrics(y, probs, pred.threshold, n_boot=n_boot)
+    metrics.update(abstention(y, probs, preds, pred))
     metrics["model"] = {"id": pred.model_id, "dir": str(pred.model_dir), "backend": pred.backend,
                         "prevalence": pred.prevalence}
     metrics["data"] = {"root": data_root, "skipped": len(skipped), "failed_to_decode": len(errors)}
@@ -95,10 +97,66 @@ def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: P
         plot_roc(roc_points(y, probs), tmp / "roc.png", operating_point=op)
         plot_threshold(y != NORMAL, score, pred.threshold, tmp / "threshold.png")
         plot_calibration(y != NORMAL, score, tmp / "calibration.png")
+        cal = metrics["calibration"]
+        plot_reliability(y, {"as scored": probs} if cal["uncalibrated"] is None else
+                         {f"before scaling (ECE {cal['uncalibrated']['ece']:.3f})": uncalibrated(probs, pred),
+                          f"after, T = {cal['temperature']:.2f} (ECE {cal['ece']:.3f})": probs}, tmp / "reliability.png")
+        rc = risk_coverage_curve(y, probs, pred.threshold)
+        plot_risk_coverage(rc[:, 0], rc[:, 1], tmp / "risk_coverage.png")
         _write_predictions(tmp / "predictions.csv", preds, truth)
         atomic_write_text(tmp / "report.md", report_markdown(metrics, skipped, errors))
         atomic_write_text(tmp / "report.html", report_html(metrics, tmp, preds, truth, pred, skipped, errors))
     return metrics
+
+
+def uncalibrated(probs: np.ndarray, pred: Predictor) -> np.ndarray | None:
+    """The network's probabilities before the model's temperature (exact: scaling by 1/T undoes T);
+    None when a prior shift was applied on top."""
+    if pred.prevalence is not None:
+        return None
+    return temperature_scale(probs, 1.0 / pred.temperature)
+
+
+def risk_coverage_curve(y: np.ndarray, probs: np.ndarray, threshold: float, steps: int = 51) -> np.ndarray:
+    """(share answered, 3-class accuracy) rows from all images down to half of them."""
+    pts = risk_coverage(y, probs, threshold, tuple(np.linspace(0.0, 0.5, steps)))
+    return np.array([[1 - r["abstain"], r["accuracy_3class"]] for r in pts])
+
+
+def abstention(y: np.ndarray, probs: np.ndarray, preds: list, pred: Predictor) -> dict:
+    """How well the model knows when not to answer: the gate's share and reasons, calibration before
+    and after the temperature, conformal coverage and set size per true class, and accuracy when the
+    least confident 5 / 10 / 20 % are left out."""
+    from collections import Counter
+
+    in_scope = np.array([p.in_scope for p in preds])
+    reasons = Counter(r.split(" (")[0] for p in preds for r in p.reasons)
+    decided = decide(probs, pred.threshold)
+    out: dict = {"gate": {
+        "n": len(preds), "flagged": int((~in_scope).sum()), "share_flagged": float((~in_scope).mean()),
+        "reasons": dict(reasons.most_common(6)), "learned_score": pred.ood is not None,
+        "ood_threshold": pred.ood_threshold,
+        "accuracy_3class_in_scope": float((decided[in_scope] == y[in_scope]).mean()) if in_scope.any() else None}}
+    raw = uncalibrated(probs, pred)
+    out["calibration"] = {
+        "temperature": pred.temperature, "ece": calibration_error(y, probs), "brier": brier_score(y, probs),
+        "uncalibrated": None if raw is None or pred.temperature == 1.0 else
+        {"ece": calibration_error(y, raw), "brier": brier_score(y, raw)}}
+    if pred.qhat is not None:
+        sets = pred.prediction_sets(probs)
+        covered = np.array([LABELS[t] in st for st, t in zip(sets, y)])
+        size = np.array([len(st) for st in sets])
+        refer = np.array([set_verdict(LABELS[k], st) == UNCERTAIN for st, k in zip(sets, decided)])
+        out["conformal"] = {
+            "alpha": pred.config["conformal"]["alpha"], "target_coverage": 1 - pred.config["conformal"]["alpha"],
+            "coverage": float(covered.mean()), "mean_set_size": float(size.mean()), "share_refer": float(refer.mean()),
+            "by_class": {lab: {"n": int((y == i).sum()), "coverage": float(covered[y == i].mean()),
+                               "mean_set_size": float(size[y == i].mean())}
+                         for i, lab in enumerate(LABELS) if (y == i).any()}}
+    else:
+        out["conformal"] = None
+    out["risk_coverage"] = risk_coverage(y, probs, pred.threshold)
+    return out
 
 
 def _overlap(paths: list[str], model_dir) -> dict:
@@ -146,7 +204,15 @@ def predict_from_feature_cache(pred: Predictor, paths: list[str], cache_dir, pro
         probs = pred.net.head.eval()(torch.from_numpy(feats[ok])).softmax(-1).numpy()
     probs = pred._adjust(probs)
     kept = [p for p, k in zip(paths, ok) if k]
-    preds = [pred.result(p, pr) for p, pr in zip(kept, probs)]
+    preds = []
+    for path, pr, f in zip(kept, probs, feats[ok]):  # the gate as on every other path: image checks, then features
+        try:
+            reasons, warns = pred.screen(pred.decode(path))
+        except BlankImageError as e:
+            reasons, warns = [str(e)], []
+        except Exception as e:  # decoded once already by the extractor: a failure here is only noted
+            reasons, warns = [], [f"image checks not run: {e}"]
+        preds.append(pred.result(path, pr, reasons, warns, f))
     errors = [(path, err) for path, err in info["failed"]]
     return preds, errors
 
@@ -154,10 +220,13 @@ def predict_from_feature_cache(pred: Predictor, paths: list[str], cache_dir, pro
 def _write_predictions(path: Path, preds, truth) -> None:
     with atomic_write(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", *[f"p_{lab}" for lab in LABELS], "pneumonia"])
+        w.writerow(["path", "true", "predicted", *[f"p_{lab}" for lab in LABELS], "pneumonia", "in_scope", "verdict",
+                    "prediction_set", "ood_score", "reasons"])
         for p in preds:
-            w.writerow([p.path, LABELS[truth[p.path]], p.label,
-                        *[f"{p.probabilities[lab]:.6f}" for lab in LABELS], int(p.pneumonia)])
+            called = p.predicted
+            w.writerow([p.path, LABELS[truth[p.path]], called, *[f"{v:.6f}" for v in p.scores],
+                        int(called != LABELS[NORMAL]), int(p.in_scope), p.verdict, "|".join(p.prediction_set or []),
+                        "" if p.ood_score is None else f"{p.ood_score:.3f}", " | ".join(p.reasons)])
 
 
 def _fmt(v) -> str:
@@ -200,12 +269,45 @@ def report_markdown(m: dict, skipped=(), errors=()) -> str:
     ]
     for lab, row in zip(m["labels"], m["confusion_matrix"]):
         lines.append(f"| {lab} | " + " | ".join(str(v) for v in row) + " |")
-    lines += ["", "![confusion matrix](confusion_matrix.png) ![ROC](roc.png) ![threshold](threshold.png) "
-              "![calibration](calibration.png)", "", "The same with intervals, curves and the most confident "
-              "mistakes in one self-contained page: `report.html`.", ""]
+    lines += ["", *abstention_lines(m), "",
+              "![confusion matrix](confusion_matrix.png) ![ROC](roc.png) ![threshold](threshold.png) "
+              "![calibration](calibration.png) ![reliability](reliability.png) ![risk-coverage](risk_coverage.png)", "",
+              "The same with intervals, curves and the most confident mistakes in one self-contained page: "
+              "`report.html`.", ""]
     if errors:
         lines += ["Files that failed to decode:", ""] + [f"- {p}: {e}" for p, e in errors[:50]] + [""]
     return "\n".join(lines)
+
+
+def abstention_lines(m: dict) -> list[str]:
+    """Markdown of :func:`abstention`: the gate, calibration, prediction sets, risk-coverage."""
+    g, c, k = m["gate"], m["calibration"], m.get("conformal")
+    why = "; ".join(f"{r} ({n})" for r, n in g["reasons"].items()) or "none"
+    acc_in = g["accuracy_3class_in_scope"]
+    kind = ("image checks and the learned out-of-distribution score" if g["learned_score"]
+            else "image checks only: no learned score, run pneumoscan calibrate")
+    lines = ["## Knowing when not to answer", "",
+             f"Out-of-scope gate ({kind}): "
+             f"{g['flagged']} of {g['n']} images flagged ({g['share_flagged']:.1%}; reasons: {why}). The figures above "
+             "count every image; 3-class accuracy on the accepted ones: " + _fmt(acc_in) + ".", ""]
+    before = c["uncalibrated"]
+    lines.append(f"Calibration: temperature {c['temperature']:.3f}; expected calibration error {c['ece']:.3f}, "
+                 f"Brier {c['brier']:.3f}" + (f" (before scaling {before['ece']:.3f} and {before['brier']:.3f})" if before
+                                               else "") + ".")
+    if k:
+        lines += ["", f"Conformal prediction sets at error rate {k['alpha']:g} (target coverage {k['target_coverage']:.0%}): "
+                  f"coverage {k['coverage']:.3f}, mean set size {k['mean_set_size']:.2f}, verdict 'uncertain: refer' for "
+                  f"{k['share_refer']:.1%}. Coverage is guaranteed only for images exchangeable with the validation "
+                  "split the sets were calibrated on; on shifted data it can fall below the target.", "",
+                  "| true class | n | coverage | mean set size |", "| --- | --- | --- | --- |"]
+        lines += [f"| {lab} | {v['n']} | {v['coverage']:.3f} | {v['mean_set_size']:.2f} |" for lab, v in k["by_class"].items()]
+    else:
+        lines += ["", "No prediction sets: the model has no conformal calibration (run `pneumoscan calibrate`)."]
+    lines += ["", "| left out (least confident) | images answered | 3-class accuracy | pneumonia accuracy |",
+              "| --- | --- | --- | --- |"]
+    lines += [f"| {r['abstain']:.0%} | {r['n']} | {r['accuracy_3class']:.3f} | {r['pneumonia_accuracy']:.3f} |"
+              for r in m["risk_coverage"]]
+    return lines
 
 
 GALLERY = 12  # most confident mistakes shown in report.html
@@ -228,8 +330,8 @@ def report_html(m: dict, folder: Path, preds, truth, pred: Predictor, skipped=()
         t, ci = m[key], m[key].get("ci95") or {}
         rows.append([name, *[_fmt(t[k]) + (f" ({_fmt(ci[k][0])}–{_fmt(ci[k][1])})" if k in ci else "")
                              for k in ("accuracy", "sensitivity", "specificity", "f1", "auc")], t["n"]])
-    wrong = [p for p in preds if p.label != LABELS[truth[p.path]]]
-    wrong.sort(key=lambda p: -p.probabilities[p.label])
+    wrong = [p for p in preds if p.predicted != LABELS[truth[p.path]]]
+    wrong.sort(key=lambda p: -float(p.scores[LABELS.index(p.predicted)]))
     gallery = []
     for p in wrong[:GALLERY]:
         try:
@@ -237,11 +339,14 @@ def report_html(m: dict, folder: Path, preds, truth, pred: Predictor, skipped=()
         except Exception as e:  # a thumbnail is decoration: a file that fails here must not sink the report
             log.warning("no thumbnail for %s: %s", p.path, e)
             continue
-        gallery.append({"name": Path(p.path).name, "path": p.path, "true": LABELS[truth[p.path]], "pred": p.label,
-                        "p": [p.probabilities[lab] for lab in LABELS], "png": thumb})
+        gallery.append({"name": Path(p.path).name, "path": p.path, "true": LABELS[truth[p.path]], "pred": p.predicted,
+                        "p": [float(v) for v in p.scores], "png": thumb, "verdict": p.verdict,
+                        "set": ", ".join(p.prediction_set or [])})
     figures = [(t, b64(folder / f)) for t, f in (("ROC; the circle is the model's threshold", "roc.png"),
                                                  ("sensitivity and specificity against the threshold", "threshold.png"),
                                                  ("calibration of P(pneumonia)", "calibration.png"),
+                                                 ("reliability of the top class", "reliability.png"),
+                                                 ("accuracy when the least confident are left out", "risk_coverage.png"),
                                                  ("confusion matrix", "confusion_matrix.png"))]
     env = jinja2.Environment(loader=jinja2.PackageLoader("pneumoscan.evaluate", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
@@ -251,7 +356,8 @@ def report_html(m: dict, folder: Path, preds, truth, pred: Predictor, skipped=()
         threshold=m["normal_vs_pneumonia"]["threshold"], skipped=len(skipped), failed=len(errors),
         intended_use=INTENDED_USE, overlap=overlap_sentence(m) if o.get("n") else None, tasks=rows,
         acc3=_fmt(m["three_class"]["accuracy"]), f1=_fmt(m["three_class"]["macro_f1"]), labels=list(LABELS),
-        confusion=list(zip(LABELS, m["confusion_matrix"])), figures=figures, gallery=gallery, version=__version__)
+        confusion=list(zip(LABELS, m["confusion_matrix"])), figures=figures, gallery=gallery, version=__version__,
+        gate=m["gate"], calibration=m["calibration"], conformal=m.get("conformal"), risk=m["risk_coverage"])
 
 
 def _thumbnail_png(pred: Predictor, path: str, side: int = 200) -> str:

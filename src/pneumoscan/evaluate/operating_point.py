@@ -27,23 +27,19 @@ log = logging.getLogger(__name__)
 def score(predictor: Predictor, ev: EvalSet, batch_size: int = 32,
           progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(true labels, probabilities) of the images of ``ev`` that decode; failures are logged."""
-    preds, errors = predictor.predict_files(ev.paths, batch_size=batch_size, progress=progress)
+    probs, _, kept, errors = predictor.arrays(ev.paths, batch_size, progress, features=False)
     for path, err in errors[:5]:
         log.warning("skipped %s: %s", path, err)
-    if not preds:
+    if not kept:
         raise DataError(f"none of the {len(ev)} validation images of {ev.source} could be decoded")
     truth = dict(zip(ev.paths, ev.y))
-    y = np.array([truth[p.path] for p in preds], int)
-    probs = np.array([[p.probabilities[lab] for lab in predictor.labels] for p in preds])
-    return y, probs
+    return np.array([truth[p] for p in kept], int), probs
 
 
-def write_threshold(model_dir: str | os.PathLike, threshold: float, method: str, *, record: dict | None = None,
-                    val_metrics: dict | None = None, val_data: dict | None = None) -> dict:
-    """Set the pneumonia threshold in ``config.json`` (atomically), keeping the old value and method
-    in ``threshold_history``. Weights are not touched. Returns the new config."""
-    d = Path(model_dir)
-    cfg = read_config(d)
+def set_threshold(cfg: dict, threshold: float, method: str, *, record: dict | None = None,
+                  val_metrics: dict | None = None, val_data: dict | None = None) -> dict:
+    """Set the pneumonia threshold in a config dictionary, keeping the old value and method in
+    ``threshold_history``; returns ``cfg``."""
     entry = {"threshold": cfg.get("threshold"), "method": cfg.get("threshold_method"),
              "replaced": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
              "new_threshold": float(threshold), "new_method": method, **(record or {})}
@@ -54,6 +50,13 @@ def write_threshold(model_dir: str | os.PathLike, threshold: float, method: str,
         cfg["val_metrics"] = val_metrics
     if val_data is not None:
         cfg["val_data"] = val_data
+    return cfg
+
+
+def write_threshold(model_dir: str | os.PathLike, threshold: float, method: str, **kw) -> dict:
+    """:func:`set_threshold` on the model's ``config.json`` (atomically). Weights are not touched."""
+    d = Path(model_dir)
+    cfg = set_threshold(read_config(d), threshold, method, **kw)
     atomic_write_json(d / CONFIG_NAME, cfg)
     return cfg
 

@@ -173,6 +173,43 @@ def run_suite(gate: Callable[[XRay], tuple[bool, list[str]]], xrays: list[np.nda
     return report
 
 
+def predictor_gate(pred) -> Callable[[XRay], tuple[bool, list[str]]]:
+    """The gate every prediction passes: a blank image is refused, then the image checks and the
+    out-of-distribution score of :meth:`~pneumoscan.predict.Predictor.predict_xray`."""
+    from ..data.imaging import BlankImageError, check_content
+
+    def gate(x: XRay) -> tuple[bool, list[str]]:
+        try:
+            check_content(x, "input")
+        except BlankImageError:
+            return False, ["blank image refused (pixel spread under 2 gray levels)"]
+        p = pred.predict_xray(x, "input")
+        return p.in_scope, p.reasons
+
+    return gate
+
+
+def run_for_model(pred, data=None, cfg=None, *, progress: bool = False) -> dict:
+    """The suite against ``pred``'s gate: every validation X-ray decoded for the false alarms, an
+    evenly spaced ``cfg.n_transformed`` of them transformed."""
+    from tqdm.auto import tqdm
+
+    from ..data.splits import check_present, validation_set
+    from .config import ScopeSuiteConfig
+
+    cfg = cfg or ScopeSuiteConfig()
+    ev = validation_set(data, pred.config, pred.model_dir, force=cfg.force)
+    check_present(ev.paths, f"the validation split of {ev.source}")
+    clean = [pred.decode(p, p) for p in tqdm(ev.paths, desc="decode validation", disable=not progress)]
+    step = max(1, len(clean) // cfg.n_transformed)
+    xrays = [x.pixels for x in clean[::step][: cfg.n_transformed]]
+    report = run_suite(predictor_gate(pred), xrays, clean, cfg.seed)
+    report["model"] = pred.model_id
+    report["validation"] = {"source": ev.source, "n": len(ev.paths)}
+    report["gate"] = {"learned_score": pred.ood is not None, "ood_threshold": pred.ood_threshold}
+    return report
+
+
 def markdown(report: dict, model_id: str) -> str:
     lines = [f"# Out-of-scope suite: `{model_id}`", "",
              "Share of each group's inputs that get no diagnosis (the image checks of `pneumoscan.scope`, then the "

@@ -120,8 +120,12 @@ class Explainer:
             raise PneumoscanError(f"expected an XRay from pneumoscan.data.imaging.load_xray, got {type(x).__name__}")
         pred = self.predictor
         tensor = pred.tensor(x)[None]
-        result = pred.result("image", pred.probabilities(tensor)[0])
-        target = list(pred.labels).index(result.label)
+        result = pred.result("image", pred.probabilities(tensor)[0], *pred.screen(x))
+        label = result.predicted  # a research view: the network's decision is explained even where the gate says no
+        if not result.in_scope:
+            log.warning("explaining an input the out-of-scope gate stops: %s", "; ".join(result.reasons))
+        probs = {lab: float(v) for lab, v in zip(pred.labels, result.scores)}
+        target = list(pred.labels).index(label)
         out = []
         with self._lock, eval_mode(self.net):
             for method in methods:
@@ -130,6 +134,6 @@ class Explainer:
                     heat = self.gradcam(self.net, tensor, target)
                 else:
                     heat = self.occlusion_map(tensor, target)
-                out.append(Explanation(method, heat, target, result.label, result.probabilities,
+                out.append(Explanation(method, heat, target, label, probs,
                                        time.perf_counter() - t0))
         return out

@@ -34,7 +34,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import INTENDED_USE, LABELS, __version__
-from ..errors import ImageTooLargeError, PneumoscanError, UnsupportedFormatError
+from ..errors import ImageTooLargeError, OutOfScopeError, PneumoscanError, UnsupportedFormatError
 from ..predict import ALLOWED_FORMATS, BlankImageError
 from .config import ServeConfig
 from .limits import (
@@ -66,6 +66,8 @@ def _refusal(e: PneumoscanError, path: str):
         return problem(415, str(e), "unsupported_format", path)
     if isinstance(e, BlankImageError):
         return problem(422, str(e), "blank_image", path)
+    if isinstance(e, OutOfScopeError):
+        return problem(422, str(e), "out_of_scope", path)
     return problem(400, str(e), "bad_image", path)
 
 
@@ -196,6 +198,9 @@ def create_app(cfg: ServeConfig = ServeConfig(), service: Service | None = None)
         p = service.predictor if service.ready.is_set() else None
         return Info(intended_use=INTENDED_USE, ready=p is not None, model=p.model_id if p else None,
                     backend=cfg.backend, threshold=p.threshold if p else None, labels=list(LABELS),
+                    temperature=p.temperature if p else None,
+                    conformal_alpha=(p.config.get("conformal") or {}).get("alpha") if p else None,
+                    ood_threshold=p.ood_threshold if p else None,
                     formats=list(ALLOWED_FORMATS), max_upload_bytes=cfg.max_upload_bytes, max_pixels=cfg.max_pixels,
                     explain=service.explain_state == "ready", explain_status=service.explain_state,
                     explain_error=service.explain_error, card="/api/card" if p else None)
@@ -211,7 +216,10 @@ def create_app(cfg: ServeConfig = ServeConfig(), service: Service | None = None)
         return PlainTextResponse(path.read_text(encoding="utf-8"), headers={"Cache-Control": "no-store"})
 
     @app.post("/api/predict", summary="Classify one X-ray (multipart field `file`: JPEG, PNG or DICOM)",
-              response_model=Prediction, response_model_exclude_none=True, responses=UPLOAD_ERRORS)
+              response_model=Prediction, responses=UPLOAD_ERRORS,
+              description="A 200 is a diagnosis or, with `in_scope` false, `label` null and `reasons`, the refusal "
+                          "of an input that is not a pediatric frontal chest X-ray. A blank image is a 422 "
+                          "(`blank_image`); an unreadable one a 400, 413 or 415.")
     async def predict(request: Request, file: UploadFile = File(..., description="the X-ray image"),
                       preview: bool = Query(False, description="also return the decoded image as a JPEG data URL")):
         t0 = time.perf_counter()

@@ -29,15 +29,25 @@ class ImageFacts(BaseModel):
 
 
 class Prediction(BaseModel):
-    """One X-ray's result."""
+    """One upload's result: a diagnosis, or (``in_scope`` false) the reasons it gets none. Both are a 200."""
 
-    label: str = Field(description="most likely class: normal, bacterial or viral")
-    probabilities: dict[str, float] = Field(description="class probabilities, in label order; they sum to 1")
-    pneumonia: bool = Field(description="pneumonia_probability >= threshold (the model's decision rule)")
-    pneumonia_probability: float = Field(description="P(bacterial) + P(viral)")
+    in_scope: bool = Field(description="false: not a pediatric frontal chest X-ray the model can read; no diagnosis")
+    verdict: str = Field(description="the label; 'uncertain: refer' when the prediction set holds normal and a "
+                                     "pneumonia class; 'not a pediatric frontal chest X-ray' when out of scope")
+    label: str | None = Field(description="normal, bacterial or viral (the model's decision rule); null when out of scope")
+    probabilities: dict[str, float] | None = Field(
+        description="calibrated class probabilities (the model's temperature), in label order; null when out of scope")
+    pneumonia: bool | None = Field(description="pneumonia_probability >= threshold; null when out of scope")
+    pneumonia_probability: float | None = Field(description="P(bacterial) + P(viral); null when out of scope")
     threshold: float = Field(description="the model's operating point on pneumonia_probability")
+    prediction_set: list[str] | None = Field(
+        description="conformal prediction set: holds the true class for 1 - alpha of images like the validation split "
+                    "(only for those); null when out of scope or the model has no conformal calibration")
+    ood_score: float | None = Field(description="out-of-distribution score of the pooled features (higher: less like "
+                                                "the training X-rays); null when the model has no learned gate")
+    reasons: list[str] = Field(description="why the input is out of scope (empty when in scope)")
     model: str = Field(description="model id")
-    warnings: list[str] = Field(description="why the result may be unreliable (out of scope, truncated file, ...)")
+    warnings: list[str] = Field(description="what may make the result less reliable (e.g. a DICOM window replaced)")
     image: ImageFacts
     preview: str | None = Field(None, description="with ?preview=true: the decoded image as a JPEG data URL")
     compute_ms: float = Field(description="decode + inference time on the worker, in ms")
@@ -52,6 +62,10 @@ class Info(BaseModel):
     model: str | None = Field(description="model id (null while loading)")
     backend: str = Field(description="onnx or torch")
     threshold: float | None = Field(description="operating point on P(pneumonia) (null while loading)")
+    temperature: float | None = Field(None, description="temperature of the calibrated probabilities (1: none)")
+    conformal_alpha: float | None = Field(None, description="error rate of the prediction sets (null: no sets)")
+    ood_threshold: float | None = Field(None, description="out-of-distribution score above which an input is refused "
+                                                          "(null: image checks only)")
     labels: list[str]
     formats: list[str] = Field(description="accepted image formats")
     max_upload_bytes: int

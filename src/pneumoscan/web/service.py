@@ -17,7 +17,7 @@ import threading
 import time
 
 from .. import LABELS
-from ..errors import PneumoscanError
+from ..errors import OutOfScopeError, PneumoscanError
 from ..explain.maps import PREVIEW_SIDE, Explanation, heat_layer_png, overlay_png
 from ..predict import Predictor, resolve_model_dir, stop_exports
 from .config import ServeConfig
@@ -111,10 +111,9 @@ class Service:
         pred = self.predictor
         x = pred.decode(data, name)
         p = pred.predict_xray(x, name)
-        out = {"label": p.label, "probabilities": p.probabilities, "pneumonia": p.pneumonia,
-               "pneumonia_probability": p.pneumonia_probability, "threshold": p.threshold,
-               "model": pred.model_id, "warnings": p.warnings, "image": {"format": x.format, "mode": x.mode,
-                                                                          "width": x.size[0], "height": x.size[1]}}
+        out = {**p.to_dict(), "model": pred.model_id,
+               "image": {"format": x.format, "mode": x.mode, "width": x.size[0], "height": x.size[1]}}
+        out.pop("path")
         if preview:
             out["preview"] = preview_data_url(x.pixels)
         out["compute_ms"] = (time.perf_counter() - t0) * 1e3
@@ -127,7 +126,12 @@ class Service:
         xray = pred.decode(data, name)
         if pred.has_cam:
             p, heat = pred.explain_xray(xray, name)
+            if not p.in_scope:
+                raise OutOfScopeError(f"{name}: {p.verdict} ({'; '.join(p.reasons)}): there is no diagnosis to explain")
         else:  # torch backend: torch is loaded already
+            p = pred.predict_xray(xray, name)
+            if not p.in_scope:
+                raise OutOfScopeError(f"{name}: {p.verdict} ({'; '.join(p.reasons)}): there is no diagnosis to explain")
             from ..explain.figures import explainer_for
 
             with self._explain_lock:

@@ -44,12 +44,34 @@
     return ["clear", "ok"];
   }
 
-  function showResult(r, file) {
+  function showScope(r) {  // out of scope: no diagnosis, the reasons instead
     const v = $("verdict");
-    v.textContent = r.pneumonia ? "Pneumonia" : "No pneumonia";
-    v.className = "verdict " + (r.pneumonia ? "pos" : "neg");
+    v.textContent = "Not a chest X-ray this model can read";
+    v.className = "verdict scope";
+    v.dataset.pneumonia = "";
+    $("certainty").textContent = "no diagnosis";
+    $("certainty").className = "badge warn";
+    const ul = $("reasons");
+    ul.replaceChildren();
+    for (const text of r.reasons) { const li = document.createElement("li"); li.textContent = text; ul.appendChild(li); }
+    ul.hidden = false;
+    $("answer").hidden = true;
+  }
+
+  function showResult(r, file) {
+    $("reasons").hidden = true;
+    $("answer").hidden = false;
+    if (!r.in_scope) showScope(r); else showAnswer(r);
+    finishResult(r, file);
+  }
+
+  function showAnswer(r) {
+    const v = $("verdict");
+    const refer = r.verdict !== r.label;  // "uncertain: refer": the prediction set holds normal and pneumonia
+    v.textContent = refer ? "Uncertain: refer" : (r.pneumonia ? "Pneumonia" : "No pneumonia");
+    v.className = "verdict " + (refer ? "refer" : (r.pneumonia ? "pos" : "neg"));
     v.dataset.pneumonia = String(r.pneumonia);
-    const [word, kind] = certainty(r.pneumonia_probability, r.threshold);
+    const [word, kind] = refer ? ["uncertain", "warn"] : certainty(r.pneumonia_probability, r.threshold);
     $("certainty").textContent = word;
     $("certainty").className = "badge " + kind;
     const pct = (x) => (100 * x).toFixed(1) + "%";
@@ -69,6 +91,17 @@
       row.dataset.p = String(p);
       $("p-" + lab).textContent = pct(p);
     }
+    const ps = $("pset");
+    ps.hidden = !r.prediction_set;
+    if (r.prediction_set) {
+      const cover = info && info.conformal_alpha ? Math.round(100 * (1 - info.conformal_alpha)) + " %" : "";
+      ps.textContent = "Prediction set: {" + r.prediction_set.join(", ") + "}" + (cover ? " (holds the true class for " +
+        cover + " of X-rays like the validation images)" : "") + (r.ood_score != null ? " · out-of-distribution score " +
+        r.ood_score.toFixed(1) : "");
+    }
+  }
+
+  function finishResult(r, file) {
     const w = $("warnings");
     w.replaceChildren();
     for (const text of r.warnings || []) { const li = document.createElement("li"); li.textContent = text; w.appendChild(li); }
@@ -115,9 +148,10 @@
     if (file !== current) return;
     resetDrop();
     if (!resp.ok) { showError("Error " + resp.status + ": " + await problemText(resp)); $("main").classList.add("empty"); return; }
-    showResult(await resp.json(), file);
-    $("overlay-toggle").disabled = false;
-    if ($("overlay-toggle").checked) await showOverlay();
+    const r = await resp.json();
+    showResult(r, file);
+    $("overlay-toggle").disabled = !r.in_scope;  // no diagnosis, nothing to explain
+    if (r.in_scope && $("overlay-toggle").checked) await showOverlay();
   }
 
   function resetDrop() { $("drop-text").textContent = "Drop another X-ray here, or click to choose"; }
