@@ -251,7 +251,7 @@ def bench(args, images) -> dict:
             single = asyncio.run(clients_phase(url, images, 1, args.single))
             levels = []
             for n in args.clients:
-                levels.append(asyncio.run(clients_phase(url, images, n, args.requests)))
+                levels.append(asyncio.run(clients_phase(url, images, n, args.requests, polite=args.polite)))
                 rss[f"after_{n}_clients"] = round(rss_mb(proc), 1)
             big = asyncio.run(big_phase(url, args.big_uploads, args.big_mib, proc)) if args.big_uploads else None
             explained = None
@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="onnx", choices=["onnx", "torch"])
     ap.add_argument("--clients", default="8,32,64", help="comma-separated concurrency levels (default 8,32,64)")
     ap.add_argument("--requests", type=int, default=1000, help="requests per level (default 1000)")
+    ap.add_argument("--polite", action="store_true", help="clients wait a 503's Retry-After (default: retry at once)")
     ap.add_argument("--single", type=int, default=100, help="sequential single-client requests (default 100)")
     ap.add_argument("--explain", action="store_true", help="also the explanation phase (waits for explanations)")
     ap.add_argument("--explain-clients", type=int, default=4, help="clients asking for explanations (default 4)")
@@ -301,9 +302,10 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"model": str(args.model or "shipped default"), "clients": args.clients,
                            "requests": args.requests, "single": args.single, "workers": args.workers,
                            "threads": args.threads, "queue": "default (16)", "explain": args.explain,
+                           "clients_wait_retry_after": args.polite,
                            "images": f"{len(images)} x {'training JPEGs' if args.images else 'synthetic 224-px JPEGs'}"},
               "result": result}
-    name = f"load-{'-'.join(map(str, args.clients))}c-{args.requests}.json"
+    name = f"load-{'-'.join(map(str, args.clients))}c-{args.requests}{'-polite' if args.polite else ''}.json"
     out = args.out or REPO / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
