@@ -1,17 +1,23 @@
-"""Load benchmark of `pneumoscan serve`: N concurrent clients send M images over loopback.
+"""Load benchmark of `pneumoscan serve`: asyncio clients at several concurrencies, then explanations.
 
-For each backend (ONNX Runtime, PyTorch eager) it starts the real server in a subprocess on a
-free 127.0.0.1 port, waits for /readyz, then measures
+It starts the real server (the default queue, pneumoscan's uvicorn protocol) in a subprocess on
+a free 127.0.0.1 port, waits for /readyz (and, with --explain, for explanations to be ready), then
 
   1. single-request latency (one client, sequential): client-side and server-side (elapsed_ms);
-  2. throughput and p50/p95/p99 latency with --clients concurrent clients sending --requests
-     images in total, and the error count (any non-200);
-  3. the server's RSS before and after (psutil), i.e. memory growth over the run.
+  2. for each --clients level: N asyncio clients (httpx.AsyncClient, one connection each) send
+     --requests images; every outcome is counted: 200, 503 with and without Retry-After, other
+     statuses, connection resets and timeouts (the target: refusals only as 503 + Retry-After);
+  3. --big-uploads clients sending one ~19 MiB image each at once (bytes in flight are capped) and
+     the RSS 5 s later (it must come back);
+  4. with --explain: --explain-clients clients asking for explanations while --clients-during
+     clients predict, to show that explanations cannot starve predictions;
+  5. the server's RSS (psutil, the process and its children) at ready, after each phase, and the
+     peak sampled every 50 ms; and whether torch was ever loaded in the server.
 
-Results go to benchmarks/results/load-<backend>-<clients>c-<requests>.json (or --out) and a table
-is printed. Loopback only; request counts are bounded.
+Results go to benchmarks/results/load-<clients>-<requests>.json (or --out) and a table is printed.
+Loopback only; request counts and times are bounded.
 
-    python benchmarks/load.py --model /tmp/model1-copy --clients 8 --requests 5000
+    python benchmarks/load.py --clients 8,32,64 --requests 1000 --explain
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -33,6 +41,21 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "chest_xray" / "train"
 MAX_REQUESTS = 20_000  # hard bound per phase
+PHASE_TIMEOUT_S = 600  # hard bound per phase
+RESETS = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.ConnectError)
+
+# The server exactly as `pneumoscan serve` builds it: the CLI's options, then pneumoscan.web.server.serve.
+LAUNCH = """
+import sys
+from pneumoscan.cli.flags import build
+from pneumoscan.cli.main import build_parser
+from pneumoscan.predict import check_model
+from pneumoscan.web.config import ServeConfig
+from pneumoscan.web.server import serve
+import dataclasses
+cfg = build(ServeConfig, build_parser().parse_args(["serve", *sys.argv[1:]]))
+serve(dataclasses.replace(cfg, model_dir=str(check_model(cfg.model_dir))))
+"""
 
 
 def free_port() -> int:
@@ -62,115 +85,243 @@ def load_images(folder: Path | None, n: int) -> list[tuple[str, bytes]]:
 
 def rss_mb(proc: psutil.Process) -> float:
     procs = [proc, *proc.children(recursive=True)]
-    return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+class PeakRSS:
+    """The highest RSS of the server (and children) sampled every 50 ms while running."""
+
+    def __init__(self, proc: psutil.Process) -> None:
+        self.proc, self.peak, self._stop = proc, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, rss_mb(self.proc))
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(2)
 
 
 def pct(a: list[float], q: float) -> float:
     return float(np.percentile(a, q)) if a else float("nan")
 
 
-async def run_clients(url: str, images: list[tuple[str, bytes]], clients: int, total: int) -> dict:
-    lat, server_ms, errors = [], [], {}
+def outcome(r: httpx.Response | None, e: Exception | None) -> str:
+    if e is not None:
+        if isinstance(e, httpx.TimeoutException):
+            return "timeout"
+        return "reset" if isinstance(e, RESETS) else type(e).__name__
+    if r.status_code == 503:
+        try:
+            code = r.json()["code"]  # busy, busy_uploads, deadline, ...
+        except (ValueError, KeyError):
+            code = "?"
+        return f"503+retry-after:{code}" if "retry-after" in r.headers else f"503-no-retry-after:{code}"
+    return str(r.status_code)
+
+
+async def clients_phase(url: str, images, clients: int, total: int, path: str = "/api/predict",
+                        stop: asyncio.Event | None = None, polite: bool = False) -> dict:
+    """``clients`` asyncio clients, each on its own connection, sending ``total`` requests in all
+    (or until ``stop`` is set); latencies of the 200s and a count of every outcome. ``polite``
+    clients wait the ``Retry-After`` of a 503 before their next request; the others retry at once."""
+    lat, server_ms, outcomes = [], [], Counter()
     counter = iter(range(total))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
         async def one_client() -> None:
             for i in counter:
+                if stop is not None and stop.is_set():
+                    return
                 name, data = images[i % len(images)]
                 t = time.perf_counter()
+                r = e = None
                 try:
-                    r = await client.post("/api/predict", files={"file": (name, data, "image/jpeg")})
-                    code = r.status_code
-                except httpx.HTTPError as e:
-                    code = type(e).__name__
+                    r = await client.post(path, files={"file": (name, data, "image/jpeg")})
+                except httpx.HTTPError as exc:
+                    e = exc
                 dt = (time.perf_counter() - t) * 1e3
-                if code == 200:
+                outcomes[outcome(r, e)] += 1
+                if polite and r is not None and r.status_code == 503 and "retry-after" in r.headers:
+                    await asyncio.sleep(float(r.headers["retry-after"]))
+                if r is not None and r.status_code == 200:
                     lat.append(dt)
-                    server_ms.append(r.json()["elapsed_ms"])
-                else:
-                    errors[str(code)] = errors.get(str(code), 0) + 1
+                    if path == "/api/predict":
+                        server_ms.append(r.json()["elapsed_ms"])
         t0 = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(clients)))
+        await asyncio.wait_for(asyncio.gather(*(one_client() for _ in range(clients))), PHASE_TIMEOUT_S)
         wall = time.perf_counter() - t0
-    return {"clients": clients, "requests": total, "ok": len(lat), "errors": sum(errors.values()), "error_codes": errors,
-            "wall_s": round(wall, 3), "throughput_rps": round(len(lat) / wall, 2),
-            "latency_ms": {"p50": round(pct(lat, 50), 2), "p95": round(pct(lat, 95), 2), "p99": round(pct(lat, 99), 2),
-                           "max": round(max(lat), 2) if lat else None},
-            "server_ms": {"p50": round(pct(server_ms, 50), 2), "p95": round(pct(server_ms, 95), 2),
-                          "p99": round(pct(server_ms, 99), 2)}}
+    return {"clients": clients, "path": path, "requests": sum(outcomes.values()), "ok": len(lat),
+            "outcomes": dict(sorted(outcomes.items())), "wall_s": round(wall, 3),
+            "throughput_rps": round(len(lat) / wall, 2),
+            "latency_ms": {"p50": round(pct(lat, 50), 1), "p95": round(pct(lat, 95), 1), "p99": round(pct(lat, 99), 1),
+                           "max": round(max(lat), 1) if lat else None},
+            "server_ms": {"p50": round(pct(server_ms, 50), 2), "p95": round(pct(server_ms, 95), 2)} if server_ms else None}
 
 
-def bench_backend(args, backend: str, images) -> dict:
+async def explain_phase(url: str, images, explain_clients: int, predict_clients: int, predictions: int) -> dict:
+    """Predictions with and without explanations running at the same time."""
+    stop = asyncio.Event()
+    alone = await clients_phase(url, images, predict_clients, predictions)
+    explaining = asyncio.ensure_future(clients_phase(url, images, explain_clients, MAX_REQUESTS, "/api/explain", stop,
+                                                     polite=True))
+    await asyncio.sleep(1.0)
+    during = await clients_phase(url, images, predict_clients, predictions)
+    stop.set()
+    return {"predict_alone": alone, "predict_during_explanations": during, "explanations": await explaining}
+
+
+def big_image(mib: float) -> tuple[str, bytes]:
+    """A PNG of about ``mib`` MiB: noise, which does not compress (about 1 MiB per mega-pixel)."""
+    import io
+
+    from PIL import Image
+
+    side = int((mib * 2**20) ** 0.5)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (side, side), dtype=np.uint8)).save(buf, "PNG",
+                                                                                                 compress_level=1)
+    return f"big-{side}px.png", buf.getvalue()
+
+
+async def big_phase(url: str, n: int, mib: float, proc: psutil.Process) -> dict:
+    """``n`` clients each uploading one ~``mib`` MiB image at once; outcomes and RSS before / after."""
+    name, data = big_image(mib)
+    before = rss_mb(proc)
+    res = await clients_phase(url, [(name, data)], n, n)
+    await asyncio.sleep(5)
+    res.update(upload_mib=round(len(data) / 2**20, 1), rss_before=round(before, 1), rss_after_5s=round(rss_mb(proc), 1))
+    return res
+
+
+def wait_ready(url: str, server: subprocess.Popen, explain: bool) -> dict:
+    t0 = time.perf_counter()
+    out: dict = {}
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"server exited: {server.stderr.read()[-2000:]}")
+        try:
+            info = httpx.get(url + "/api/info", timeout=2).json()
+            if info["ready"] and "ready_s" not in out:
+                out["ready_s"] = round(time.perf_counter() - t0, 1)
+            if info["ready"] and (not explain or info["explain_status"] in ("ready", "unavailable")):
+                out["explain_ready_s"] = round(time.perf_counter() - t0, 1)
+                out["explain_status"] = info["explain_status"]
+                return out
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() - t0 > 900:
+            raise SystemExit("server not ready after 900 s")
+        time.sleep(0.25)
+
+
+def torch_loaded(pid: int) -> bool:
+    """Whether the server process has torch's shared library mapped (it never should on ONNX)."""
+    try:
+        return any("libtorch" in m.path for m in psutil.Process(pid).memory_maps())
+    except psutil.Error:
+        return False
+
+
+def bench(args, images) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "pneumoscan", "-q", "serve", "--model", str(args.model), "--host", "127.0.0.1",
-           "--port", str(port), "--backend", backend, "--no-access-log", "--workers", str(args.workers),
-           "--threads", str(args.threads), "--queue", str(max(16, args.clients * 2))]
+    cmd = [sys.executable, "-c", LAUNCH, "--host", "127.0.0.1", "--port", str(port), "--backend", args.backend,
+           "--no-access-log", "--workers", str(args.workers), "--threads", str(args.threads)]
+    if args.model:
+        cmd += ["--model", str(args.model)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         proc = psutil.Process(server.pid)
-        t0 = time.perf_counter()
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited: {server.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t0 > 600:
-                raise SystemExit("server not ready after 600 s")
-            time.sleep(0.25)
-        startup_s = time.perf_counter() - t0
-        rss_ready = rss_mb(proc)
-        single = asyncio.run(run_clients(url, images, 1, args.single))
-        rss_before = rss_mb(proc)
-        concurrent = asyncio.run(run_clients(url, images, args.clients, args.requests))
-        rss_after = rss_mb(proc)
-        return {"backend": backend, "startup_s": round(startup_s, 2), "single": single, "concurrent": concurrent,
-                "rss_mb": {"ready": round(rss_ready, 1), "before": round(rss_before, 1), "after": round(rss_after, 1),
-                           "growth_pct": round(100 * (rss_after - rss_before) / rss_before, 2)}}
+        startup = wait_ready(url, server, True)  # the one-time CAM re-export (a child process) done first
+        rss = {"ready": round(rss_mb(proc), 1)}
+        with PeakRSS(proc) as peak:
+            single = asyncio.run(clients_phase(url, images, 1, args.single))
+            levels = []
+            for n in args.clients:
+                levels.append(asyncio.run(clients_phase(url, images, n, args.requests, polite=args.polite)))
+                rss[f"after_{n}_clients"] = round(rss_mb(proc), 1)
+            big = asyncio.run(big_phase(url, args.big_uploads, args.big_mib, proc)) if args.big_uploads else None
+            explained = None
+            if args.explain:
+                explained = asyncio.run(explain_phase(url, images, args.explain_clients, args.clients_during,
+                                                      args.requests_during))
+                rss["after_explanations"] = round(rss_mb(proc), 1)
+        rss["peak"] = round(peak.peak, 1)
+        return {"backend": args.backend, "startup": startup, "single": single, "levels": levels,
+                "big_uploads": big, "explain": explained, "rss_mb": rss, "torch_loaded_in_server": torch_loaded(server.pid)}
     finally:
         server.terminate()
         try:
-            server.wait(15)
+            server.wait(20)
         except subprocess.TimeoutExpired:
             server.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="model directory (export it first: pneumoscan export --model DIR)")
-    ap.add_argument("--backends", default="onnx,torch", help="comma-separated: onnx, torch (default both)")
-    ap.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
-    ap.add_argument("--requests", type=int, default=5000, help="requests in the concurrent phase (default 5000)")
-    ap.add_argument("--single", type=int, default=200, help="sequential single-client requests (default 200)")
+    ap.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    ap.add_argument("--backend", default="onnx", choices=["onnx", "torch"])
+    ap.add_argument("--clients", default="8,32,64", help="comma-separated concurrency levels (default 8,32,64)")
+    ap.add_argument("--requests", type=int, default=1000, help="requests per level (default 1000)")
+    ap.add_argument("--polite", action="store_true", help="clients wait a 503's Retry-After (default: retry at once)")
+    ap.add_argument("--single", type=int, default=100, help="sequential single-client requests (default 100)")
+    ap.add_argument("--explain", action="store_true", help="also the explanation phase (waits for explanations)")
+    ap.add_argument("--explain-clients", type=int, default=4, help="clients asking for explanations (default 4)")
+    ap.add_argument("--clients-during", type=int, default=4, help="predicting clients in the explain phase (default 4)")
+    ap.add_argument("--requests-during", type=int, default=300, help="predictions per explain sub-phase (default 300)")
+    ap.add_argument("--big-uploads", type=int, default=40, help="clients uploading one big image at once (0: skip)")
+    ap.add_argument("--big-mib", type=float, default=19.0, help="size of that image in MiB (default 19)")
     ap.add_argument("--images", type=Path, default=DATA if DATA.is_dir() else None,
                     help="folder of JPEGs to send (default: the 224-px training images, else synthetic)")
     ap.add_argument("--workers", type=int, default=2, help="server inference threads (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per inference (default 1)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/load-....json)")
     args = ap.parse_args(argv)
-    if not 1 <= args.requests <= MAX_REQUESTS or not 1 <= args.single <= MAX_REQUESTS or not 1 <= args.clients <= 64:
-        ap.error(f"--requests/--single must be 1..{MAX_REQUESTS}, --clients 1..64")
+    args.clients = [int(c) for c in args.clients.split(",")]
+    bounded = [args.requests, args.single, args.requests_during]
+    if not all(1 <= n <= MAX_REQUESTS for n in bounded) or not all(1 <= c <= 128 for c in args.clients):
+        ap.error(f"request counts must be 1..{MAX_REQUESTS} and --clients 1..128")
     images = load_images(args.images, 64)
-    results = [bench_backend(args, b.strip(), images) for b in args.backends.split(",")]
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    result = bench(args, images)
+    report = {"machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+                          "platform": platform.platform(), "python": platform.python_version(),
                           "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
-              "settings": {"model": str(args.model), "clients": args.clients, "requests": args.requests,
-                           "single": args.single, "workers": args.workers, "threads": args.threads,
+              "settings": {"model": str(args.model or "shipped default"), "clients": args.clients,
+                           "requests": args.requests, "single": args.single, "workers": args.workers,
+                           "threads": args.threads, "queue": "default (16)", "explain": args.explain,
+                           "clients_wait_retry_after": args.polite,
                            "images": f"{len(images)} x {'training JPEGs' if args.images else 'synthetic 224-px JPEGs'}"},
-              "results": results}
-    out = args.out or REPO / "benchmarks" / "results" / f"load-{args.clients}c-{args.requests}.json"
+              "result": result}
+    name = f"load-{'-'.join(map(str, args.clients))}c-{args.requests}{'-polite' if args.polite else ''}.json"
+    out = args.out or REPO / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'backend':<8} {'single p50 (server)':>20} {'rps':>8} {'p50':>8} {'p95':>8} {'p99':>8} {'errors':>7} "
-          f"{'RSS MB before->after':>22}")
-    for r in results:
-        c, s, m = r["concurrent"], r["single"], r["rss_mb"]
-        print(f"{r['backend']:<8} {s['latency_ms']['p50']:>9.1f} ({s['server_ms']['p50']:>5.1f} ms) {c['throughput_rps']:>8.1f} "
-              f"{c['latency_ms']['p50']:>8.1f} {c['latency_ms']['p95']:>8.1f} {c['latency_ms']['p99']:>8.1f} {c['errors']:>7} "
-              f"{m['before']:>10.0f} -> {m['after']:<6.0f} ({m['growth_pct']:+.1f} %)")
+    print(f"{'clients':>7} {'rps':>7} {'p50':>8} {'p95':>8} {'p99':>8}  outcomes")
+    for lv in result["levels"]:
+        lm = lv["latency_ms"]
+        print(f"{lv['clients']:>7} {lv['throughput_rps']:>7.1f} {lm['p50']:>8.1f} {lm['p95']:>8.1f} {lm['p99']:>8.1f}  {lv['outcomes']}")
+    if result["big_uploads"]:
+        b = result["big_uploads"]
+        print(f"{b['clients']} x {b['upload_mib']} MiB at once: {b['outcomes']}; RSS {b['rss_before']} -> "
+              f"{b['rss_after_5s']} MB 5 s later")
+    if result["explain"]:
+        e = result["explain"]
+        print(f"predict p50 alone {e['predict_alone']['latency_ms']['p50']} ms, during explanations "
+              f"{e['predict_during_explanations']['latency_ms']['p50']} ms; explanations {e['explanations']['outcomes']}")
+    print(f"RSS MB {result['rss_mb']}; torch loaded in the server: {result['torch_loaded_in_server']}")
     print(f"written {out}")
     return 0
 

@@ -19,7 +19,7 @@ from ..errors import PneumoscanError
 from ..io import atomic_path
 from ..plots import plt, save_figure
 from .explainer import Explainer
-from .maps import CENTRAL_REGION, METHODS, NAMES, Explanation, display_pair, overlay_png, style, title  # noqa: F401  (re-exported)
+from .maps import CENTRAL_REGION, DISPLAY_SIDE, METHODS, NAMES, Explanation, display_pair, overlay_png, style, title  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 

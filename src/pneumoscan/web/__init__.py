@@ -1,5 +1,8 @@
 """The web service: a FastAPI app over :class:`pneumoscan.predict.Predictor` (ONNX Runtime).
 
+``app`` (routes), ``service`` (the model and its two worker pools), ``limits`` (pools, body
+bounds, Host and security headers), ``problems`` (the one error schema), ``schema`` (response
+models), ``server`` (uvicorn with header/connection bounds: ``serve(cfg)``), ``config``.
 ``create_app`` is imported lazily so that reading :class:`ServeConfig` stays cheap.
 """
 from __future__ import annotations

@@ -21,7 +21,6 @@ import unicodedata
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-from starlette._utils import parse_host_header
 from starlette.datastructures import Headers
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -29,8 +28,6 @@ from ..errors import PneumoscanError
 from .problems import send_problem
 
 log = logging.getLogger(__name__)
-
-API_PATHS = ("/api/predict", "/api/explain")  # the POST endpoints that take an upload
 
 
 class BusyError(Exception):
@@ -246,11 +243,19 @@ class BodyLimitMiddleware:
         return reserved
 
 
+def host_name(header: str | None) -> str | None:
+    """The host of a Host header, lower case, without port or IPv6 brackets (``[::1]:8000`` -> ``::1``)."""
+    value = (header or "").strip().lower()
+    if value.startswith("["):
+        return value[1:value.index("]")] if "]" in value else None
+    return (value.rsplit(":", 1)[0] if value.count(":") == 1 else value) or None
+
+
 class TrustedHostsMiddleware(TrustedHostMiddleware):
     """Starlette's Host allow-list (DNS-rebinding guard), refusing with problem details.
 
-    Starlette's own middleware answers a plain-text 400; this keeps its pattern rules
-    (exact names, ``*.domain``, ``*``) and host parsing, and answers in the one error schema.
+    Starlette's own middleware answers a plain-text 400; this keeps its pattern rules and their
+    validation (exact names, ``*.domain``, ``*``) and answers in the one error schema.
     """
 
     def __init__(self, app, allowed_hosts: list[str]) -> None:
@@ -259,11 +264,9 @@ class TrustedHostsMiddleware(TrustedHostMiddleware):
     def allows(self, scope) -> bool:
         if self.allow_any:
             return True
-        parsed = parse_host_header(Headers(scope=scope).get("host"))
-        if parsed is None:
-            return False
-        host = parsed.host.lower().strip("[]")
-        return any(host == p.strip("[]") or (p.startswith("*.") and host.endswith(p[1:])) for p in self.allowed_hosts)
+        host = host_name(Headers(scope=scope).get("host"))
+        return bool(host) and any(host == p.strip("[]") or (p.startswith("*.") and host.endswith(p[1:]))
+                                  for p in self.allowed_hosts)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or self.allows(scope):

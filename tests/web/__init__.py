@@ -1,0 +1,1 @@
+"""A package, so that its conftest.py does not shadow tests/conftest.py (both would be the module ``conftest``)."""
