@@ -35,6 +35,7 @@ import numpy as np
 
 from .data.imaging import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, BlankImageError, XRay, check_content, load_xray  # noqa: F401  (some: for the web layer)
 from .errors import ImageError, ModelError
+from .io import atomic_write_json
 from .labels import DEFAULT_THRESHOLD, LABELS, decide, pneumonia_score, softmax
 from .metrics import model_prior, prevalence_prior, prior_shift
 from .nets.modeldir import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, has_onnx, onnx_name, read_config, resolve_model_dir, verify_file
@@ -194,8 +195,6 @@ class Predictor:
         cfg = read_config(tmp)
         cfg.pop("onnx", None)
         cfg.get("files", {}).pop(onnx_name(self.config) or "model.onnx", None)
-        from .io import atomic_write_json
-
         atomic_write_json(tmp / CONFIG_NAME, cfg)  # the copy describes no export until its own is made
         if "torch" in sys.modules:
             from .export.onnx import export_onnx
