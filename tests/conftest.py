@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 from synthetic import make_dataset  # noqa: F401  (the fixtures below; tests import it from synthetic)
 
 from pneumoscan.features.config import ExtractConfig
+
+# the feature cache of every command a test runs goes to a temporary folder, never the user's ~/.cache
+os.environ.setdefault("PNEUMOSCAN_CACHE", tempfile.mkdtemp(prefix="pneumoscan-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PNEUMOSCAN_SHARED_DATA", REPO.parent / "shared" / "data" / "chest_xray"))

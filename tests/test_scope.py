@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import chest
 
 from pneumoscan.data.imaging import load_xray
 from pneumoscan.scope import DEFAULT_THRESHOLDS, ScopeThresholds, check_scope, describe_thresholds
@@ -18,12 +19,8 @@ MIN_SIDE = DEFAULT_THRESHOLDS.min_side_px
 
 
 def _xray_like(w: int = 224, h: int = 224, seed: int = 0) -> np.ndarray:
-    """Gray 'radiograph': dark background, two bright lung-field blobs, noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    a = 40 + 120 * np.exp(-(((xx - w * 0.3) / (w * 0.15)) ** 2 + ((yy - h * 0.5) / (h * 0.3)) ** 2))
-    a += 120 * np.exp(-(((xx - w * 0.7) / (w * 0.15)) ** 2 + ((yy - h * 0.5) / (h * 0.3)) ** 2))
-    return np.clip(a + rng.normal(0, 10, (h, w)), 0, 255).astype(np.uint8)
+    """Gray 'radiograph': a bright body and midline between two dark lung fields, texture and noise."""
+    return chest(w, h, seed=seed)
 
 
 def _encode(a: np.ndarray, fmt: str = "JPEG", mode: str | None = None) -> bytes:
@@ -100,6 +97,10 @@ def test_several_reasons_together():
     (lambda: np.clip(_xray_like(300, 300).astype(int) - 200, 0, 255).astype(np.uint8), "under-exposed"),
     (lambda: np.clip(_xray_like(300, 300).astype(int) + 200, 0, 255).astype(np.uint8), "over-exposed"),
     (lambda: np.random.default_rng(0).integers(0, 256, (300, 300)).astype(np.uint8), "noise rather than anatomy"),
+    # smooth enough after downscaling to pass the roughness limit, but neighbours do not agree: still noise
+    (lambda: np.random.default_rng(0).normal(120, 30, (512, 512)).clip(0, 255).astype(np.uint8), "noise rather than"),
+    (lambda: 255 - _xray_like(300, 300), "inverted gray scale"),
+    (lambda: np.rot90(_xray_like(300, 240)).copy(), "rotated by 90 degrees"),
 ])
 def test_each_content_check_fires(make, reason):
     msgs = _warnings(_encode(make(), "PNG"))

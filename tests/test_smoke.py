@@ -62,10 +62,13 @@ def test_main_job_run_command(dataset_dir, tmp_path):
                "--no-pretrained", "--cache", str(tmp_path / "cache")])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["seconds"]) == {"index_s", "extract_and_train_s", "evaluate_s"}
+    assert set(summary["seconds"]) == {"index_s", "extract_and_train_s", "calibrate_s", "evaluate_s"}
     m = json.loads((out / "eval-val" / "metrics.json").read_text())
     assert m["n"] == sum(summary["counts"]["val"].values())
     assert (out / "model" / "model.safetensors").is_file() and (out / "manifest.csv").is_file()
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert {"calibration", "conformal", "ood"} <= set(cfg) and (out / "model" / cfg["ood"]["file"]).is_file()
+    assert m["gate"]["learned_score"] is True and m["conformal"]["alpha"] == 0.1  # the main job's model knows its limits
 
 
 def test_main_job_without_data_is_a_clear_error(tmp_path, monkeypatch, capsys):

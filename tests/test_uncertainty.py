@@ -11,6 +11,7 @@ from pneumoscan.uncertainty import (
     OODScorer,
     aps_scores,
     conformal_quantile,
+    conformity_scores,
     prediction_sets,
     set_verdict,
     temperature_scale,
@@ -42,10 +43,14 @@ def test_fit_temperature_recovers_the_overconfidence():
 
 def test_prediction_sets_known_answers():
     p = np.array([[0.6, 0.3, 0.1], [0.05, 0.15, 0.8], [0.34, 0.33, 0.33]])
-    assert prediction_sets(p, 0.85) == [["normal"], ["viral"], ["normal", "bacterial"]]
-    assert prediction_sets(p, 0.95) == [["normal", "bacterial"], ["bacterial", "viral"], ["normal", "bacterial"]]
-    assert prediction_sets(p, 1.0) == [list(LABELS)] * 3
+    assert prediction_sets(p, 0.85, "aps") == [["normal"], ["viral"], ["normal", "bacterial"]]
+    assert prediction_sets(p, 0.95, "aps") == [["normal", "bacterial"], ["bacterial", "viral"], ["normal", "bacterial"]]
+    assert prediction_sets(p, 1.0, "aps") == [list(LABELS)] * 3
     assert aps_scores(p, np.array([1, 2, 2])) == pytest.approx([0.9, 0.8, 1.0])
+    # lac: every class with p >= 1 - q, the most probable always
+    assert prediction_sets(p, 0.75) == [["normal", "bacterial"], ["viral"], list(LABELS)]
+    assert prediction_sets(p, 0.1) == [["normal"], ["viral"], ["normal"]]
+    assert conformity_scores(p, np.array([1, 2, 2])) == pytest.approx([0.7, 0.2, 0.67])
 
 
 def test_conformal_quantile_is_the_finite_sample_rank():
@@ -66,9 +71,10 @@ def test_conformal_sets_cover_a_calibrated_classifier_at_the_nominal_rate():
 
     pc, yc = sample(2000)
     pt, yt = sample(20000)
-    sets = prediction_sets(pt, conformal_quantile(aps_scores(pc, yc), 0.1))
-    coverage = np.mean([LABELS[t] in s for s, t in zip(sets, yt)])
-    assert 0.88 <= coverage <= 0.92
+    for method in ("lac", "aps"):
+        sets = prediction_sets(pt, conformal_quantile(conformity_scores(pc, yc, method), 0.1), method)
+        coverage = np.mean([LABELS[t] in s for s, t in zip(sets, yt)])
+        assert 0.88 <= coverage <= 0.92, method
     check = conformal_check(pc, yc, 0.1)
     assert abs(check["coverage"] - 0.9) < 0.03 and set(check["by_class"]) == set(LABELS)
     assert 1.0 <= check["mean_set_size"] <= 3.0

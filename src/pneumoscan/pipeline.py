@@ -1,4 +1,4 @@
-"""The main job in one call: index -> extract -> train -> evaluate (validation split) -> report.
+"""The main job in one call: index -> extract -> train -> calibrate -> evaluate (validation split) -> report.
 
 This is the study's pipeline end to end on a data folder; every step is the same public
 function the CLI exposes, so a notebook can run the steps one by one instead.
@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 from .data.index import index_dataset
+from .evaluate.calibrate import calibrate
 from .evaluate.card import write_card
+from .evaluate.config import CalibrateConfig
 from .evaluate.evaluate import evaluate_items
 from .features.config import ExtractConfig
 from .io import atomic_dir, atomic_write_json
@@ -50,6 +52,10 @@ def run_pipeline(data: str | os.PathLike, out: str | os.PathLike, cfg: TrainConf
         write_card(tmp, shown_as=out / "model")
     model_dir = out / "model"
     times["extract_and_train_s"] = time.perf_counter() - t
+    t = time.perf_counter()  # the gate, temperature and prediction sets, from the cached features
+    calibrate(model_dir, out / "manifest.csv", CalibrateConfig(), progress=progress, cache_dir=extract.cache)
+    write_card(model_dir)
+    times["calibrate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     val = [(s.path, s.label) for s in manifest.subset("val")]
     metrics = evaluate_items(val, out / "eval-val", Predictor(model_dir), data_root=manifest.root,

@@ -41,7 +41,7 @@ from .metrics import model_prior, prevalence_prior, prior_shift
 from .nets.modeldir import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, has_onnx, onnx_name, read_config, resolve_model_dir, verify_file
 from .preprocess import Preprocess, PreprocessConfig
 from .runtime import ort_session
-from .scope import check_scope  # the image checks of the out-of-scope gate
+from .scope import check_scope, upright_profile  # the image checks of the out-of-scope gate
 from .uncertainty import UNCERTAIN, OODScorer, prediction_sets, set_verdict, temperature_scale  # noqa: F401
 
 if TYPE_CHECKING:  # torch loads only for the torch backend: ONNX serving stays light
@@ -144,10 +144,13 @@ class Predictor:
         cal = self.config.get("calibration") or {}
         self.temperature = float(cal.get("temperature", 1.0))  # fitted by 'pneumoscan calibrate'; 1 = none
         self.qhat: float | None = (self.config.get("conformal") or {}).get("qhat")  # None: no prediction sets
+        self.conformal_method: str = (self.config.get("conformal") or {}).get("method", "aps")
         self.ood: OODScorer | None = None
         self.ood_threshold: float | None = None
+        self.upright_threshold: float | None = None
         if self.config.get("ood"):
             self.ood_threshold = float(self.config["ood"]["threshold"])
+            self.upright_threshold = self.config["ood"].get("upright_threshold")
             self.ood = OODScorer.load(verify_file(self.model_dir, self.config["ood"]["file"], self.config))
         self.gate = True  # False: nothing is stopped (calibrate fits on every image)
         self._graph = None  # the torch backend's ServingGraph: logits and pooled features in one pass
@@ -295,13 +298,17 @@ class Predictor:
         """Conformal prediction sets (LABELS order) of calibrated probabilities; the decided class is
         always in its set (the threshold rule may pick a class APS would not have reached)."""
         decided = decide(probs, self.threshold)
-        sets = prediction_sets(probs, self.qhat)
+        sets = prediction_sets(probs, self.qhat, self.conformal_method)
         return [[lab for lab in self.labels if lab in s or lab == self.labels[k]] for s, k in zip(sets, decided)]
 
-    @staticmethod
-    def screen(x: XRay) -> tuple[list[str], list[str]]:
-        """(reasons the image checks stop ``x``, decoder notes that are only warnings)."""
+    def screen(self, x: XRay) -> tuple[list[str], list[str]]:
+        """(reasons the image checks and the upside-down check stop ``x``, decoder notes that are only warnings)."""
         reasons = check_scope(x)
+        if not reasons and self.ood is not None and self.ood.upright is not None:
+            p = float(self.ood.upside_down(upright_profile(x.pixels)[None])[0])
+            if p > self.upright_threshold:
+                reasons.append(f"upside down (P = {p:.2f} > {self.upright_threshold:.2f} by the learned upside-down "
+                               "check): send the frontal film upright")
         return reasons, [n for n in x.notes if not any(n in r for r in reasons)]
 
     def predict_xray(self, x: XRay, name: str = "image") -> Prediction:

@@ -6,9 +6,13 @@ blank nor burnt out nor noise). An input that fails a check below gets no diagno
 says "not a pediatric frontal chest X-ray" and why. The learned out-of-distribution score
 (:mod:`pneumoscan.uncertainty`) catches what these checks cannot (other anatomy, other modalities).
 
-The limits hold with a wide margin on the whole training split (5,216 images: pixel standard
-deviation 19.9-87.3, mean 61-222, at most 33 % black and 5.3 % white pixels, mean neighbour
-difference 1.5-7.9 at 224 px), see ``tests/test_scope.py``; the model card quotes them.
+The limits hold with a margin on the whole training split (5,216 images: pixel standard deviation
+19.9-87.3, mean 61-222, at most 33 % black and 5.3 % white pixels, mean neighbour difference 1.5-7.9
+at 224 px, neighbour correlation 0.78-0.99 and layout margin -0.20 to 1.80 at 64 px), see
+``tests/test_scope.py``; the model card quotes them. The last two are what a frontal chest film looks
+like: neighbouring pixels agree (anatomy, not noise), and a bright vertical midline (spine,
+mediastinum) runs between darker lung fields, which an inverted film reverses and a film rotated by
+90 degrees turns across.
 """
 from __future__ import annotations
 
@@ -35,6 +39,9 @@ class ScopeThresholds:
     max_dark_share: float = 0.6  # share of pure-black pixels above which most of the image holds nothing
     max_bright_share: float = 0.5  # share of pure-white pixels above which most of the image is burnt out
     max_roughness: float = 30.0  # mean neighbour difference at 224 px above which the image is noise, not anatomy
+    min_neighbour_corr: float = 0.5  # correlation of horizontally adjacent pixels at 64 px below which it is noise
+    min_layout_margin: float = -0.25  # upright midline contrast minus the best other layout's (std) below which the
+    # film is inverted or turned by 90 degrees
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,9 +76,53 @@ def check_scope(x: XRay, thresholds: ScopeThresholds = DEFAULT_THRESHOLDS) -> li
     if mean > t.max_mean or (small >= 253).mean() > t.max_bright_share:
         out.append(f"over-exposed (mean {mean:.0f}, {(small >= 253).mean():.0%} white pixels)")
     roughness = float(np.abs(np.diff(f, axis=1)).mean())
-    if roughness > t.max_roughness and std >= t.min_std:
-        out.append(f"noise rather than anatomy (mean neighbour difference {roughness:.0f} > {t.max_roughness:g})")
+    if std < t.min_std:
+        return out  # nothing below has a meaning on a flat image
+    corr, midline, across = layout_stats(g)
+    if roughness > t.max_roughness or corr < t.min_neighbour_corr:
+        out.append(f"noise rather than anatomy (mean neighbour difference {roughness:.0f}, neighbour correlation "
+                   f"{corr:.2f}; limits {t.max_roughness:g} and {t.min_neighbour_corr:g})")
+    else:
+        layouts = {"inverted": -midline, "turned": across, "turned and inverted": -across}
+        worst = max(layouts, key=layouts.get)
+        margin = midline - layouts[worst]
+        if margin < t.min_layout_margin:
+            what = ("inverted gray scale (the midline is darker than the lung fields; a chest film shows a bright spine "
+                    "between dark lungs): check the DICOM photometric interpretation" if worst == "inverted" else
+                    "rotated by 90 degrees (the bright midline runs across the image): send the frontal film upright")
+            out.append(f"{what} (layout margin {margin:.2f} < {t.min_layout_margin:g})")
     return out
+
+
+LAYOUT_SIDE = 64  # the layout statistics are measured on this thumbnail
+PROFILE_SIDE = 32  # the upside-down check reads this thumbnail's profiles
+
+
+def upright_profile(g: np.ndarray) -> np.ndarray:
+    """Row and column means of a standardised 32 px thumbnail, and the row means of its left, central and
+    right bands (160 values): what the learned upside-down check of :mod:`pneumoscan.uncertainty` reads."""
+    s = cv2.resize(g, (PROFILE_SIDE, PROFILE_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
+    z = (s - s.mean()) / (s.std() + 1e-6)
+    return np.concatenate([z.mean(1), z.mean(0), z[:, 4:12].mean(1), z[:, 20:28].mean(1), z[:, 12:20].mean(1)])
+
+
+def layout_stats(g: np.ndarray) -> tuple[float, float, float]:
+    """(neighbour correlation, midline contrast, the same across) of a gray image at 64 px.
+
+    The contrasts are in standard deviations of the thumbnail: the mean of the central vertical band
+    (x 40-60 %, y 20-80 %) minus the mean of the two lung bands (x 15-35 % and 65-85 %, y 25-65 %),
+    and the same measured on the transposed image."""
+    s = cv2.resize(g, (LAYOUT_SIDE, LAYOUT_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
+    a, b = s[:, :-1].ravel(), s[:, 1:].ravel()
+    corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 1.0
+    z = (s - s.mean()) / (s.std() + 1e-6)
+
+    def contrast(m: np.ndarray) -> float:
+        centre = m[13:51, 26:38].mean()
+        lungs = np.concatenate([m[16:42, 10:22].ravel(), m[16:42, 42:54].ravel()]).mean()
+        return float(centre - lungs)
+
+    return corr, contrast(z), contrast(z.T)
 
 
 def describe_thresholds(thresholds: ScopeThresholds = DEFAULT_THRESHOLDS) -> list[tuple[str, str, str]]:
@@ -90,6 +141,12 @@ def describe_thresholds(thresholds: ScopeThresholds = DEFAULT_THRESHOLDS) -> lis
          "nothing to read; training films have 19.9 or more"),
         ("under- or over-exposed", f"mean < {t.min_mean:g} or > {t.max_mean:g}, or more than "
          f"{t.max_dark_share:.0%} black / {t.max_bright_share:.0%} white pixels", "the film holds no usable contrast"),
-        ("noise", f"mean neighbour difference > {t.max_roughness:g} (at {CHECK_SIDE} px)",
-         "pixel noise, not anatomy; training films stay below 8"),
+        ("noise", f"mean neighbour difference > {t.max_roughness:g} (at {CHECK_SIDE} px) or neighbour correlation "
+         f"< {t.min_neighbour_corr:g} (at {LAYOUT_SIDE} px)",
+         "pixel noise, not anatomy; training films stay below 8 and above 0.78"),
+        ("inverted or rotated by 90 degrees",
+         f"layout margin < {t.min_layout_margin:g}: the contrast of the central vertical band against the lung "
+         f"bands (in standard deviations, at {LAYOUT_SIDE} px) minus the largest of the same for an inverted or "
+         "turned film", "a frontal film has a bright vertical midline between dark lungs; training films stay "
+         "above -0.20"),
     ]

@@ -3,14 +3,21 @@ out-of-distribution score. Torch-free (numpy only): this runs on every predictio
 
 * **Temperature scaling** (Guo et al. 2017): probabilities ``softmax(log p / T)`` with one ``T`` fitted
   on validation (``pneumoscan calibrate``), so that 0.9 means right nine times in ten there.
-* **Split conformal prediction sets** (adaptive prediction sets, APS; Romano et al. 2020): the classes
-  taken in order of probability until their cumulative probability passes a quantile ``qhat`` chosen
-  on validation, so the set holds the true class with probability at least 1 - alpha for data
-  exchangeable with the validation split, and only for such data. A set holding normal and a
-  pneumonia class is a verdict of "uncertain: refer".
+* **Split conformal prediction sets**, with a quantile ``qhat`` of conformity scores chosen on
+  validation, so that a set holds the true class with probability at least 1 - alpha for data
+  exchangeable with the validation split, and only for such data. Two scores: ``lac`` (the default;
+  Sadinle et al. 2019: every class whose probability is at least 1 - qhat; smallest sets, and coverage
+  close to 1 - alpha because its scores are continuous) and ``aps`` (adaptive prediction sets, Romano
+  et al. 2020: classes in order of probability until their cumulative probability passes qhat;
+  deterministic APS over-covers with three classes). A set holding normal and a pneumonia class is a
+  verdict of "uncertain: refer".
 * **Mahalanobis out-of-distribution score** (Lee et al. 2018): the distance of the image's pooled
   features to the nearest class mean, under the training features' shared covariance, after a PCA;
   its threshold flags at most 2 % of the validation images. A flagged image gets no diagnosis.
+* **Upside-down check**: a logistic regression on the row and column profiles of a 32 px thumbnail
+  (:func:`pneumoscan.scope.upright_profile`), fitted on the training films against the same films
+  turned by 180 degrees, which the image checks and the feature score miss; its threshold flags at most
+  0.2 % of the validation films.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import numpy as np
 from .labels import BACTERIAL, LABELS, NORMAL, VIRAL
 
 UNCERTAIN = "uncertain: refer"  # the verdict when a prediction set holds normal and a pneumonia class
+CONFORMAL_METHODS = ("lac", "aps")
 
 
 def temperature_scale(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -43,6 +51,14 @@ def aps_scores(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     return cum[np.arange(len(p)), rank]
 
 
+def conformity_scores(probs: np.ndarray, y: np.ndarray, method: str = "lac") -> np.ndarray:
+    """Non-conformity of the true classes: ``1 - p_true`` (lac) or the APS mass (aps)."""
+    if method == "aps":
+        return aps_scores(probs, y)
+    p = np.asarray(probs, float)
+    return 1.0 - p[np.arange(len(p)), np.asarray(y, int)]
+
+
 def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     """The split-conformal quantile: the k-th smallest score, k = ceil((n + 1)(1 - alpha)); infinite
     (every class in every set) when k > n, i.e. too few calibration scores for this alpha."""
@@ -51,10 +67,15 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     return float(s[k - 1]) if 1 <= k <= len(s) else float("inf")
 
 
-def prediction_sets(probs: np.ndarray, qhat: float) -> list[list[str]]:
-    """APS sets: classes in order of probability while their cumulative probability stays within
-    ``qhat`` (the most probable class always), each set in LABELS order."""
+def prediction_sets(probs: np.ndarray, qhat: float, method: str = "lac") -> list[list[str]]:
+    """Conformal sets in LABELS order (the most probable class always): lac, every class with
+    probability >= 1 - qhat; aps, classes in order of probability while their cumulative
+    probability stays within ``qhat``."""
     p = np.asarray(probs, float)
+    if method == "lac":
+        keep = p >= 1.0 - qhat - 1e-12
+        keep[np.arange(len(p)), p.argmax(axis=1)] = True
+        return [[lab for lab, k in zip(LABELS, row) if k] for row in keep]
     order = np.argsort(-p, axis=1, kind="stable")
     cum = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
     keep = cum <= qhat + 1e-12
@@ -81,7 +102,13 @@ class OODScorer:
     components: np.ndarray  # (k, d) PCA directions
     class_means: np.ndarray  # (classes, k) per-class means in PCA space
     precision: np.ndarray  # (k, k) inverse of the shared (shrunk) covariance
-    # the threshold lives in the model's config.json ("ood"), next to how it was chosen
+    upright: np.ndarray | None = None  # (profile + 1,) logistic weights, bias last: P(turned by 180 degrees)
+    # the thresholds live in the model's config.json ("ood"), next to how they were chosen
+
+    def upside_down(self, profiles: np.ndarray) -> np.ndarray:
+        """P(the film is upside down) for :func:`pneumoscan.scope.upright_profile` rows."""
+        z = np.asarray(profiles, np.float64) @ self.upright[:-1] + self.upright[-1]
+        return 1.0 / (1.0 + np.exp(-z))
 
     def score(self, features: np.ndarray) -> np.ndarray:
         z = (np.asarray(features, np.float64) - self.mean) @ self.components.T
@@ -94,7 +121,7 @@ class OODScorer:
         from safetensors.numpy import save
 
         tensors = {k: np.ascontiguousarray(getattr(self, k), np.float32)
-                   for k in ("mean", "components", "class_means", "precision")}
+                   for k in ("mean", "components", "class_means", "precision", "upright") if getattr(self, k) is not None}
         return save(tensors, metadata={"format": "pneumoscan-ood/1"})
 
     @classmethod
@@ -103,4 +130,5 @@ class OODScorer:
 
         t = load_file(str(path))
         return cls(mean=t["mean"].astype(np.float64), components=t["components"].astype(np.float64),
-                   class_means=t["class_means"].astype(np.float64), precision=t["precision"].astype(np.float64))
+                   class_means=t["class_means"].astype(np.float64), precision=t["precision"].astype(np.float64),
+                   upright=t["upright"].astype(np.float64) if "upright" in t else None)

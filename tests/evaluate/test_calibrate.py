@@ -37,7 +37,8 @@ def test_calibrate_stores_temperature_sets_and_gate(calibrated):
     assert cal["temperature"] > 0 and cal["n"] >= 4 and cal["ece_after"] <= cal["ece_before"] + 1e-9
     assert conf["alpha"] == 0.1 and 0 < conf["qhat"] <= 1 and set(conf["heldout"]["by_class"]) <= set(LABELS)
     assert ood["file"].startswith("ood-") and ood["file"] in cfg["files"] and (calibrated / ood["file"]).is_file()
-    assert ood["validation_flagged"] <= 0.25 and ood["threshold"] > 0  # 98 % quantile of a handful of images
+    assert ood["validation_flagged"] <= 0.25 and ood["threshold"] > 0  # 98.5 % quantile of a handful of images
+    assert 0 < ood["upright_threshold"] < 1 and ood["upright_validation_turned_caught"] >= 0.5
     assert cfg["threshold_method"].endswith("(calibrated probabilities)")
     card = (calibrated / "MODEL_CARD.md").read_text()
     assert "## Calibration and prediction sets" in card and f"T = {cal['temperature']:.3f}" in card
@@ -54,9 +55,13 @@ def test_predictions_carry_calibrated_probabilities_sets_and_scores(calibrated, 
     raw, _, _, _ = pred.arrays(files, features=False)
     pred.temperature = t
     assert np.stack([p.scores for p in preds]) == pytest.approx(temperature_scale(raw, t), abs=1e-6)
+    assert sum(p.in_scope for p in preds) >= len(preds) // 2
     for p in preds:
-        assert p.ood_score is not None and p.prediction_set and p.label in p.prediction_set
-        assert p.verdict in (p.label, "uncertain: refer") if p.in_scope else p.label is None
+        assert p.ood_score is not None
+        if p.in_scope:
+            assert p.prediction_set and p.label in p.prediction_set and p.verdict in (p.label, "uncertain: refer")
+        else:
+            assert p.label is None and p.prediction_set is None and p.reasons
 
 
 def test_cli_json_has_sets_scores_and_alpha(calibrated, dataset_dir, capsys):
@@ -97,7 +102,7 @@ def test_the_shipped_model_is_not_calibrated_in_place(capsys):
 
 def test_evaluate_reports_calibration_coverage_and_risk(calibrated, dataset_dir, tmp_path):
     out = tmp_path / "eval"
-    assert main(["-q", "evaluate", str(dataset_dir), "--model", str(calibrated), "--out", str(out),
+    assert main(["-q", "evaluate", "--data", str(dataset_dir), "--model", str(calibrated), "--out", str(out),
                  "--n-boot", "0"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["calibration"]["temperature"] == pytest.approx(_cfg(calibrated)["calibration"]["temperature"])
@@ -126,3 +131,30 @@ def test_onnx_path_scores_like_torch_without_torch_features(calibrated, tmp_path
     b, _ = Predictor(d, backend="torch").predict_files(files)
     assert [p.ood_score for p in a] == pytest.approx([p.ood_score for p in b], rel=1e-3, abs=1e-3)
     assert [p.prediction_set for p in a] == [p.prediction_set for p in b]
+
+
+def test_an_upside_down_film_is_stopped(calibrated, dataset_dir):
+    from pneumoscan.data.imaging import load_xray
+
+    pred = Predictor(calibrated)
+    x = load_xray(_files(dataset_dir)[0])
+    turned = type(x)(np.rot90(x.pixels, 2).copy(), format=x.format, mode=x.mode, size=x.size)
+    p = pred.predict_xray(turned, "turned")
+    assert not p.in_scope and any(r.startswith("upside down") for r in p.reasons)
+
+
+def test_scope_suite_writes_rates_and_records_them(calibrated, tmp_path, capsys):
+    d = shutil.copytree(calibrated, tmp_path / "m")
+    out = tmp_path / "results"
+    assert main(["-q", "scope-suite", "--model", str(d), "--out", str(out), "--n-transformed", "4", "--record"]) == 0
+    report = json.loads((out / "scope-suite.json").read_text())
+    groups = report["groups"]
+    assert {"blank", "noise", "photo", "text", "xray_rotated", "xray_inverted", "validation_clean"} <= set(groups)
+    assert groups["blank"]["flagged"] == 1.0 and groups["noise"]["flagged"] == 1.0  # the image checks alone
+    assert groups["xray_rotated"]["n"] == 8 and groups["xray_inverted"]["n"] == 4
+    assert "| blank |" in (out / "scope-suite.md").read_text()
+    cfg = _cfg(d)
+    assert cfg["scope_suite"]["groups"]["noise"]["flagged"] == 1.0
+    assert "Out-of-scope suite" in (d / "MODEL_CARD.md").read_text()
+    printed = capsys.readouterr().out
+    assert "noise" in printed and "written:" in printed

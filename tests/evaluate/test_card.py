@@ -20,7 +20,7 @@ from pneumoscan.nets.modeldir import CARD_NAME, FORMAT
 from pneumoscan.scope import DEFAULT_THRESHOLDS
 
 SECTIONS = ("Model", "Training data", "Training procedure", "Validation results", "Evaluations on other data",
-            "Intended use", "Out-of-scope use", "Known limitations")
+            "Intended use", "Out-of-scope use", "Calibration and prediction sets", "Known limitations")
 
 
 @pytest.fixture()

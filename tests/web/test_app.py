@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from synthetic import chest
 
 from pneumoscan import INTENDED_USE, LABELS
 from pneumoscan.cli import main
@@ -31,7 +32,7 @@ from pneumoscan.web.service import Service
 
 
 def jpeg(size: int = 128, seed: int = 0) -> bytes:  # 128 px: the smallest side in scope
-    a = np.random.default_rng(seed).normal(120, 30, (size, size)).clip(0, 255).astype(np.uint8)
+    a = chest(size, seed=seed)  # chest-like, so that the out-of-scope gate lets it through
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, "JPEG")
     return buf.getvalue()
@@ -117,7 +118,7 @@ def test_dicom_upload(client):
     ds.Rows = ds.Columns = 160
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = _xray_like(160).astype(np.uint16).tobytes()
+    ds.PixelData = (4095 - _xray_like(160)).astype(np.uint16).tobytes()  # MONOCHROME1: 0 is white
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     r = post(client, buf.getvalue(), "scan.dcm")
@@ -376,10 +377,8 @@ def test_explain_returns_png(client):
 # -- #13 defect 1: a malformed DICOM (or any file) is never a 500 ---------------------------------------
 
 def _xray_like(side: int = 160, seed: int = 0) -> np.ndarray:
-    """12-bit 'X-ray' values: smooth structure plus noise (not blank, not uniform)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:side, 0:side]
-    return (2000 + 800 * np.sin(xx / 7.0) * np.cos(yy / 11.0) + rng.normal(0, 60, (side, side))).clip(0, 4095)
+    """12-bit 'X-ray' values: chest-like structure plus noise (not blank, not uniform)."""
+    return chest(side, seed=seed, scale=16.0)
 
 
 def _patch(data: bytes, tag: bytes, value: bytes) -> bytes:
@@ -751,8 +750,8 @@ from PIL import Image
 from fastapi.testclient import TestClient
 from pneumoscan.web.app import create_app
 from pneumoscan.web.config import ServeConfig
-a = np.random.default_rng(0).normal(120, 30, (128, 128)).clip(0, 255).astype(np.uint8)  # in scope for the gate
-buf = io.BytesIO(); Image.fromarray(a).save(buf, "PNG")
+sys.path.insert(0, sys.argv[2]); from synthetic import chest  # chest-like: in scope for the gate
+buf = io.BytesIO(); Image.fromarray(chest(128)).save(buf, "PNG")
 files = {"file": ("x.png", buf.getvalue(), "image/png")}
 out = {}
 with TestClient(create_app(ServeConfig(model_dir=sys.argv[1])), base_url="http://127.0.0.1") as c:
@@ -780,7 +779,8 @@ def test_the_service_explains_without_torch(model_dir, tmp_path, kind):
     import sys
 
     d = model_dir if kind == "cam-export" else _legacy_export(model_dir, tmp_path / "legacy")
-    r = subprocess.run([sys.executable, "-c", SERVICE_PROBE, str(d)], capture_output=True, text=True, timeout=400)
+    r = subprocess.run([sys.executable, "-c", SERVICE_PROBE, str(d), str(Path(__file__).parents[1])],
+                       capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.split("RESULT", 1)[1])
     assert out["predict"] == 200 and out["predict_after"] == 200 and out["info"] == "ready"

@@ -15,16 +15,13 @@ def run(args) -> int:
     import dataclasses
 
     cfg = build(ServeConfig, args)
-    import uvicorn
-
     from .. import INTENDED_USE
     from ..predict import check_model
-    from ..web.app import create_app
+    from ..web.server import serve
 
     model_dir = check_model(cfg.model_dir)  # a missing or tampered model is one clear line, before binding
     cfg = dataclasses.replace(cfg, model_dir=str(model_dir))
     print(f"# {INTENDED_USE}")
     print(f"serving {model_dir} on http://{cfg.host}:{cfg.port}/  (API docs at /docs; Ctrl+C to stop)")
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, workers=1, log_level="info",
-                access_log=cfg.access_log, server_header=False, timeout_graceful_shutdown=5)
+    serve(cfg)  # uvicorn with the header deadline, connection cap and refused-body bound of web.server
     return 0

@@ -5,7 +5,7 @@ score, the training split's pooled features) once, then fits and stores in the m
 
 1. the temperature that minimises the validation negative log-likelihood (the threshold is then
    re-chosen on the calibrated probabilities, so verdicts and probabilities agree);
-2. the conformal quantile of APS scores at the chosen error rate (coverage measured on held-out
+2. the conformal quantile of the conformity scores (lac or aps) at the chosen error rate (coverage measured on held-out
    halves of the validation split: fit on one half, count on the other);
 3. the Mahalanobis scorer of :mod:`pneumoscan.uncertainty` on the training features, its threshold
    the ``ood_quantile`` of the validation scores (so at most 2 % of validation images are flagged).
@@ -30,8 +30,9 @@ from ..labels import LABELS
 from ..metrics import brier_score, calibration_error, choose_threshold, compute_metrics
 from ..nets.modeldir import CONFIG_NAME, has_onnx, read_config
 from ..predict import FEATURES_OUTPUT, Predictor
-from ..uncertainty import OODScorer, aps_scores, conformal_quantile, prediction_sets, temperature_scale
+from ..uncertainty import OODScorer, conformal_quantile, conformity_scores, prediction_sets, temperature_scale
 from .config import CalibrateConfig
+from .evaluate import cached_arrays, is_frozen
 from .operating_point import set_threshold
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
     return float(res.x)
 
 
-def conformal_check(probs: np.ndarray, y: np.ndarray, alpha: float, seed: int = 0) -> dict:
+def conformal_check(probs: np.ndarray, y: np.ndarray, alpha: float, method: str = "lac", seed: int = 0) -> dict:
     """Coverage and set sizes on held-out halves: the quantile fitted on one half of the validation
     split is tried on the other, both ways; per class and overall."""
     rng = np.random.default_rng(seed)
@@ -59,8 +60,8 @@ def conformal_check(probs: np.ndarray, y: np.ndarray, alpha: float, seed: int = 
     halves = np.array_split(idx, 2)
     covered, size, labels = [], [], []
     for fit, held in ((halves[0], halves[1]), (halves[1], halves[0])):
-        q = conformal_quantile(aps_scores(probs[fit], y[fit]), alpha)
-        sets = prediction_sets(probs[held], q)
+        q = min(1.0, conformal_quantile(conformity_scores(probs[fit], y[fit], method), alpha))
+        sets = prediction_sets(probs[held], q, method)
         covered += [LABELS[t] in s for s, t in zip(sets, y[held])]
         size += [len(s) for s in sets]
         labels += list(y[held])
@@ -88,6 +89,28 @@ def fit_ood(train_feats: np.ndarray, train_y: np.ndarray, val_feats: np.ndarray,
     return scorer, float(np.quantile(scorer.score(val_feats), quantile))
 
 
+UPRIGHT_QUANTILE = 0.998  # share of validation films the upside-down check lets through
+
+
+def fit_upright(train: list[np.ndarray], val: list[np.ndarray]) -> tuple[np.ndarray, float, float]:
+    """Logistic regression of upright training films against the same films turned by 180 degrees, on
+    :func:`~pneumoscan.scope.upright_profile`; returns (weights with the bias last, the threshold that
+    lets :data:`UPRIGHT_QUANTILE` of the validation films through, the share of turned validation films
+    it stops)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from ..scope import upright_profile
+
+    up = np.stack([upright_profile(g) for g in train])
+    down = np.stack([upright_profile(np.rot90(g, 2)) for g in train])
+    clf = LogisticRegression(C=0.5, max_iter=3000).fit(np.r_[up, down], np.r_[np.zeros(len(up)), np.ones(len(down))])
+    w = np.r_[clf.coef_[0], clf.intercept_[0]]
+    vu = clf.predict_proba(np.stack([upright_profile(g) for g in val]))[:, 1]
+    vd = clf.predict_proba(np.stack([upright_profile(np.rot90(g, 2)) for g in val]))[:, 1]
+    threshold = float(np.quantile(vu, UPRIGHT_QUANTILE))
+    return w, threshold, float((vd > threshold).mean())
+
+
 def _method(cfg: dict) -> tuple[str, float | None]:
     """The threshold method the model was given (Youden unless a target sensitivity was recorded)."""
     text = str(cfg.get("threshold_method", ""))
@@ -97,8 +120,9 @@ def _method(cfg: dict) -> tuple[str, float | None]:
 
 
 def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = None,
-              cfg: CalibrateConfig = CalibrateConfig(), *, progress: bool = False) -> dict:
-    """Fit and store temperature, conformal quantile and OOD scorer; returns the records written."""
+              cfg: CalibrateConfig = CalibrateConfig(), *, progress: bool = False, cache_dir=None) -> dict:
+    """Fit and store temperature, conformal quantile and OOD scorer; returns the records written.
+    A frozen-backbone model is scored through the feature cache (``cache_dir``; None: the default)."""
     d = Path(model_dir)
     conf = read_config(d)
     ev = validation_set(data, conf, d, force=cfg.force)
@@ -111,13 +135,20 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     check_present(train_paths, f"the training split of {ev.source}")
     onnx_outputs = conf.get("onnx", {}).get("outputs", [])
     backend = "onnx" if has_onnx(d) and FEATURES_OUTPUT in onnx_outputs else "torch"  # features from one pass
-    pred = Predictor(d, backend=backend)
+    frozen = is_frozen(conf)
+    pred = Predictor(d, backend="torch" if frozen else backend)
     try:
         pred.temperature, pred.gate, pred.prevalence = 1.0, False, None  # fit on the raw outputs, every image
-        raw, feats, kept, _ = pred.arrays(ev.paths, cfg.batch_size, progress)
+
+        def arrays(paths):
+            if frozen:
+                return cached_arrays(pred, paths, cache_dir, progress)
+            return pred.arrays(paths, cfg.batch_size, progress)
+
+        raw, feats, kept, _ = arrays(ev.paths)
         truth = dict(zip(ev.paths, ev.y))
         y = np.array([truth[p] for p in kept], int)
-        _, tr_feats, tr_kept, _ = pred.arrays(train_paths, cfg.batch_size, progress)
+        _, tr_feats, tr_kept, _ = arrays(train_paths)
         tr_truth = dict(zip(train_paths, (s.target for s in train)))
         tr_y = np.array([tr_truth[p] for p in tr_kept], int)
     finally:
@@ -129,21 +160,25 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     cal = temperature_scale(raw, t)
     method, target = _method(conf)
     thr, how = choose_threshold(y, cal, method, target)
-    check = conformal_check(cal, y, cfg.alpha)
-    qhat = min(1.0, conformal_quantile(aps_scores(cal, y), cfg.alpha))  # APS scores are at most 1: 1 = all classes
+    check = conformal_check(cal, y, cfg.alpha, cfg.conformal)
+    qhat = min(1.0, conformal_quantile(conformity_scores(cal, y, cfg.conformal), cfg.alpha))  # 1: every class
     scorer, ood_threshold = fit_ood(tr_feats, tr_y, feats, cfg.ood_quantile, cfg.pca_dim)
     flagged = float((scorer.score(feats) > ood_threshold).mean())
+    scorer.upright, upright_threshold, upright_caught = fit_upright([pred.decode(p).pixels for p in tr_kept],
+                                                                    [pred.decode(p).pixels for p in kept])
     blob = scorer.to_bytes()
     ood_name = f"ood-{hashlib.sha256(blob).hexdigest()[:12]}.safetensors"  # a new name: the old files stay valid
     records = {
         "calibration": {"temperature": t, "fitted_on": "validation", "n": int(len(y)),
                         "ece_before": calibration_error(y, raw), "ece_after": calibration_error(y, cal),
                         "brier_before": brier_score(y, raw), "brier_after": brier_score(y, cal)},
-        "conformal": {"method": "aps", "alpha": cfg.alpha, "qhat": qhat, "heldout": check,
+        "conformal": {"method": cfg.conformal, "alpha": cfg.alpha, "qhat": qhat, "heldout": check,
                       "note": "coverage holds for images exchangeable with the validation split only"},
         "ood": {"file": ood_name, "method": "mahalanobis in a PCA of the pooled features (Lee et al. 2018)",
                 "pca_dim": int(scorer.components.shape[0]), "threshold": ood_threshold,
-                "validation_flagged": flagged, "quantile": cfg.ood_quantile, "n_train": int(len(tr_y))},
+                "validation_flagged": flagged, "quantile": cfg.ood_quantile, "n_train": int(len(tr_y)),
+                "upright_threshold": upright_threshold, "upright_quantile": UPRIGHT_QUANTILE,
+                "upright_validation_turned_caught": upright_caught},
     }
     conf = read_config(d)
     old_ood = (conf.get("ood") or {}).get("file")

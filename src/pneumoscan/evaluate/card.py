@@ -429,7 +429,11 @@ def _gate(cfg: dict, model_dir: Path) -> dict:
     if isinstance(conf, dict):
         held = conf.get("heldout") or {}
         out["conformal"] = {
-            "alpha": _txt(conf.get("alpha")), "qhat": _num(conf.get("qhat")), "coverage": _num(held.get("coverage")),
+            "alpha": _txt(conf.get("alpha")), "qhat": _num(conf.get("qhat")),
+            "method": {"lac": "every class whose probability is at least 1 - quantile (LAC, Sadinle et al. 2019)",
+                       "aps": "adaptive prediction sets (APS, Romano et al. 2020)"}.get(conf.get("method"),
+                                                                                        _txt(conf.get("method"))),
+            "coverage": _num(held.get("coverage")),
             "size": _num(held.get("mean_set_size"), 2), "target": f"{1 - float(conf.get('alpha', 0.1)):.0%}",
             "rows": [[lab, _txt(v.get("n")), _num(v.get("coverage")), _num(v.get("mean_set_size"), 2)]
                      for lab, v in (held.get("by_class") or {}).items()]}
@@ -463,6 +467,8 @@ def card_context(model_dir: Path, cfg: dict, shown_as: str | os.PathLike | None 
                 "time": _duration(cfg.get("train_seconds")), "hardware": _txt(cfg.get("hardware"))},
         "validation": _validation(cfg), "evaluations": [_evaluation(r) for r in load_evaluations(model_dir)],
         "scope_rows": describe_thresholds(), "limits": _limits(cfg), "gate": _gate(cfg, model_dir),
+        "independent": [{k: _txt(t.get(k)) for k in ("data", "source", "when", "threshold", "figures")}
+                        | {"note": t.get("note")} for t in cfg.get("independent_test") or [] if isinstance(t, dict)],
         "figures": [f for f in ("history.png",) if (model_dir / f).is_file()],
     }
 

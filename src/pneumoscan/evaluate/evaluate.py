@@ -182,8 +182,9 @@ def frozen_features_ok(pred: Predictor) -> bool:
     return pred.backend == "torch" and is_frozen(pred.config)
 
 
-def predict_from_feature_cache(pred: Predictor, paths: list[str], cache_dir, progress: bool):
-    """Predictions of a frozen model from cached (or newly cached) backbone features + its head."""
+def cached_arrays(pred: Predictor, paths: list[str], cache_dir, progress: bool):
+    """(calibrated probabilities, pooled features, kept paths, [(path, error)]) of a frozen model from
+    cached (or newly cached) backbone features and its head: the backbone runs once per image, ever."""
     import torch
 
     from ..features.extract import extract_features
@@ -202,10 +203,15 @@ def predict_from_feature_cache(pred: Predictor, paths: list[str], cache_dir, pro
                                        weights_id=c["weights_source"])
     with torch.inference_mode():
         probs = pred.net.head.eval()(torch.from_numpy(feats[ok])).softmax(-1).numpy()
-    probs = pred._adjust(probs)
     kept = [p for p, k in zip(paths, ok) if k]
+    return pred._adjust(probs), feats[ok], kept, [(path, err) for path, err in info["failed"]]
+
+
+def predict_from_feature_cache(pred: Predictor, paths: list[str], cache_dir, progress: bool):
+    """Predictions of a frozen model from cached (or newly cached) backbone features + its head."""
+    probs, feats, kept, errors = cached_arrays(pred, paths, cache_dir, progress)
     preds = []
-    for path, pr, f in zip(kept, probs, feats[ok]):  # the gate as on every other path: image checks, then features
+    for path, pr, f in zip(kept, probs, feats):  # the gate as on every other path: image checks, then features
         try:
             reasons, warns = pred.screen(pred.decode(path))
         except BlankImageError as e:
@@ -213,7 +219,6 @@ def predict_from_feature_cache(pred: Predictor, paths: list[str], cache_dir, pro
         except Exception as e:  # decoded once already by the extractor: a failure here is only noted
             reasons, warns = [], [f"image checks not run: {e}"]
         preds.append(pred.result(path, pr, reasons, warns, f))
-    errors = [(path, err) for path, err in info["failed"]]
     return preds, errors
 
 

@@ -212,9 +212,11 @@ def run_for_model(pred, data=None, cfg=None, *, progress: bool = False) -> dict:
 
 def markdown(report: dict, model_id: str) -> str:
     lines = [f"# Out-of-scope suite: `{model_id}`", "",
-             "Share of each group's inputs that get no diagnosis (the image checks of `pneumoscan.scope`, then the "
-             "learned out-of-distribution score). Targets of issue 14: at least 99 % of blank, noise and photo "
-             "inputs, 90 % of transformed X-rays, at most 2 % of clean validation X-rays.", "",
+             "Share of each group's inputs that get no diagnosis: a blank image is refused, then the image checks of "
+             "`pneumoscan.scope`, the learned upside-down check and the learned out-of-distribution score of the "
+             "pooled features (`pneumoscan calibrate`). Targets of issue 14: at least 99 % of blank, noise and photo "
+             "inputs, 90 % of transformed X-rays, at most 2 % of clean validation X-rays. Regenerate with "
+             "`pneumoscan scope-suite --model DIR --data ../shared/data/chest_xray`.", "",
              "| group | inputs | flagged | target | met | most frequent reasons |", "| --- | --- | --- | --- | --- | --- |"]
     for name, g in report["groups"].items():
         target = report["targets"].get(name)
