@@ -131,8 +131,13 @@ class Predictor:
             raise ModelError(f"prevalence {prevalence} must lie strictly between 0 and 1 (e.g. 0.3)")
         self.model_dir = resolve_model_dir(model_dir)
         self.config = read_config(self.model_dir)
+        outputs = self.config.get("onnx", {}).get("outputs", [])
+        lacks_features = bool(self.config.get("ood")) and has_onnx(self.model_dir) and FEATURES_OUTPUT not in outputs
         if backend == "auto":
-            backend = "onnx" if has_onnx(self.model_dir) or export_missing else "torch"
+            backend = "onnx" if (has_onnx(self.model_dir) and not lacks_features) or export_missing else "torch"
+            if lacks_features and not export_missing:
+                log.info("%s: the ONNX export has no '%s' output for the out-of-scope gate; using PyTorch (re-export "
+                         "to serve it with ONNX Runtime)", self.model_dir, FEATURES_OUTPUT)
         self.backend = backend
         self.device = device
         self.max_pixels = max_pixels
@@ -168,7 +173,7 @@ class Predictor:
                 raise ModelError(f"{self.model_dir} has an out-of-distribution gate but its network gives no pooled "
                                  "features in PyTorch; re-run 'pneumoscan calibrate' or use the ONNX backend")
         else:
-            stale = need_cam and has_onnx(self.model_dir) and CAM_OUTPUT not in self.config.get("onnx", {}).get("outputs", [])
+            stale = has_onnx(self.model_dir) and ((need_cam and CAM_OUTPUT not in outputs) or lacks_features)
             fresh = export_missing and (stale or not has_onnx(self.model_dir))
             onnx_dir = self._exported_copy() if fresh else self.model_dir
             onnx_cfg = read_config(onnx_dir)
@@ -279,8 +284,8 @@ class Predictor:
         if self.ood is not None and features is not None:
             score = float(self.ood.score(features[None])[0])
             if score > self.ood_threshold:
-                reasons.append(f"its features are unlike the training X-rays (out-of-distribution score {score:.1f} "
-                               f"> {self.ood_threshold:.1f})")
+                reasons.append(f"its features are unlike the training X-rays (out-of-distribution score {score:.2f} "
+                               f"> {self.ood_threshold:.2f})")
         if self.gate and reasons:
             return Prediction(path=path, label=None, verdict=OUT_OF_SCOPE, in_scope=False, probabilities=None,
                               pneumonia=None, pneumonia_probability=None, threshold=self.threshold, ood_score=score,

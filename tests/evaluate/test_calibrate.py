@@ -158,3 +158,16 @@ def test_scope_suite_writes_rates_and_records_them(calibrated, tmp_path, capsys)
     assert "Out-of-scope suite" in (d / "MODEL_CARD.md").read_text()
     printed = capsys.readouterr().out
     assert "noise" in printed and "written:" in printed
+
+
+@pytest.mark.slow
+def test_an_export_without_features_falls_back_to_torch_for_the_gate(calibrated, tmp_path, dataset_dir):
+    d = shutil.copytree(calibrated, tmp_path / "m")
+    assert main(["-q", "export", "--model", str(d)]) == 0
+    cfg = _cfg(d)
+    cfg["onnx"]["outputs"] = ["logits"]  # as an export made before the features output existed says
+    (d / "config.json").write_text(json.dumps(cfg))
+    pred = Predictor(d)  # auto: the gate needs features, so PyTorch
+    assert pred.backend == "torch"
+    (p,), _ = pred.predict_files(_files(dataset_dir)[:1])
+    assert p.ood_score is not None

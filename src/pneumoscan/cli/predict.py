@@ -71,7 +71,7 @@ def table(preds, errors, pred, labels) -> str:
               + "  pneumonia  set\n")
     for p in preds:
         if not p.in_scope:
-            score = "" if p.ood_score is None else f" (out-of-distribution score {p.ood_score:.1f})"
+            score = "" if p.ood_score is None else f" (out-of-distribution score {p.ood_score:.2f})"
             buf.write(f"{p.path:<{width}}  {p.verdict}: no diagnosis{score}\n")
             for r in p.reasons:
                 buf.write(f"  reason: {r}\n")
