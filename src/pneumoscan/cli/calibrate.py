@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..evaluate.config import CalibrateConfig
-from .common import add_model_arg, check_inputs_exist, check_model_writable, progress_enabled
+from .common import add_model_arg, add_val_data_arg, check_inputs_exist, check_model_writable, progress_enabled
 from .flags import add_config, build
 
 
@@ -10,8 +10,7 @@ def register(sub) -> None:
     p = sub.add_parser("calibrate", help="fit temperature, conformal sets and the out-of-distribution gate on "
                                          "validation; stored in the model directory")
     add_model_arg(p, required=True)
-    p.add_argument("--data", default=None,
-                   help="training folder or manifest CSV (its val split; default: the model's manifest.csv)")
+    add_val_data_arg(p)
     add_config(p, CalibrateConfig)
     p.set_defaults(func=run)
 

@@ -24,6 +24,12 @@ def add_model_arg(p, required: bool = False) -> None:
                    help="model directory" + ("" if required else " (default: the shipped model, or $PNEUMOSCAN_MODEL)"))
 
 
+def add_val_data_arg(p, use: str = "its val split is used") -> None:
+    """``--data``: where a command takes the model's validation split from."""
+    p.add_argument("--data", default=None,
+                   help=f"training folder or manifest CSV ({use}; default: the model's manifest.csv)")
+
+
 def positive_int(text: str) -> int:
     import argparse
     try:

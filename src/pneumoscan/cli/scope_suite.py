@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..evaluate.config import ScopeSuiteConfig
-from .common import add_model_arg, check_inputs_exist, check_model_writable, progress_enabled
+from .common import add_model_arg, add_val_data_arg, check_inputs_exist, check_model_writable, progress_enabled
 from .flags import add_config, build
 
 
@@ -10,8 +10,7 @@ def register(sub) -> None:
     p = sub.add_parser("scope-suite", help="run the out-of-scope suite (blank, noise, photos, text, transformed "
                                            "X-rays) against a model's gate and write the detection rates")
     add_model_arg(p)
-    p.add_argument("--data", default=None,
-                   help="training folder or manifest CSV (its val split; default: the model's manifest.csv)")
+    add_val_data_arg(p)
     p.add_argument("--out", default="docs/results", metavar="DIR",
                    help="folder for scope-suite.json and scope-suite.md (default: docs/results)")
     add_config(p, ScopeSuiteConfig)

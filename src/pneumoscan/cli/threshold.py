@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 from ..evaluate.config import ThresholdConfig
-from .common import add_model_arg, check_inputs_exist, check_model_writable, progress_enabled
+from .common import add_model_arg, add_val_data_arg, check_inputs_exist, check_model_writable, progress_enabled
 from .flags import add_config, build
 
 
 def register(sub) -> None:
     p = sub.add_parser("threshold", help="re-choose the pneumonia threshold on validation; updates config.json")
     add_model_arg(p, required=True)
-    p.add_argument("--data", default=None,
-                   help="training folder or manifest CSV (its val split is used; default: the model's manifest.csv)")
+    add_val_data_arg(p)
     add_config(p, ThresholdConfig)
     p.set_defaults(func=run)
 
