@@ -46,3 +46,33 @@ def ort_session(model: Union[str, os.PathLike, bytes], *, threads: int | None = 
         so.log_severity_level = 3
     src = model if isinstance(model, (bytes, bytearray)) else str(Path(model))
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+CPUINFO = Path("/proc/cpuinfo")  # where the CPU's instruction-set flags are read (Linux)
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # VNNI-class: u8 x s8 dot products in one instruction
+SHOWN_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+               "amx_tile", "amx_int8", "amx_bf16")  # what benchmarks record of the instruction set
+
+
+def cpu_flags(cpuinfo: str | os.PathLike | None = None) -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (the first ``flags`` line of /proc/cpuinfo);
+    empty where that file does not exist (not Linux)."""
+    try:
+        text = Path(cpuinfo or CPUINFO).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def int8_ready(flags: frozenset[str] | set[str] | None = None) -> str | None:
+    """The VNNI-class flag that makes INT8 inference fast here (``flags`` default: this CPU's), or None.
+
+    Without one, ONNX Runtime's u8 x s8 kernels fall back to AVX2/AVX-512BW sequences that saturate
+    intermediate sums and gain little over fp32, so fp32 is the better choice there.
+    """
+    have = cpu_flags() if flags is None else flags
+    return next((f for f in INT8_FLAGS if f in have), None)

@@ -111,7 +111,7 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     check_present(train_paths, f"the training split of {ev.source}")
     onnx_outputs = conf.get("onnx", {}).get("outputs", [])
     backend = "onnx" if has_onnx(d) and FEATURES_OUTPUT in onnx_outputs else "torch"  # features from one pass
-    pred = Predictor(d, backend=backend)
+    pred = Predictor(d, backend=backend, precision="fp32")  # fitted on the reference graph, whatever serves it
     try:
         pred.temperature, pred.gate, pred.prevalence = 1.0, False, None  # fit on the raw outputs, every image
         raw, feats, kept, _ = pred.arrays(ev.paths, cfg.batch_size, progress)
