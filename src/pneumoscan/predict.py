@@ -189,6 +189,7 @@ class Predictor:
             self.ood_threshold = float(self.config["ood"]["threshold"])
             self.ood = OODScorer.load(verify_file(self.model_dir, self.config["ood"]["file"], self.config))
         self.gate = True  # False: nothing is stopped (calibrate fits on every image)
+        self.prefetch = True  # predict_files/arrays: decode the next batch while this one runs
         self._graph = None  # the torch backend's ServingGraph: logits and pooled features in one pass
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.bundle: ModelBundle | None = None
@@ -391,32 +392,47 @@ class Predictor:
     def predict_bytes(self, data: bytes, name: str = "upload") -> Prediction:
         return self.predict_xray(self.decode(data, name), name)
 
+    def _decoded(self, chunk: Sequence[str | os.PathLike]):
+        """(stacked inputs or None, names, screens, [(path, error)]) of the decodable files of ``chunk``."""
+        xs, names, screens, errors = [], [], [], []
+        for p in chunk:
+            try:
+                x = self.decode(p, str(p))
+            except ImageError as e:
+                errors.append((str(p), str(e)))
+                continue
+            xs.append(self.pre.array(x.pixels))
+            names.append(str(p))
+            screens.append(self.screen(x))
+        return (np.stack(xs) if xs else None), names, screens, errors
+
     def _batches(self, paths: Sequence[str | os.PathLike], batch_size: int, progress: bool,
                  errors: list[tuple[str, str]], features: bool):
         """Decode and run ``paths`` in batches: yields (names, probabilities, features or None, screens) per
-        batch, and appends undecodable files to ``errors`` as (path, error)."""
+        batch, and appends undecodable files to ``errors`` as (path, error). With :attr:`prefetch` the next
+        batch is decoded on a thread while this one runs (decoding fills the gaps the runtime's threads leave)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm.auto import tqdm
 
+        chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="pneumoscan-decode") if self.prefetch else None
         try:
-            for start in range(0, len(paths), batch_size):
-                chunk = paths[start:start + batch_size]
-                xs, names, screens = [], [], []
-                for p in chunk:
-                    try:
-                        x = self.decode(p, str(p))
-                    except ImageError as e:
-                        errors.append((str(p), str(e)))
-                        continue
-                    xs.append(self.pre.array(x.pixels))
-                    names.append(str(p))
-                    screens.append(self.screen(x))
-                if xs:
-                    probs, feats = self.forward(np.stack(xs), features=features)
+            ahead = pool.submit(self._decoded, chunks[0]) if pool and chunks else None
+            for k, chunk in enumerate(chunks):
+                got = ahead.result() if ahead else self._decoded(chunk)
+                ahead = pool.submit(self._decoded, chunks[k + 1]) if pool and k + 1 < len(chunks) else None
+                x, names, screens, errs = got
+                errors.extend(errs)
+                if x is not None:
+                    probs, feats = self.forward(x, features=features)
                     yield names, probs, feats, screens
                 bar.update(len(chunk))
         finally:
             bar.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 32,
                       progress: bool = False) -> tuple[list[Prediction], list[tuple[str, str]]]:
