@@ -135,18 +135,3 @@ def test_cli_out_of_scope_csv_row(tiny_model_dir, tmp_path, capsys):
     assert main(["-q", "predict", str(_small_png(tmp_path)), "--model", str(tiny_model_dir), "--csv"]) == 3
     (row,) = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert row["in_scope"] == "0" and row["label"] == "" and row["p_normal"] == "" and "too small" in row["reasons"]
-
-
-def test_prefetching_batches_changes_nothing(tiny_model_dir, dataset_dir, tmp_path):
-    """Decoding the next batch while this one runs: same predictions, same order, same errors."""
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8 not really a JPEG")
-    files = sorted(str(p) for p in (dataset_dir / "train").rglob("*.jpeg"))[:9]
-    paths = [*files[:5], str(bad), *files[5:]]
-    pred = Predictor(tiny_model_dir, backend="torch")
-    ahead, errors_ahead = pred.predict_files(paths, batch_size=3)
-    pred.prefetch = False
-    plain, errors_plain = pred.predict_files(paths, batch_size=3)
-    assert [p.path for p in ahead] == [p.path for p in plain] == [str(f) for f in paths if f != str(bad)]
-    assert [p.probabilities for p in ahead] == [p.probabilities for p in plain]
-    assert errors_ahead == errors_plain and [e[0] for e in errors_ahead] == [str(bad)]

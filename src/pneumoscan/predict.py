@@ -163,7 +163,8 @@ class Predictor:
     def __init__(self, model_dir: str | os.PathLike | None = None, *, backend: str = "auto",
                  device: str = "cpu", prevalence: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  threads: int | None = None, export_missing: bool = False, need_cam: bool = False,
-                 precision: str = "auto", cpu_flags: frozenset[str] | None = None) -> None:
+                 precision: str = "auto", cpu_flags: frozenset[str] | None = None,
+                 varying_batches: bool = False) -> None:
         if backend not in BACKENDS:
             raise ModelError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if prevalence is not None and not 0.0 < prevalence < 1.0:
@@ -189,7 +190,6 @@ class Predictor:
             self.ood_threshold = float(self.config["ood"]["threshold"])
             self.ood = OODScorer.load(verify_file(self.model_dir, self.config["ood"]["file"], self.config))
         self.gate = True  # False: nothing is stopped (calibrate fits on every image)
-        self.prefetch = True  # predict_files/arrays: decode the next batch while this one runs
         self._graph = None  # the torch backend's ServingGraph: logits and pooled features in one pass
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.bundle: ModelBundle | None = None
@@ -199,6 +199,7 @@ class Predictor:
         self.precision = "fp32"  # the graph that runs: "fp32", or "int8" (the export's gated INT8 copy)
         self.precision_reason = "PyTorch backend"  # why that precision was chosen
         self._threads = threads
+        self._varying = varying_batches  # batches of many sizes (the service): no per-size memory plans
         self._fp32_session = None  # with INT8: the fp32 graph, for Grad-CAM maps (made when first needed)
         if backend == "torch":
             from .nets.checkpoint import load_model
@@ -217,7 +218,7 @@ class Predictor:
             name = int8_file(onnx_cfg) if self.precision == "int8" else onnx_name(onnx_cfg)
             self.onnx_path = onnx_dir / (name or "model.onnx")
             self._onnx_dir, self._onnx_cfg = onnx_dir, onnx_cfg
-            self._session = _onnx_session(onnx_dir, onnx_cfg, threads, name)
+            self._session = _onnx_session(onnx_dir, onnx_cfg, threads, name, varying_batches)
             log.info("%s: %s graph (%s)", self.model_dir, self.precision.upper(), self.precision_reason)
             self.outputs = [o.name for o in self._session.get_outputs()]
             if self.ood is not None and FEATURES_OUTPUT not in self.outputs:
@@ -380,7 +381,7 @@ class Predictor:
         if self.precision != "int8":
             return self._session
         if self._fp32_session is None:
-            self._fp32_session = _onnx_session(self._onnx_dir, self._onnx_cfg, self._threads)
+            self._fp32_session = _onnx_session(self._onnx_dir, self._onnx_cfg, self._threads, None, self._varying)
         return self._fp32_session
 
     def decode(self, data: bytes | str | os.PathLike, name: str | None = None) -> XRay:
@@ -392,47 +393,32 @@ class Predictor:
     def predict_bytes(self, data: bytes, name: str = "upload") -> Prediction:
         return self.predict_xray(self.decode(data, name), name)
 
-    def _decoded(self, chunk: Sequence[str | os.PathLike]):
-        """(stacked inputs or None, names, screens, [(path, error)]) of the decodable files of ``chunk``."""
-        xs, names, screens, errors = [], [], [], []
-        for p in chunk:
-            try:
-                x = self.decode(p, str(p))
-            except ImageError as e:
-                errors.append((str(p), str(e)))
-                continue
-            xs.append(self.pre.array(x.pixels))
-            names.append(str(p))
-            screens.append(self.screen(x))
-        return (np.stack(xs) if xs else None), names, screens, errors
-
     def _batches(self, paths: Sequence[str | os.PathLike], batch_size: int, progress: bool,
                  errors: list[tuple[str, str]], features: bool):
         """Decode and run ``paths`` in batches: yields (names, probabilities, features or None, screens) per
-        batch, and appends undecodable files to ``errors`` as (path, error). With :attr:`prefetch` the next
-        batch is decoded on a thread while this one runs (decoding fills the gaps the runtime's threads leave)."""
-        from concurrent.futures import ThreadPoolExecutor
-
+        batch, and appends undecodable files to ``errors`` as (path, error)."""
         from tqdm.auto import tqdm
 
-        chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
-        pool = ThreadPoolExecutor(1, thread_name_prefix="pneumoscan-decode") if self.prefetch else None
         try:
-            ahead = pool.submit(self._decoded, chunks[0]) if pool and chunks else None
-            for k, chunk in enumerate(chunks):
-                got = ahead.result() if ahead else self._decoded(chunk)
-                ahead = pool.submit(self._decoded, chunks[k + 1]) if pool and k + 1 < len(chunks) else None
-                x, names, screens, errs = got
-                errors.extend(errs)
-                if x is not None:
-                    probs, feats = self.forward(x, features=features)
+            for start in range(0, len(paths), batch_size):
+                chunk = paths[start:start + batch_size]
+                xs, names, screens = [], [], []
+                for p in chunk:
+                    try:
+                        x = self.decode(p, str(p))
+                    except ImageError as e:
+                        errors.append((str(p), str(e)))
+                        continue
+                    xs.append(self.pre.array(x.pixels))
+                    names.append(str(p))
+                    screens.append(self.screen(x))
+                if xs:
+                    probs, feats = self.forward(np.stack(xs), features=features)
                     yield names, probs, feats, screens
                 bar.update(len(chunk))
         finally:
             bar.close()
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
 
     def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 32,
                       progress: bool = False) -> tuple[list[Prediction], list[tuple[str, str]]]:
@@ -504,13 +490,14 @@ def stop_exports() -> None:
             child.terminate()
 
 
-def _onnx_session(model_dir: Path, config: dict, threads: int | None, name: str | None = None):
+def _onnx_session(model_dir: Path, config: dict, threads: int | None, name: str | None = None,
+                  varying_shapes: bool = False):
     name = name or onnx_name(config) or "model.onnx"
     if not (model_dir / name).is_file():
         raise ModelError(f"{model_dir} has no ONNX export; run 'pneumoscan export --model {model_dir}' first")
     path = verify_file(model_dir, name, config)
     try:
-        return ort_session(path, threads=threads)
+        return ort_session(path, threads=threads, varying_shapes=varying_shapes)
     except Exception as e:
         raise ModelError(f"{path} cannot be loaded by ONNX Runtime: {e}") from None
 

@@ -22,12 +22,15 @@ def cpu_count() -> int:
 
 
 def ort_session(model: Union[str, os.PathLike, bytes], *, threads: int | None = None, spinning: bool | None = None,
-                level: str = "all", optimized_path: str | os.PathLike | None = None, quiet: bool = False):
+                level: str = "all", optimized_path: str | os.PathLike | None = None, quiet: bool = False,
+                varying_shapes: bool = False):
     """An ONNX Runtime CPU session for a model file or its bytes.
 
     ``threads``: intra-op threads (None = ONNX Runtime's default, one per core); ``spinning``:
     whether idle threads spin (None = the default; off when other work shares the cores);
-    ``optimized_path``: where ONNX Runtime saves the optimised graph; ``quiet``: errors only.
+    ``optimized_path``: where ONNX Runtime saves the optimised graph; ``quiet``: errors only;
+    ``varying_shapes``: inputs of many batch sizes (the service's dynamic batches): no memory plan is kept
+    per input shape (ONNX Runtime's memory patterns), which otherwise grow the process by one plan per size.
     """
     import onnxruntime as ort
 
@@ -44,6 +47,8 @@ def ort_session(model: Union[str, os.PathLike, bytes], *, threads: int | None = 
         so.optimized_model_filepath = str(optimized_path)
     if quiet:
         so.log_severity_level = 3
+    if varying_shapes:
+        so.enable_mem_pattern = False
     src = model if isinstance(model, (bytes, bytearray)) else str(Path(model))
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 

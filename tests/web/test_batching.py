@@ -173,7 +173,7 @@ def test_bad_settings(kw):
 
 def test_the_service_batches_concurrent_uploads_and_keeps_their_errors(model_dir):
     """Through the app: uploads sent while a batch runs go to the model together; a bad one is a 4xx alone."""
-    with serve(model_dir, workers=4, queue=16, max_batch=8) as c:
+    with serve(model_dir, workers=4, queue=16, max_batch=8, runners=1) as c:
         service = c.service
         real = service.predictor.forward
         seen: list[int] = []

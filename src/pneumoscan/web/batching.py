@@ -5,10 +5,12 @@ and TorchServe's (``batch_size``, ``max_batch_delay``), in one process:
 
 - a request is *prepared* (decoded, checked, preprocessed) on one of ``workers`` threads, so that a bad
   image fails alone, before it ever joins a batch;
-- one inference thread takes every prepared request waiting, and while requests are still being
-  prepared and the batch is not full it waits up to ``max_wait_ms`` for them; then it runs the batch
-  (all the cores' intra-op threads on one batch beat one thread per request: the weights are read
-  once per batch, and the convolutions get work to share out);
+- each of ``runners`` inference threads takes every prepared request waiting (up to ``max_batch``),
+  and while requests are still being prepared and the batch is not full it waits up to
+  ``max_wait_ms`` for them; then it runs the batch. On a CPU a 224-px CNN is compute-bound already
+  at batch 1, so batching buys less than on a GPU (one ``run`` per batch instead of per image);
+  what matters more is one runner per core with one intra-op thread each, the layout the
+  measurements favoured (README, "Speed and benchmarks");
 - each request gets its own result from its own row (its gate, warnings and errors), and a failure
   while making one request's result fails only that request.
 
@@ -45,14 +47,14 @@ class Job:
 
 
 class Batcher:
-    """Prepare on ``workers`` threads, run prepared requests in batches of up to ``max_batch`` on one thread.
+    """Prepare on ``workers`` threads, run prepared requests in batches of up to ``max_batch`` on ``runners`` threads.
 
     ``forward(batch) -> (probabilities, features or None)`` runs a stacked batch (N x 3 x S x S).
     """
 
     def __init__(self, forward: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]], workers: int,
-                 queue: int, max_batch: int, max_wait_ms: float, name: str = "predictions") -> None:
-        if workers < 1 or queue < 0 or max_batch < 1 or max_wait_ms < 0:
+                 queue: int, max_batch: int, max_wait_ms: float, name: str = "predictions", runners: int = 1) -> None:
+        if workers < 1 or queue < 0 or max_batch < 1 or max_wait_ms < 0 or runners < 1:
             raise PneumoscanError(f"workers ({workers}) and max batch ({max_batch}) must be >= 1, queue ({queue}) "
                                   f"and max wait ({max_wait_ms} ms) >= 0")
         self.name = name
@@ -69,8 +71,10 @@ class Batcher:
         self._pending = 0  # submitted and not finished
         self._preparing = 0  # being prepared now: worth waiting for
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=f"pneumoscan-batch-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"pneumoscan-batch-{name}-{i}", daemon=True)
+                         for i in range(runners)]
+        for t in self._threads:
+            t.start()
 
     @property
     def pending(self) -> int:
@@ -88,11 +92,13 @@ class Batcher:
             if self._pending >= self.capacity:
                 raise BusyError(f"{self._pending} requests are already in progress or queued")
             self._pending += 1
+            self._preparing += 1  # from now on it is worth waiting for (queued for a worker, or decoding)
         fut: Future = Future()
         fut.add_done_callback(lambda _f: self._release())
         try:
             self._pool.submit(self._prepare, fut, prepare, args, deadline)
         except BaseException as e:  # the pool is shut down
+            self._prepared()
             fut.set_exception(BusyError(f"the service is shutting down ({e})"))
         return fut
 
@@ -100,20 +106,23 @@ class Batcher:
         with self._lock:
             self._pending -= 1
 
+    def _prepared(self) -> None:
+        with self._ready:
+            self._preparing -= 1
+            self._ready.notify()
+
     def _prepare(self, fut: Future, prepare: Callable[..., Job], args: tuple, deadline: float) -> None:
         if not fut.set_running_or_notify_cancel():
+            self._prepared()
             return
         if time.monotonic() > deadline:
+            self._prepared()
             fut.set_exception(DeadlineError("deadline passed while queued"))
             return
-        with self._lock:
-            self._preparing += 1
         try:
             job = prepare(*args)
         except BaseException as e:  # the upload's own error (or a bug): this request only
-            with self._ready:
-                self._preparing -= 1
-                self._ready.notify()
+            self._prepared()
             fut.set_exception(e)
             return
         with self._ready:
@@ -156,7 +165,8 @@ class Batcher:
                 self._run(live)
 
     def _run(self, live: list[tuple[Job, Future]]) -> None:
-        self.batch_sizes[len(live)] += 1
+        with self._lock:
+            self.batch_sizes[len(live)] += 1
         try:
             probs, feats = self.forward(np.stack([job.x for job, _ in live]))
         except BaseException as e:  # the model itself failed: every request of the batch gets the error

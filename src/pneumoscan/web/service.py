@@ -1,6 +1,6 @@
 """The model behind the app: loaded (and exported if needed) once, warmed, then shared by the workers.
 
-Predictions are decoded on worker threads and run in dynamic batches on one inference thread
+Predictions are decoded on worker threads and run in dynamic batches on ``runners`` inference threads
 (:class:`~pneumoscan.web.batching.Batcher`: uploads that arrive within a few milliseconds share
 one forward pass); explanations run on their own bounded pool (:class:`Limiter`), so they can
 never take the workers that predictions need. The graph is the export's INT8 copy where it passed
@@ -39,8 +39,9 @@ class Service:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
         self.model_dir = resolve_model_dir(cfg.model_dir)
-        self.threads = cfg.ort_threads or cpu_count()  # intra-op threads of the one batch thread
-        self.limiter = Batcher(self._forward, cfg.workers, cfg.queue, cfg.max_batch, cfg.max_wait_ms, "predictions")
+        self.threads = cfg.ort_threads or max(1, cpu_count() // cfg.runners)  # intra-op threads per runner
+        self.limiter = Batcher(self._forward, cfg.workers, cfg.queue, cfg.max_batch, cfg.max_wait_ms, "predictions",
+                               runners=cfg.runners)
         self.explain_limiter = Limiter(cfg.explain_workers, cfg.explain_queue, "explanations")
         self.predictor: Predictor | None = None
         self.ready = threading.Event()
@@ -56,7 +57,7 @@ class Service:
             t0 = time.perf_counter()
             self.predictor = Predictor(self.model_dir, backend=self.cfg.backend, max_pixels=self.cfg.max_pixels,
                                        threads=self.threads, export_missing=self.cfg.backend == "onnx",
-                                       precision=self.cfg.precision)
+                                       precision=self.cfg.precision, varying_batches=True)
             if self.cfg.backend == "torch":
                 import torch
                 torch.set_num_threads(self.threads)
@@ -88,7 +89,8 @@ class Service:
         log.info("%s has no Grad-CAM output; re-exporting a copy in the background for explanations", self.model_dir)
         try:
             fresh = Predictor(self.model_dir, backend="onnx", max_pixels=self.cfg.max_pixels,
-                              threads=self.threads, export_missing=True, need_cam=True, precision=self.cfg.precision)
+                              threads=self.threads, export_missing=True, need_cam=True, precision=self.cfg.precision,
+                              varying_batches=True)
             self._warm(fresh)
         except Exception as e:
             log.warning("explanations unavailable: %s", e)
