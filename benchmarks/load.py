@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -239,7 +240,10 @@ def bench(args, images) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-c", LAUNCH, "--host", "127.0.0.1", "--port", str(port), "--backend", args.backend,
-           "--no-access-log", "--workers", str(args.workers), "--threads", str(args.threads)]
+           "--no-access-log", "--workers", str(args.workers)]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    cmd += shlex.split(args.server_args)
     if args.model:
         cmd += ["--model", str(args.model)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -287,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=Path, default=DATA if DATA.is_dir() else None,
                     help="folder of JPEGs to send (default: the 224-px training images, else synthetic)")
     ap.add_argument("--workers", type=int, default=2, help="server inference threads (default 2)")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads per inference (default 1)")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the server's default)")
+    ap.add_argument("--server-args", default="", help="more 'pneumoscan serve' options, e.g. '--max-batch 8'")
+    ap.add_argument("--tag", default="", help="suffix of the default JSON name (e.g. baseline)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/load-....json)")
     args = ap.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -301,18 +307,21 @@ def main(argv: list[str] | None = None) -> int:
                           "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
               "settings": {"model": str(args.model or "shipped default"), "clients": args.clients,
                            "requests": args.requests, "single": args.single, "workers": args.workers,
-                           "threads": args.threads, "queue": "default (16)", "explain": args.explain,
+                           "threads": args.threads, "server_args": args.server_args, "queue": "default (16)",
+                           "explain": args.explain, "pythonpath": os.environ.get("PYTHONPATH"),
                            "clients_wait_retry_after": args.polite,
                            "images": f"{len(images)} x {'training JPEGs' if args.images else 'synthetic 224-px JPEGs'}"},
               "result": result}
-    name = f"load-{'-'.join(map(str, args.clients))}c-{args.requests}{'-polite' if args.polite else ''}.json"
+    name = (f"load-{'-'.join(map(str, args.clients))}c-{args.requests}{'-polite' if args.polite else ''}"
+            f"{'-' + args.tag if args.tag else ''}.json")
     out = args.out or REPO / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'clients':>7} {'rps':>7} {'p50':>8} {'p95':>8} {'p99':>8}  outcomes")
     for lv in result["levels"]:
         lm = lv["latency_ms"]
-        print(f"{lv['clients']:>7} {lv['throughput_rps']:>7.1f} {lm['p50']:>8.1f} {lm['p95']:>8.1f} {lm['p99']:>8.1f}  {lv['outcomes']}")
+        print(f"{lv['clients']:>7} {lv['throughput_rps']:>7.1f} {lm['p50']:>8.1f} {lm['p95']:>8.1f} "
+              f"{lm['p99']:>8.1f}  {lv['outcomes']}")
     if result["big_uploads"]:
         b = result["big_uploads"]
         print(f"{b['clients']} x {b['upload_mib']} MiB at once: {b['outcomes']}; RSS {b['rss_before']} -> "

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     x = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
     outs = [s.run(None, {"input": x})[0] for s in sessions.values()]
     diff = float(np.abs(outs[0] - outs[1]).max())
-    figures: dict = {"command": " ".join(["python benchmarks/onnx_graph.py", *sys.argv[1:]]), "ops": ops, "max_abs_diff": diff, "images_per_run": args.images, "repeats": args.repeats,
+    figures: dict = {"command": " ".join(["python benchmarks/onnx_graph.py", *sys.argv[1:]]), "ops": ops,
+                     "max_abs_diff": diff, "images_per_run": args.images, "repeats": args.repeats,
                      "images_per_s": {}}
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         batch = np.random.default_rng(1).normal(size=(bs, 3, size, size)).astype(np.float32)

@@ -38,9 +38,19 @@ from .errors import ImageError, ModelError
 from .io import atomic_write_json
 from .labels import DEFAULT_THRESHOLD, LABELS, decide, pneumonia_score, softmax
 from .metrics import model_prior, prevalence_prior, prior_shift
-from .nets.modeldir import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, has_onnx, onnx_name, read_config, resolve_model_dir, verify_file
+from .nets.modeldir import (
+    CARD_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    has_onnx,
+    int8_file,
+    onnx_name,
+    read_config,
+    resolve_model_dir,
+    verify_file,
+)
 from .preprocess import Preprocess, PreprocessConfig
-from .runtime import ort_session
+from .runtime import INT8_FLAGS, cpu_count, cpu_flags, int8_ready, ort_session  # noqa: F401  (cpu_count: web layer)
 from .scope import check_scope, upright_profile  # the image checks of the out-of-scope gate
 from .uncertainty import UNCERTAIN, OODScorer, prediction_sets, set_verdict, temperature_scale  # noqa: F401
 
@@ -50,6 +60,7 @@ if TYPE_CHECKING:  # torch loads only for the torch backend: ONNX serving stays 
     from .nets.checkpoint import ModelBundle
 
 BACKENDS = ("auto", "onnx", "torch")  # auto: ONNX Runtime when the model has a verified export, else PyTorch
+PRECISIONS = ("auto", "fp32", "int8")  # auto: INT8 when the model's INT8 export passed its gate and the CPU has VNNI
 CAM_OUTPUT = "cam"  # the export's Grad-CAM output (pneumoscan.export.onnx.CAM_NAME)
 FEATURES_OUTPUT = "features"  # the export's pooled features (pneumoscan.export.onnx.FEATURES_NAME)
 OUT_OF_SCOPE = "not a pediatric frontal chest X-ray"  # the verdict of an input the gate stops
@@ -63,14 +74,42 @@ class PredictConfig:
     backend: Literal["auto", "onnx", "torch"] = "auto"  # auto: ONNX Runtime when the model has a verified export, else PyTorch
     batch_size: int = 32  # images per inference batch
     prevalence: float | None = None  # expected share of pneumonia in your data: corrects probabilities for the prior shift
+    precision: Literal["auto", "fp32", "int8"] = "auto"  # auto: the INT8 export if it passed its gate and the CPU has VNNI
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ModelError(f"precision {self.precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
         if self.batch_size < 1:
             raise ModelError(f"batch size {self.batch_size} must be at least 1")
         if self.prevalence is not None and not 0.0 < self.prevalence < 1.0:
             raise ModelError(f"prevalence {self.prevalence} must lie strictly between 0 and 1 (e.g. 0.3)")
 
 log = logging.getLogger(__name__)
+
+
+def choose_precision(config: dict, requested: str = "auto", flags: frozenset[str] | None = None,
+                     where: str = "the model") -> tuple[str, str]:
+    """(precision, why): "int8" when an INT8 export passed its gate and (for "auto") the CPU has a
+    VNNI-class instruction set (``flags``: the CPU's, read from /proc/cpuinfo unless given), else "fp32"."""
+    if requested not in PRECISIONS:
+        raise ModelError(f"precision {requested!r} is unknown; use one of {', '.join(PRECISIONS)}")
+    if requested == "fp32":
+        return "fp32", "fp32 requested"
+    name = int8_file(config)
+    flags = cpu_flags() if flags is None else flags
+    vnni = int8_ready(flags)
+    if name is None:
+        if requested == "int8":
+            raise ModelError(f"{where} has no INT8 export that passed its validation gate; make one with "
+                             f"'pneumoscan export --int8 --model DIR --data TRAINING_FOLDER' or use --precision fp32")
+        return "fp32", "no INT8 export that passed its validation gate"
+    g = config["onnx"]["int8"]["gate"]
+    passed = f"INT8 export passed its gate ({g['agreement']:.1%} identical verdicts on {g['images']} validation images)"
+    if vnni:
+        return "int8", f"{passed}; the CPU has {vnni}"
+    if requested == "int8":
+        return "int8", f"INT8 requested; the CPU has none of {', '.join(INT8_FLAGS)}, so it may be no faster than fp32"
+    return "fp32", f"the CPU has none of {', '.join(INT8_FLAGS)} (INT8 would gain little); {passed}"
 
 
 @dataclass
@@ -124,7 +163,9 @@ class Predictor:
 
     def __init__(self, model_dir: str | os.PathLike | None = None, *, backend: str = "auto",
                  device: str = "cpu", prevalence: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 threads: int | None = None, export_missing: bool = False, need_cam: bool = False) -> None:
+                 threads: int | None = None, export_missing: bool = False, need_cam: bool = False,
+                 precision: str = "auto", cpu_flags: frozenset[str] | None = None,
+                 varying_batches: bool = False) -> None:
         if backend not in BACKENDS:
             raise ModelError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if prevalence is not None and not 0.0 < prevalence < 1.0:
@@ -164,6 +205,11 @@ class Predictor:
         self._session = None
         self.outputs: list[str] = []  # the ONNX graph's outputs (logits first)
         self.onnx_path: Path | None = None  # the ONNX file that runs (a temporary export with export_missing)
+        self.precision = "fp32"  # the graph that runs: "fp32", or "int8" (the export's gated INT8 copy)
+        self.precision_reason = "PyTorch backend"  # why that precision was chosen
+        self._threads = threads
+        self._varying = varying_batches  # batches of many sizes (the service): no per-size memory plans
+        self._fp32_session = None  # with INT8: the fp32 graph, for Grad-CAM maps (made when first needed)
         if backend == "torch":
             from .nets.checkpoint import load_model
 
@@ -177,8 +223,12 @@ class Predictor:
             fresh = export_missing and (stale or not has_onnx(self.model_dir))
             onnx_dir = self._exported_copy() if fresh else self.model_dir
             onnx_cfg = read_config(onnx_dir)
-            self.onnx_path = onnx_dir / (onnx_name(onnx_cfg) or "model.onnx")
-            self._session = _onnx_session(onnx_dir, onnx_cfg, threads)
+            self.precision, self.precision_reason = choose_precision(onnx_cfg, precision, cpu_flags, str(self.model_dir))
+            name = int8_file(onnx_cfg) if self.precision == "int8" else onnx_name(onnx_cfg)
+            self.onnx_path = onnx_dir / (name or "model.onnx")
+            self._onnx_dir, self._onnx_cfg = onnx_dir, onnx_cfg
+            self._session = _onnx_session(onnx_dir, onnx_cfg, threads, name, varying_batches)
+            log.info("%s: %s graph (%s)", self.model_dir, self.precision.upper(), self.precision_reason)
             self.outputs = [o.name for o in self._session.get_outputs()]
             if self.ood is not None and FEATURES_OUTPUT not in self.outputs:
                 raise ModelError(f"{self.onnx_path} has no '{FEATURES_OUTPUT}' output, which the model's out-of-"
@@ -219,7 +269,8 @@ class Predictor:
             self._tmp = None
 
     def __repr__(self) -> str:
-        return f"Predictor(model={self.model_id!r}, backend={self.backend!r}, size={self.prep_cfg.size})"
+        return (f"Predictor(model={self.model_id!r}, backend={self.backend!r}, precision={self.precision!r}, "
+                f"size={self.prep_cfg.size})")
 
     @property
     def model_id(self) -> str:
@@ -329,12 +380,20 @@ class Predictor:
                              "model with 'pneumoscan export' (or load it with need_cam=True)")
         x_in = self.pre.array(x.pixels)[None]
         names = [self.outputs[0], CAM_OUTPUT] + ([FEATURES_OUTPUT] if self.ood is not None else [])
-        out = self._session.run(names, {"input": x_in})
+        out = self._cam_session().run(names, {"input": x_in})
         pred = self.result(name, self._adjust(softmax(out[0]))[0], *self.screen(x),
                            features=out[2][0] if len(out) > 2 else None)
         if not pred.in_scope:
             return pred, None
         return pred, np.ascontiguousarray(out[1][0, list(self.labels).index(pred.label)], dtype=np.float32)
+
+    def _cam_session(self):
+        """The session whose maps are explained: the fp32 graph (with INT8, a second session, made once)."""
+        if self.precision != "int8":
+            return self._session
+        if self._fp32_session is None:
+            self._fp32_session = _onnx_session(self._onnx_dir, self._onnx_cfg, self._threads, None, self._varying)
+        return self._fp32_session
 
     def decode(self, data: bytes | str | os.PathLike, name: str | None = None) -> XRay:
         """Decode an upload or a file with this predictor's pixel limit (JPEG draft at the model size);
@@ -442,13 +501,14 @@ def stop_exports() -> None:
             child.terminate()
 
 
-def _onnx_session(model_dir: Path, config: dict, threads: int | None):
-    name = onnx_name(config) or "model.onnx"
+def _onnx_session(model_dir: Path, config: dict, threads: int | None, name: str | None = None,
+                  varying_shapes: bool = False):
+    name = name or onnx_name(config) or "model.onnx"
     if not (model_dir / name).is_file():
         raise ModelError(f"{model_dir} has no ONNX export; run 'pneumoscan export --model {model_dir}' first")
     path = verify_file(model_dir, name, config)
     try:
-        return ort_session(path, threads=threads)
+        return ort_session(path, threads=threads, varying_shapes=varying_shapes)
     except Exception as e:
         raise ModelError(f"{path} cannot be loaded by ONNX Runtime: {e}") from None
 
@@ -459,9 +519,9 @@ def check_model(model_dir: str | os.PathLike | None) -> Path:
     d = resolve_model_dir(model_dir)
     cfg = read_config(d)
     verify_file(d, WEIGHTS_NAME, cfg)
-    name = onnx_name(cfg)
-    if name and (d / name).exists():
-        verify_file(d, name, cfg)
+    for name in (onnx_name(cfg), int8_file(cfg)):
+        if name and (d / name).exists():
+            verify_file(d, name, cfg)
     if cfg.get("ood"):
         verify_file(d, cfg["ood"]["file"], cfg)
     return d

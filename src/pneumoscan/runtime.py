@@ -22,12 +22,15 @@ def cpu_count() -> int:
 
 
 def ort_session(model: Union[str, os.PathLike, bytes], *, threads: int | None = None, spinning: bool | None = None,
-                level: str = "all", optimized_path: str | os.PathLike | None = None, quiet: bool = False):
+                level: str = "all", optimized_path: str | os.PathLike | None = None, quiet: bool = False,
+                varying_shapes: bool = False):
     """An ONNX Runtime CPU session for a model file or its bytes.
 
     ``threads``: intra-op threads (None = ONNX Runtime's default, one per core); ``spinning``:
     whether idle threads spin (None = the default; off when other work shares the cores);
-    ``optimized_path``: where ONNX Runtime saves the optimised graph; ``quiet``: errors only.
+    ``optimized_path``: where ONNX Runtime saves the optimised graph; ``quiet``: errors only;
+    ``varying_shapes``: inputs of many batch sizes (the service's dynamic batches): no memory plan is kept
+    per input shape (ONNX Runtime's memory patterns), which otherwise grow the process by one plan per size.
     """
     import onnxruntime as ort
 
@@ -44,5 +47,37 @@ def ort_session(model: Union[str, os.PathLike, bytes], *, threads: int | None = 
         so.optimized_model_filepath = str(optimized_path)
     if quiet:
         so.log_severity_level = 3
+    if varying_shapes:
+        so.enable_mem_pattern = False
     src = model if isinstance(model, (bytes, bytearray)) else str(Path(model))
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+CPUINFO = Path("/proc/cpuinfo")  # where the CPU's instruction-set flags are read (Linux)
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # VNNI-class: u8 x s8 dot products in one instruction
+SHOWN_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+               "amx_tile", "amx_int8", "amx_bf16")  # what benchmarks record of the instruction set
+
+
+def cpu_flags(cpuinfo: str | os.PathLike | None = None) -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (the first ``flags`` line of /proc/cpuinfo);
+    empty where that file does not exist (not Linux)."""
+    try:
+        text = Path(cpuinfo or CPUINFO).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def int8_ready(flags: frozenset[str] | set[str] | None = None) -> str | None:
+    """The VNNI-class flag that makes INT8 inference fast here (``flags`` default: this CPU's), or None.
+
+    Without one, ONNX Runtime's u8 x s8 kernels fall back to AVX2/AVX-512BW sequences that saturate
+    intermediate sums and gain little over fp32, so fp32 is the better choice there.
+    """
+    have = cpu_flags() if flags is None else flags
+    return next((f for f in INT8_FLAGS if f in have), None)

@@ -444,7 +444,7 @@ def test_an_unexpected_exception_is_a_generic_logged_500(model_dir, caplog):
     with serve(model_dir, raise_server_exceptions=False) as c:
         def broken(*args):
             raise RuntimeError("secret internals at /opt/x")
-        c.service.predict = broken
+        c.service.prepare = broken  # what the prediction route runs on a worker
         with caplog.at_level("ERROR", logger="pneumoscan.web.app"):
             r = post(c, jpeg())
     assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"

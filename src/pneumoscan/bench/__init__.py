@@ -49,9 +49,11 @@ def machine_info() -> dict:
     """Where the figures were measured: CPU, cores, load, memory and library versions."""
     import torch
 
-    from ..runtime import cpu_count
+    from ..runtime import SHOWN_FLAGS, cpu_count, cpu_flags, int8_ready
 
+    flags = cpu_flags()
     info = {"host": platform.node(), "platform": platform.platform(), "cpu_model": cpu_model(),
+            "cpu_flags": [f for f in SHOWN_FLAGS if f in flags], "int8_instructions": int8_ready(flags),
             "cores": cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     try:
@@ -65,6 +67,13 @@ def machine_info() -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception:
             versions[mod] = None
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("openvino", "nncf"):  # not imported: only their versions
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = None
     info["versions"] = versions
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

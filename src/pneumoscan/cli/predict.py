@@ -106,7 +106,7 @@ def run(args) -> int:
     if not files:
         what = "; ".join(f"{p}: {e}" for p, e in missing) or "no JPEG, PNG or DICOM files in the given folders"
         raise PneumoscanError(f"nothing to predict ({what})")
-    pred = Predictor(args.model, backend=cfg.backend, prevalence=cfg.prevalence)
+    pred = Predictor(args.model, backend=cfg.backend, prevalence=cfg.prevalence, precision=cfg.precision)
     preds, errors = pred.predict_files([str(f) for f in files], batch_size=cfg.batch_size,
                                        progress=progress_enabled() and len(files) > 1)
     errors = missing + errors

@@ -137,7 +137,8 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     onnx_outputs = conf.get("onnx", {}).get("outputs", [])
     backend = "onnx" if has_onnx(d) and FEATURES_OUTPUT in onnx_outputs else "torch"  # features from one pass
     frozen = is_frozen(conf)
-    pred = Predictor(d, backend="torch" if frozen else backend)
+    # fitted on the reference graph (fp32), whatever serves it
+    pred = Predictor(d, backend="torch" if frozen else backend, precision="fp32")
     try:
         pred.temperature, pred.gate, pred.prevalence = 1.0, False, None  # fit on the raw outputs, every image
 

@@ -469,8 +469,27 @@ def card_context(model_dir: Path, cfg: dict, shown_as: str | os.PathLike | None 
         "scope_rows": describe_thresholds(), "limits": _limits(cfg), "gate": _gate(cfg, model_dir),
         "independent": [{k: _txt(t.get(k)) for k in ("data", "source", "when", "threshold", "figures")}
                         | {"note": t.get("note")} for t in cfg.get("independent_test") or [] if isinstance(t, dict)],
-        "figures": [f for f in ("history.png",) if (model_dir / f).is_file()],
+        "figures": [f for f in ("history.png",) if (model_dir / f).is_file()], "int8": _int8(cfg),
     }
+
+
+def _int8(cfg: dict) -> dict | None:
+    """The INT8 copy's gate figures, when the config records one that passed for the current export."""
+    from ..nets.modeldir import int8_file
+
+    if int8_file(cfg) is None:
+        return None
+    info = cfg["onnx"]["int8"]
+    g = info["gate"]
+    auc = (lambda v: NOT_RECORDED if v is None else f"{v:.4f}")
+    return {"file": info["file"], "how": f"{info.get('quantiser', NOT_RECORDED)}, calibrated on "
+                                         f"{_get(info, 'calibrated_on', 'images', default='?')} training images",
+            "rows": [["normal-vs-pneumonia AUC", auc(g.get("auc_fp32")), auc(g.get("auc_int8")),
+                      f"drop <= {g['max_auc_drop']:g}"],
+                     ["identical verdicts", "", f"{g['agreement']:.1%} ({g['identical_verdicts']} of {g['images']})",
+                      f">= {g['min_agreement']:.0%}"],
+                     ["max / mean probability difference", "", f"{g['max_abs_prob_diff']:.3f} / "
+                                                                 f"{g['mean_abs_prob_diff']:.4f}", ""]]}
 
 
 def render_card(model_dir: str | os.PathLike, cfg: dict | None = None, shown_as: str | os.PathLike | None = None) -> str:

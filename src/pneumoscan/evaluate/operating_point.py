@@ -72,7 +72,7 @@ def retune(model_dir: str | os.PathLike, data: str | os.PathLike | None = None,
     conf = read_config(d)
     ev = validation_set(data, conf, d, force=cfg.force)
     log.info("validation set: %r", ev)
-    predictor = Predictor(d)
+    predictor = Predictor(d, precision="fp32")  # the threshold is chosen on the reference graph
     try:
         y, probs = score(predictor, ev, cfg.batch_size, progress)
     finally:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from ..errors import ModelError
 
@@ -17,6 +18,7 @@ class ExportConfig:
     samples: int = 8  # seeded sample inputs in the parity check (run as batches of 1 and of all)
     tolerance: float = MAX_PROB_DIFF  # max absolute probability difference accepted
     seed: int = 0  # seed of the sample inputs
+    int8: bool = False  # also write an INT8 copy (model.int8.onnx), kept only if it passes the validation gate
 
     def __post_init__(self) -> None:
         if self.opset not in OPSETS:
@@ -24,3 +26,36 @@ class ExportConfig:
                              f"{OPSETS.stop - 1} (default 18)")
         if self.samples < 1 or not self.tolerance > 0:
             raise ModelError("the parity check needs at least one sample and a positive tolerance")
+
+
+QUANTISERS = ("onnxruntime", "nncf")  # who makes the QDQ graph
+CALIBRATIONS = ("minmax", "percentile", "entropy")  # ONNX Runtime's calibrators (CalibrationMethod)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How the INT8 copy of an export is made (static QDQ quantisation: NNCF or ONNX Runtime) and when it is kept."""
+
+    FLAGS: ClassVar[dict[str, str]] = {"per_channel": "--no-per-channel", "seed": "--calibration-seed"}
+
+    quantiser: Literal["onnxruntime", "nncf"] = "onnxruntime"  # nncf: closer to fp32, but ONNX Runtime runs it slowly
+    calibration_images: int = 256  # training-split images (seeded sample) the activation ranges are fitted on
+    calibration: Literal["minmax", "percentile", "entropy"] = "minmax"  # --quantiser onnxruntime: activation ranges
+    percentile: float = 99.999  # with --calibration percentile: the share of values inside the range
+    per_channel: bool = True  # --quantiser onnxruntime: one weight scale per output channel (NNCF always is)
+    max_auc_drop: float = 0.003  # gate: normal-vs-pneumonia AUC on the validation split may fall this far below fp32's
+    min_agreement: float = 0.99  # gate: share of validation images whose verdict must equal fp32's
+    seed: int = 0  # seed of the calibration sample
+
+    def __post_init__(self) -> None:
+        if self.calibration_images < 1:
+            raise ModelError(f"--calibration-images {self.calibration_images} must be at least 1 (e.g. 256)")
+        if self.quantiser not in QUANTISERS:
+            raise ModelError(f"--quantiser {self.quantiser!r} is unknown; use one of {', '.join(QUANTISERS)}")
+        if self.calibration not in CALIBRATIONS:
+            raise ModelError(f"--calibration {self.calibration!r} is unknown; use one of {', '.join(CALIBRATIONS)}")
+        if not 90.0 < self.percentile <= 100.0:
+            raise ModelError(f"--percentile {self.percentile} must lie in (90, 100] (e.g. 99.999)")
+        if not 0.0 <= self.max_auc_drop < 1.0 or not 0.0 < self.min_agreement <= 1.0:
+            raise ModelError(f"--max-auc-drop {self.max_auc_drop} must lie in [0, 1) and --min-agreement "
+                             f"{self.min_agreement} in (0, 1] (defaults 0.003 and 0.99)")

@@ -39,6 +39,7 @@ from ..nets.heads import Ensemble, Head, View, views_of
 from ..nets.modeldir import CONFIG_NAME, read_config
 from ..runtime import ort_session
 from .config import ExportConfig
+from .int8 import INT8_NAME
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,8 @@ def export_onnx(model_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig()
         digest = file_digest(tmp_path)
     # Re-read the config so that nothing written meanwhile is lost; write it atomically.
     conf = read_config(d)
-    conf["files"] = {**conf.get("files", {}), ONNX_NAME: digest}
+    conf["files"] = {k: v for k, v in conf.get("files", {}).items() if k != INT8_NAME}  # an INT8 copy of the old graph
+    conf["files"][ONNX_NAME] = digest
     conf["onnx"] = {"file": ONNX_NAME, "opset": int(opset), "input": INPUT_NAME, "output": OUTPUT_NAME,
                     "outputs": graph.output_names, "dynamic_batch": True, "exporter": exporter,
                     "torch_version": torch.__version__, "parity": check}
@@ -254,5 +256,6 @@ def export_onnx(model_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig()
                                "scaled": "each view's map to max 1, then averaged" if graph.ensemble else "raw",
                                "parity": cam_check}
     atomic_write_json(d / CONFIG_NAME, conf)
+    (d / INT8_NAME).unlink(missing_ok=True)  # stale now; 'export --int8' makes a new one
     log.info("exported %s (opset %d, parity max diff %.2e)", d / ONNX_NAME, opset, check["max_abs_prob_diff"])
     return d / ONNX_NAME

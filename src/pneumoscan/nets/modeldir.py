@@ -78,6 +78,19 @@ def onnx_name(cfg: dict) -> str | None:
     return cfg.get("onnx", {}).get("file")
 
 
+INT8_NAME = "model.int8.onnx"  # the INT8 copy of the export (pneumoscan.export.int8)
+
+
+def int8_file(cfg: dict) -> str | None:
+    """The INT8 export the config records as having passed its gate for the current fp32 export, or None."""
+    info = (cfg.get("onnx") or {}).get("int8") or {}
+    files = cfg.get("files") or {}
+    name = info.get("file")
+    if not name or name not in files or not (info.get("gate") or {}).get("passed"):
+        return None
+    return name if info.get("source_sha256") == files.get(onnx_name(cfg) or "") else None
+
+
 def has_onnx(model_dir: str | os.PathLike) -> bool:
     """Whether the model directory has an ONNX export recorded in its config (torch-free check)."""
     d = Path(model_dir)

@@ -9,7 +9,8 @@ Hardening lives here rather than in a proxy so that ``pneumoscan serve`` is safe
   (:mod:`.server`); only the Host names the bind implies are served (DNS rebinding);
 - images are sniffed, allow-listed and pixel-counted before decoding, blank ones refused
   (:mod:`pneumoscan.data.imaging`);
-- predictions and explanations run on separate fixed pools with bounded queues (:class:`Limiter`):
+- predictions run in dynamic batches (:class:`Batcher`), explanations on their own pool (:class:`Limiter`),
+  both with bounded queues:
   past a queue a request is refused at once with 503 + ``Retry-After``; past its deadline, 503;
 - client file names are only ever shown (sanitised), never used as paths; nothing is fetched
   from a URL; weights load only after their SHA-256 matches ``config.json``; /docs and /redoc
@@ -36,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import INTENDED_USE, LABELS, __version__
 from ..errors import ImageTooLargeError, OutOfScopeError, PneumoscanError, UnsupportedFormatError
 from ..predict import ALLOWED_FORMATS, BlankImageError
+from .batching import Batcher
 from .config import ServeConfig
 from .limits import (
     PAGE_CSP,
@@ -144,7 +146,7 @@ def create_app(cfg: ServeConfig = ServeConfig(), service: Service | None = None)
             return problem(503, f"model failed to load: {service.error}", "model_failed", path)
         return problem(503, "model is loading; retry shortly", "loading", path, retry_after=2)
 
-    async def run(limiter: Limiter, path: str, fn: Callable, *args):
+    async def run(limiter: Limiter | Batcher, path: str, fn: Callable, *args):
         """Run ``fn(*args)`` on ``limiter``'s pool within the deadline; a problem Response on refusal."""
         deadline = time.monotonic() + cfg.deadline_s
         try:
@@ -198,6 +200,8 @@ def create_app(cfg: ServeConfig = ServeConfig(), service: Service | None = None)
         p = service.predictor if service.ready.is_set() else None
         return Info(intended_use=INTENDED_USE, ready=p is not None, model=p.model_id if p else None,
                     backend=cfg.backend, threshold=p.threshold if p else None, labels=list(LABELS),
+                    precision=p.precision if p else None, precision_reason=p.precision_reason if p else None,
+                    max_batch=cfg.max_batch,
                     temperature=p.temperature if p else None,
                     conformal_alpha=(p.config.get("conformal") or {}).get("alpha") if p else None,
                     ood_threshold=p.ood_threshold if p else None,
@@ -228,7 +232,7 @@ def create_app(cfg: ServeConfig = ServeConfig(), service: Service | None = None)
         upload = await one_file(request, file)
         if isinstance(upload, Response):
             return upload
-        result = await run(service.limiter, request.url.path, service.predict, *upload, preview)
+        result = await run(service.limiter, request.url.path, service.prepare, *upload, preview)
         if isinstance(result, Response):
             return result
         result["elapsed_ms"] = round((time.perf_counter() - t0) * 1e3, 2)

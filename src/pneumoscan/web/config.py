@@ -19,12 +19,16 @@ class ServeConfig:
     backend: Literal["onnx", "torch"] = "onnx"  # onnx: ONNX Runtime (exported on the fly if needed); torch: eager
     max_upload_mb: float = 20.0  # request bodies above this many MiB get 413 (counted as received)
     max_pixels: int = 25_000_000  # decoded-image pixel limit (5000 x 5000), checked before decoding
-    workers: int = 2  # inference threads: requests decoded and run at the same time
-    queue: int = 16  # requests allowed to wait for a worker; past that: 503 + Retry-After at once
+    precision: Literal["auto", "fp32", "int8"] = "auto"  # auto: the INT8 export if it passed its gate and the CPU has VNNI
+    workers: int = 2  # threads decoding and checking uploads (the runners then take them in batches)
+    runners: int = 2  # threads running the model on batches, each with --threads intra-op threads
+    queue: int = 16  # requests allowed to wait beyond the workers' (batches included); past that: 503 + Retry-After
+    max_batch: int = 16  # predictions run as one batch at most (dynamic batching)
+    max_wait_ms: float = 4.0  # how long a batch waits for uploads still being decoded before it runs
     explain_workers: int = 1  # explanation threads, apart from the prediction workers (never starve predictions)
     explain_queue: int = 2  # explanations allowed to wait; past that: 503 + Retry-After at once
     deadline_s: float = 10.0  # seconds before a request (queue wait included) gets 503
-    ort_threads: int = 1  # ONNX Runtime intra-op threads per inference (workers x threads ~ cores)
+    ort_threads: int | None = None  # intra-op threads per runner (none: the cores this process may use / --runners)
     warmup: int = 3  # warm-up inferences before /readyz turns 200
     access_log: bool = True  # log every request
     allowed_hosts: tuple[str, ...] | None = None  # Host header values served (DNS-rebinding guard), e.g.
@@ -39,8 +43,14 @@ class ServeConfig:
 
         if self.queue < 0 or self.deadline_s <= 0 or self.max_upload_mb <= 0:
             raise PneumoscanError("--queue must be >= 0, --deadline and --max-upload-mb > 0")
-        if self.workers < 1 or self.ort_threads < 1 or self.max_pixels < 1 or self.warmup < 0:
+        if self.workers < 1 or (self.ort_threads is not None and self.ort_threads < 1) or self.max_pixels < 1 \
+                or self.warmup < 0:
             raise PneumoscanError("--workers, --threads and --max-pixels must be at least 1")
+        if self.runners < 1:
+            raise PneumoscanError(f"--runners {self.runners} must be at least 1 (default 2)")
+        if self.max_batch < 1 or not 0 <= self.max_wait_ms <= 1000:
+            raise PneumoscanError(f"--max-batch ({self.max_batch}) must be at least 1 and --max-wait-ms "
+                                  f"({self.max_wait_ms:g}) lie in 0..1000 (default 16 and 4)")
         if self.explain_workers < 1 or self.explain_queue < 0:
             raise PneumoscanError("--explain-workers must be at least 1 and --explain-queue >= 0")
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:

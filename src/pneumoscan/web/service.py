@@ -1,7 +1,11 @@
 """The model behind the app: loaded (and exported if needed) once, warmed, then shared by the workers.
 
-Predictions and explanations run on separate bounded pools (:class:`Limiter`), so explanations
-can never take the workers that predictions need. On the ONNX backend explanations come from the
+Predictions are decoded on worker threads and run in dynamic batches on ``runners`` inference threads
+(:class:`~pneumoscan.web.batching.Batcher`: uploads that arrive within a few milliseconds share
+one forward pass); explanations run on their own bounded pool (:class:`Limiter`), so they can
+never take the workers that predictions need. The graph is the export's INT8 copy where it passed
+its validation gate and the CPU has VNNI-class instructions, else fp32 (``/api/info`` says which).
+On the ONNX backend explanations come from the
 export's ``cam`` output (Grad-CAM as a class activation map, :mod:`pneumoscan.export.onnx`) and
 the server never imports torch. A model exported before that output existed (the shipped one)
 serves predictions at once, while a copy is re-exported with it in a child process in the
@@ -19,7 +23,8 @@ import time
 from .. import LABELS
 from ..errors import OutOfScopeError, PneumoscanError
 from ..explain.maps import PREVIEW_SIDE, Explanation, heat_layer_png, overlay_png
-from ..predict import Predictor, resolve_model_dir, stop_exports
+from ..predict import Predictor, cpu_count, resolve_model_dir, stop_exports
+from .batching import Batcher, Job
 from .config import ServeConfig
 from .limits import Limiter
 
@@ -34,7 +39,9 @@ class Service:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
         self.model_dir = resolve_model_dir(cfg.model_dir)
-        self.limiter = Limiter(cfg.workers, cfg.queue, "predictions")
+        self.threads = cfg.ort_threads or max(1, cpu_count() // cfg.runners)  # intra-op threads per runner
+        self.limiter = Batcher(self._forward, cfg.workers, cfg.queue, cfg.max_batch, cfg.max_wait_ms, "predictions",
+                               runners=cfg.runners)
         self.explain_limiter = Limiter(cfg.explain_workers, cfg.explain_queue, "explanations")
         self.predictor: Predictor | None = None
         self.ready = threading.Event()
@@ -49,13 +56,15 @@ class Service:
         try:
             t0 = time.perf_counter()
             self.predictor = Predictor(self.model_dir, backend=self.cfg.backend, max_pixels=self.cfg.max_pixels,
-                                       threads=self.cfg.ort_threads, export_missing=self.cfg.backend == "onnx")
+                                       threads=self.threads, export_missing=self.cfg.backend == "onnx",
+                                       precision=self.cfg.precision, varying_batches=True)
             if self.cfg.backend == "torch":
                 import torch
-                torch.set_num_threads(max(1, self.cfg.ort_threads))
+                torch.set_num_threads(self.threads)
             self._warm(self.predictor)
             self.ready.set()
-            log.info("model %s ready (%s backend) in %.1f s", self.predictor.model_id, self.cfg.backend,
+            log.info("model %s ready (%s backend, %s: %s; batches of up to %d) in %.1f s", self.predictor.model_id,
+                     self.cfg.backend, self.predictor.precision, self.predictor.precision_reason, self.cfg.max_batch,
                      time.perf_counter() - t0)
         except PneumoscanError as e:
             self.error = str(e)
@@ -80,7 +89,8 @@ class Service:
         log.info("%s has no Grad-CAM output; re-exporting a copy in the background for explanations", self.model_dir)
         try:
             fresh = Predictor(self.model_dir, backend="onnx", max_pixels=self.cfg.max_pixels,
-                              threads=self.cfg.ort_threads, export_missing=True, need_cam=True)
+                              threads=self.threads, export_missing=True, need_cam=True, precision=self.cfg.precision,
+                              varying_batches=True)
             self._warm(fresh)
         except Exception as e:
             log.warning("explanations unavailable: %s", e)
@@ -106,18 +116,34 @@ class Service:
         Image.fromarray(noise).save(buf, "JPEG")
         predictor.predict_bytes(buf.getvalue(), "warmup")
 
-    def predict(self, data: bytes, name: str, preview: bool = False) -> dict:
+    def _forward(self, batch):
+        """One batch through the network: calibrated probabilities and (for the learned gate) features."""
+        pred = self.predictor
+        return pred.forward(batch, features=pred.ood is not None)
+
+    def prepare(self, data: bytes, name: str, preview: bool = False) -> Job:
+        """Decode and check one upload (on a worker thread; errors are this upload's alone), and say how its
+        row of the batch becomes its response: its own gate result, reasons and warnings."""
         t0 = time.perf_counter()
         pred = self.predictor
         x = pred.decode(data, name)
-        p = pred.predict_xray(x, name)
-        out = {**p.to_dict(), "model": pred.model_id,
-               "image": {"format": x.format, "mode": x.mode, "width": x.size[0], "height": x.size[1]}}
-        out.pop("path")
-        if preview:
-            out["preview"] = preview_data_url(x.pixels)
-        out["compute_ms"] = (time.perf_counter() - t0) * 1e3
-        return out
+        reasons, warns = pred.screen(x)
+        image = {"format": x.format, "mode": x.mode, "width": x.size[0], "height": x.size[1]}
+        shown = preview_data_url(x.pixels) if preview else None
+
+        def finish(p, features) -> dict:
+            out = {**pred.result(name, p, reasons, warns, features).to_dict(), "model": pred.model_id, "image": image}
+            out.pop("path")
+            if shown is not None:
+                out["preview"] = shown
+            out["compute_ms"] = (time.perf_counter() - t0) * 1e3  # queueing for the batch included
+            return out
+
+        return Job(pred.pre.array(x.pixels), finish)
+
+    def predict(self, data: bytes, name: str, preview: bool = False) -> dict:
+        """One upload through the batcher, waited for (tests, scripts; the app awaits the future instead)."""
+        return self.limiter.submit(self.prepare, data, name, preview).result()
 
     def explain(self, data: bytes, name: str, layer: bool = False) -> bytes:
         """Grad-CAM of the upload's predicted class as a PNG: the overlay figure (X-ray, map, colour bar,

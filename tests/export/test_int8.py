@@ -1,0 +1,175 @@
+"""The INT8 copy of an export: calibrated on training images, kept only when it passes the validation gate,
+recorded with its SHA-256 and figures, chosen only on a VNNI-class CPU (the flags are passed in: the seam)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumoscan.cli import main
+from pneumoscan.errors import ModelError
+from pneumoscan.export.config import QuantizeConfig
+from pneumoscan.export.int8 import INT8_NAME, Int8GateError, export_int8, plan_int8
+from pneumoscan.export.onnx import export_onnx
+from pneumoscan.io import file_digest
+from pneumoscan.nets.modeldir import int8_file, read_config
+from pneumoscan.predict import Predictor, choose_precision
+from pneumoscan.runtime import cpu_flags, int8_ready
+
+VNNI = frozenset({"avx2", "avx512f", "avx512_vnni"})
+NO_VNNI = frozenset({"avx2", "fma"})
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory) -> Path:
+    d = shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("int8") / "tiny")
+    export_onnx(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def quantised(exported, tmp_path_factory) -> Path:
+    """The tiny model exported with --int8 through the CLI (ONNX Runtime's quantiser: no extra package)."""
+    d = shutil.copytree(exported, tmp_path_factory.mktemp("int8q") / "tiny")
+    assert main(["-q", "export", "--model", str(d), "--int8", "--quantiser", "onnxruntime"]) == 0
+    return d
+
+
+def leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.slow
+def test_int8_export_passes_the_gate_and_is_recorded(quantised):
+    cfg = read_config(quantised)
+    info = cfg["onnx"]["int8"]
+    assert (quantised / INT8_NAME).is_file() and cfg["files"][INT8_NAME] == file_digest(quantised / INT8_NAME)
+    assert info["source_sha256"] == cfg["files"]["model.onnx"] and int8_file(cfg) == INT8_NAME
+    g = info["gate"]
+    assert g["passed"] and g["agreement"] >= 0.99 and g["images"] == len(_val(quantised))
+    assert g["auc_drop"] is None or g["auc_drop"] <= 0.003
+    assert info["calibrated_on"]["split"] == "train" and info["calibrated_on"]["images"] > 0
+    card = (quantised / "MODEL_CARD.md").read_text()
+    assert "INT8" in card and f"{g['agreement']:.1%}" in card and INT8_NAME in card
+    assert leftovers(quantised) == []
+
+
+def _val(d: Path):
+    from pneumoscan.data.splits import validation_set
+
+    return validation_set(None, read_config(d), d)
+
+
+@pytest.mark.slow
+def test_engine_runs_int8_only_on_a_vnni_cpu(quantised, dataset_dir):
+    fast = Predictor(quantised, backend="onnx", cpu_flags=VNNI)
+    plain = Predictor(quantised, backend="onnx", cpu_flags=NO_VNNI)
+    assert fast.precision == "int8" and fast.onnx_path.name == INT8_NAME and "avx512_vnni" in fast.precision_reason
+    assert plain.precision == "fp32" and plain.onnx_path.name == "model.onnx" and "VNNI" not in plain.precision_reason
+    assert "avx512_vnni" in plain.precision_reason  # names the instructions it looked for
+    forced = Predictor(quantised, backend="onnx", precision="int8", cpu_flags=NO_VNNI)
+    assert forced.precision == "int8" and "no faster" in forced.precision_reason
+    files = sorted(str(p) for p in Path(dataset_dir).rglob("*.jpeg"))[:6]
+    a, _ = fast.predict_files(files)
+    b, _ = plain.predict_files(files)
+    assert [p.label for p in a] == [p.label for p in b]
+    assert max(abs(x.probabilities[k] - y.probabilities[k]) for x, y in zip(a, b) for k in x.probabilities) < 0.1
+    assert fast.has_cam and fast.explain_xray(fast.decode(files[0]), "x")[1] is not None  # maps from the fp32 graph
+
+
+@pytest.mark.slow
+def test_failing_the_gate_writes_nothing(exported, tmp_path):
+    d = shutil.copytree(exported, tmp_path / "m")
+    before = (d / "config.json").read_bytes(), file_digest(d / "model.onnx")
+    size = read_config(d)["preprocess"]["size"]
+    # calibrated on flat grey frames, every activation range is a point: real X-rays saturate and verdicts change
+    flat = [np.full((4, 3, size, size), 0.01, np.float32)]
+    with pytest.raises(Int8GateError, match=r"failed the validation gate: .*identical verdicts .*nothing was written"):
+        export_int8(d, cfg=QuantizeConfig(quantiser="onnxruntime", min_agreement=1.0, max_auc_drop=0.0),
+                    calibration=flat)
+    assert not (d / INT8_NAME).exists() and leftovers(d) == []
+    assert ((d / "config.json").read_bytes(), file_digest(d / "model.onnx")) == before
+
+
+@pytest.mark.slow
+def test_nncf_quantiser(exported, tmp_path):
+    pytest.importorskip("nncf")
+    d = shutil.copytree(exported, tmp_path / "m")
+    g = export_int8(d, cfg=QuantizeConfig(quantiser="nncf", calibration_images=16))
+    info = read_config(d)["onnx"]["int8"]
+    assert g["passed"] and info["quantiser"].startswith("nncf") and int8_file(read_config(d)) == INT8_NAME
+    assert Predictor(d, backend="onnx", cpu_flags=VNNI).precision == "int8"
+
+
+def test_missing_data_is_one_line_before_the_export(tiny_model_dir, tmp_path, capsys):
+    d = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    rows = (d / "manifest.csv").read_text().splitlines()
+    (d / "manifest.csv").write_text("\n".join([rows[0]] + [r.replace("/", "/gone/", 1) for r in rows[1:]]) + "\n")
+    assert main(["-q", "export", "--model", str(d), "--int8", "--quantiser", "onnxruntime"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not on this machine" in err[0] and "--data" in err[0]
+    assert not (d / "model.onnx").exists()  # refused before the minute of exporting
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"calibration_images": 0}, "--calibration-images 0"),
+    ({"calibration": "mean"}, "--calibration 'mean'"),
+    ({"min_agreement": 1.5}, "--min-agreement 1.5"),
+    ({"quantiser": "tensorrt"}, "--quantiser 'tensorrt'"),
+])
+def test_bad_settings_name_the_value(kw, message):
+    with pytest.raises(ModelError, match=message):
+        QuantizeConfig(**kw)
+
+
+@pytest.mark.slow
+def test_reexport_drops_the_stale_int8(quantised, tmp_path):
+    d = shutil.copytree(quantised, tmp_path / "m")
+    export_onnx(d)
+    cfg = read_config(d)
+    assert INT8_NAME not in cfg["files"] and "int8" not in cfg["onnx"] and not (d / INT8_NAME).exists()
+
+
+def _config(passed: bool = True, stale: bool = False) -> dict:
+    return {"files": {"model.onnx": "a", INT8_NAME: "b"},
+            "onnx": {"file": "model.onnx", "int8": {"file": INT8_NAME, "source_sha256": "old" if stale else "a",
+                                                   "gate": {"passed": passed, "agreement": 0.995, "images": 1000}}}}
+
+
+@pytest.mark.parametrize("config, requested, flags, expected", [
+    (_config(), "auto", VNNI, "int8"),
+    (_config(), "auto", frozenset({"avx_vnni", "avx2"}), "int8"),
+    (_config(), "auto", frozenset({"amx_int8"}), "int8"),
+    (_config(), "auto", NO_VNNI, "fp32"),
+    (_config(), "fp32", VNNI, "fp32"),
+    (_config(passed=False), "auto", VNNI, "fp32"),
+    (_config(stale=True), "auto", VNNI, "fp32"),  # made from another fp32 graph
+    ({"files": {"model.onnx": "a"}, "onnx": {"file": "model.onnx"}}, "auto", VNNI, "fp32"),
+    (_config(), "int8", NO_VNNI, "int8"),
+])
+def test_precision_rule(config, requested, flags, expected):
+    assert choose_precision(config, requested, flags)[0] == expected
+
+
+def test_int8_requested_without_a_gated_export_says_what_to_do():
+    with pytest.raises(ModelError, match="no INT8 export that passed .*'pneumoscan export --int8"):
+        choose_precision(_config(passed=False), "int8", VNNI)
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n\nprocessor\t: 1\n")
+    flags = cpu_flags(f)
+    assert {"avx2", "avx512_vnni"} <= flags and int8_ready(flags) == "avx512_vnni"
+    assert cpu_flags(tmp_path / "absent") == frozenset() and int8_ready(frozenset({"avx2"})) is None
+
+
+def test_plan_checks_the_images(tiny_model_dir):
+    plan = plan_int8(tiny_model_dir, None, QuantizeConfig(calibration_images=5))
+    assert len(plan.calibration) == 5 and len(plan.val) > 0
+    val = set(plan.val.paths)
+    assert not val & set(plan.calibration)  # calibrated on training images, never on the gate's
+    assert json.loads((tiny_model_dir / "config.json").read_text())  # nothing written
