@@ -73,6 +73,24 @@ def test_max_batch_is_respected():
         b.shutdown()
 
 
+def test_two_runners_run_two_batches_at_once():
+    """With runners=2 a second batch starts while the first is still in the model; every result stays its own."""
+    model = Model()
+    b = Batcher(model, workers=4, queue=16, max_batch=16, max_wait_ms=0, runners=2)
+    try:
+        model.hold.clear()
+        first = b.submit(job, 0.0)
+        assert model.entered.wait(5)
+        model.entered.clear()
+        second = b.submit(job, 1.0)
+        assert model.entered.wait(5), "the second runner did not start a batch while the first was held"
+        assert model.sizes == [1, 1] and not first.done() and not second.done()
+        model.hold.set()
+        assert first.result(5) == (0.0, 0.0) and second.result(5) == (1.0, 10.0)
+    finally:
+        b.shutdown()
+
+
 def test_the_batch_waits_for_requests_still_being_decoded():
     model = Model()
     b = Batcher(model, workers=4, queue=8, max_batch=8, max_wait_ms=500)
