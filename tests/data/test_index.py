@@ -191,3 +191,28 @@ def test_real_data(real_data_dir, tmp_path):
     assert not {s.patient for s in m.subset("train")} & {s.patient for s in m.subset("val")}
     assert 0.15 <= len(m.subset("val")) / len(m) <= 0.25
     assert index_dataset(sub).digest() == m.digest()
+
+
+def test_a_model_s_own_split_is_found_in_a_moved_data_folder(tmp_path):
+    """--data FOLDER for a model whose manifest was made with another seed than its training seed (or on
+    another machine): the model's own split, its paths moved to FOLDER; a folder with other content is indexed."""
+    import shutil
+
+    from pneumoscan.data.splits import load_manifest, validation_set
+
+    data = make_dataset(tmp_path / "a", n_patients=10)
+    own = index_dataset(data, 0.3, seed=7)  # the split the model was trained on
+    model = tmp_path / "model"
+    model.mkdir()
+    own.save(model / "manifest.csv")
+    config = {"manifest_sha256": own.digest(), "train_config": {"val_fraction": 0.3, "seed": 1}}  # seed 1 != 7
+    assert index_dataset(data, 0.3, seed=1).digest() != own.digest()  # re-indexing would guess another split
+    moved = shutil.copytree(data, tmp_path / "elsewhere")
+    shutil.rmtree(data)  # the manifest's absolute paths are gone
+    got = load_manifest(moved, config, model)
+    assert got.digest() == own.digest() and all(Path(s.path).is_relative_to(moved) for s in got.samples)
+    ev = validation_set(moved, config, model)
+    assert ev.matches_model and len(ev.paths) == len(own.subset("val"))
+    victim = next(p for p in sorted(moved.rglob("*.jpeg")))
+    victim.write_bytes(victim.read_bytes() + b"\0")  # other content: not the model's data any more
+    assert load_manifest(moved, config, model).digest() != own.digest()

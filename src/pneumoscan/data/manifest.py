@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError
-from ..io import atomic_write
+from ..io import atomic_write, file_digest
 from ..labels import LABELS
 
 MANIFEST_FIELDS = ("path", "relpath", "label", "patient", "split", "source_split", "sha1")
@@ -104,6 +104,19 @@ class Manifest:
         if bad:
             raise DataError(f"{path}: unknown label {bad[0]!r}; labels must be one of {LABELS}")
         return cls(root=str(path.parent), samples=[_relocated(s, path.parent) for s in samples])
+
+    def moved_to(self, folder: str | os.PathLike) -> "Manifest | None":
+        """This manifest with every image found at its relative path under ``folder`` (the data was copied or
+        moved to another machine), or None when any image is missing there or its content differs
+        (SHA-1 against the ``sha1`` column): then ``folder`` holds other data."""
+        folder = Path(folder)
+        samples = []
+        for s in self.samples:
+            alt = folder / s.relpath
+            if not alt.is_file() or file_digest(alt, "sha1") != s.sha1:
+                return None
+            samples.append(replace(s, path=str(alt)))
+        return Manifest(root=str(folder), samples=samples, skipped=list(self.skipped))
 
     def check_files(self, splits: Sequence[str] = ("train", "val")) -> None:
         """Every image of ``splits`` must still be where the manifest says: training on what happens to

@@ -55,8 +55,11 @@ def split_settings(config: dict) -> tuple[float, int]:
 
 def load_manifest(data: str | os.PathLike | None, config: dict, model_dir: str | os.PathLike | None,
                   allow_unsplit: bool = False) -> Manifest:
-    """The manifest behind ``data``: a manifest CSV, a folder (indexed with the model's split
-    settings), or, when ``data`` is None, the ``manifest.csv`` saved in the model directory.
+    """The manifest behind ``data``: a manifest CSV, a folder, or, when ``data`` is None, the
+    ``manifest.csv`` saved in the model directory. A folder that holds every image of the model's
+    manifest.csv (same relative paths and content) gives that manifest with its paths moved there (the
+    split a model was trained with cannot always be re-derived: a manifest made with another seed);
+    any other folder is indexed with the model's split settings.
 
     With ``allow_unsplit``, a folder without train/ or val/ folders is taken whole (``split="all"``).
     """
@@ -73,6 +76,11 @@ def load_manifest(data: str | os.PathLike | None, config: dict, model_dir: str |
         whole = _unsplit_manifest(p)
         if whole is not None:
             return whole
+    own = Path(model_dir) / "manifest.csv" if model_dir is not None else None
+    if own is not None and own.is_file() and p.is_dir():
+        moved = Manifest.load(own).moved_to(p)
+        if moved is not None:  # the model's own data, in another place: its own split, not a guess at it
+            return moved
     vf, seed = split_settings(config)
     return index_dataset(p, vf, seed)
 
