@@ -159,7 +159,44 @@ def test_soup_is_the_weighted_mean_of_its_members(lpft, tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["kind"] == "single" and cfg["soup"]["coefficients"] == [0.25, 0.75]
     assert "Youden" in cfg["threshold_method"] and "soup" in (out / "MODEL_CARD.md").read_text()
+    check = cfg["soup"]["check"]  # the comparison with its members is recorded
+    assert check["members_compared"] == 2 and check["held"] is True
+    assert check["auc"] == cfg["val_metrics"]["normal_vs_pneumonia"]["auc"]
     assert main(["-q", "soup", str(lpft[0]), "--out", str(tmp_path / "one")]) == 2  # needs two or more
+
+
+def _vm(auc: float, acc: float) -> dict:
+    return {"normal_vs_pneumonia": {"auc": auc}, "three_class": {"accuracy": acc}}
+
+
+def test_a_soup_is_kept_only_if_it_holds_against_its_weakest_member():
+    from pneumoscan.errors import ModelError
+    from pneumoscan.train.config import EnsembleConfig
+    from pneumoscan.train.ensemble import check_soup
+
+    members = [{"manifest_sha256": "m", "val_metrics": _vm(0.998, 0.82)},
+               {"manifest_sha256": "m", "val_metrics": _vm(0.990, 0.80)},
+               {"manifest_sha256": "other", "val_metrics": _vm(0.5, 0.3)}]  # another split: not compared
+    rec = check_soup(_vm(0.9875, 0.795), "m", members, EnsembleConfig())  # within 0.003 / 0.01 of the weakest
+    assert rec["held"] is True and rec["members_compared"] == 2 and rec["member_auc"] == [0.998, 0.990]
+    with pytest.raises(ModelError, match="does not hold"):
+        check_soup(_vm(0.986, 0.80), "m", members, EnsembleConfig())  # AUC 0.004 below the weakest
+    with pytest.raises(ModelError, match="does not hold"):
+        check_soup(_vm(0.995, 0.78), "m", members, EnsembleConfig())  # accuracy 0.02 below
+    assert check_soup(_vm(0.5, 0.3), "n", members, EnsembleConfig())["held"] is None  # nothing on that split
+    loose = EnsembleConfig(max_auc_drop=0.02, max_accuracy_drop=0.05)
+    assert check_soup(_vm(0.975, 0.76), "m", members, loose)["held"] is True
+
+
+def test_the_soup_command_refuses_a_soup_that_falls_and_writes_nothing(lpft, tmp_path, capsys):
+    out = tmp_path / "s"
+    cfg = json.loads((lpft[0] / "config.json").read_text())
+    if not cfg.get("val_metrics"):
+        pytest.skip("the fixture members carry no validation figures")
+    # a negative allowance demands a soup better than its weakest member by more than 1.0 AUC: impossible
+    rc = main(["-q", "soup", str(lpft[0]), str(lpft[1]), "--out", str(out), "--max-auc-drop", "-1"])
+    assert rc == 2 and "does not hold on validation" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".s.tmp*"))
 
 
 @pytest.mark.slow

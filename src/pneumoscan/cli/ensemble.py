@@ -29,10 +29,11 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def combine(args, builder: str, **kw) -> int:
+def combine(args, builder: str, check=None, **kw) -> int:
     """Build a combined model (``builder``: build_ensemble or build_soup) in a temporary folder, re-choose
     its threshold on validation, then put it in place with its card: nothing is installed unless all of
-    it worked. Every option and output is checked first."""
+    it worked. Every option and output is checked first. ``check(folder, retune_result)`` may refuse
+    the model (raise) after its validation figures are known."""
     th = build(ThresholdConfig, args)
     check_inputs_exist(*args.models, args.data)
     check_out(args, "model")
@@ -43,7 +44,9 @@ def combine(args, builder: str, **kw) -> int:
     with new_model_dir(args.out, args.overwrite) as tmp:
         builder(args.models, tmp, force=th.force, command=command_line(), **kw)
         if args.data is not None or (tmp / "manifest.csv").is_file():
-            retune(tmp, args.data, th, progress=progress_enabled())
+            tuned = retune(tmp, args.data, th, progress=progress_enabled())
+            if check is not None:
+                check(tmp, tuned)
         else:
             import logging
             logging.getLogger(__name__).warning(

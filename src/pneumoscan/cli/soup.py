@@ -16,11 +16,23 @@ def register(sub) -> None:
                    help="single models that started from the same weights (e.g. fine-tunes of one --init-from)")
     p.add_argument("--out", required=True, help="model directory to write")
     add_overwrite(p)
-    add_config(p, EnsembleConfig, only=("coefficients",))
+    add_config(p, EnsembleConfig, only=("coefficients", "max_auc_drop", "max_accuracy_drop"))
     p.add_argument("--data", default=None, help=DATA_HELP)
     add_config(p, ThresholdConfig, group="threshold on validation")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    return combine(args, "build_soup", coefficients=build(EnsembleConfig, args).coefficients)
+    cfg = build(EnsembleConfig, args)
+
+    def holds(folder, tuned: dict) -> None:
+        """Refuse a soup whose validation figures fall below its weakest member's; record the comparison."""
+        from ..io import atomic_write_json
+        from ..nets.modeldir import CONFIG_NAME, read_config
+        from ..train.ensemble import check_soup
+
+        conf = read_config(folder)
+        conf["soup"]["check"] = check_soup(tuned["val_metrics"], tuned["manifest_sha256"], conf["soup"]["members"], cfg)
+        atomic_write_json(folder / CONFIG_NAME, conf)
+
+    return combine(args, "build_soup", check=holds, coefficients=cfg.coefficients)

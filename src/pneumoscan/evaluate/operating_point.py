@@ -84,4 +84,5 @@ def retune(model_dir: str | os.PathLike, data: str | os.PathLike | None = None,
                 "matches_model": ev.matches_model}
     write_threshold(d, thr, how, record=record, val_metrics=vm if ev.matches_model else None, val_data=val_data)
     log.info("threshold %.4f (%s) on %d validation images", thr, how, len(y))
-    return {"old": conf.get("threshold"), "new": thr, "method": how, "n_val": int(len(y)), "val_metrics": vm}
+    return {"old": conf.get("threshold"), "new": thr, "method": how, "n_val": int(len(y)), "val_metrics": vm,
+            "manifest_sha256": ev.manifest_sha256}

@@ -244,6 +244,8 @@ class EnsembleConfig:
 
     tta: Literal["none", "flip"] = "none"  # ensemble: also average the horizontally flipped image (inside the graph)
     coefficients: tuple[float, ...] | None = None  # soup: one weight per model, comma-separated (default uniform)
+    max_auc_drop: float = 0.003  # soup: normal-vs-pneumonia AUC on validation may fall at most this below its weakest member's
+    max_accuracy_drop: float = 0.01  # soup: 3-class validation accuracy may fall at most this below its weakest member's
 
 _MEMBER_DROP = ("files",)  # per-directory bookkeeping that means nothing inside the ensemble
 

@@ -28,6 +28,7 @@ from ..metrics import model_prior
 from ..nets.checkpoint import ModelBundle, load_model, save_model
 from ..nets.heads import TTA, Ensemble, member_input_affine, member_input_size
 from ..nets.modeldir import read_config
+from .config import EnsembleConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,34 @@ def build_ensemble(model_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
 
 SOUP_KEEP = ("backbone", "timm_name", "weights_source", "preprocess", "labels", "head", "train_prior",
              "manifest_sha256", "data")  # member fields that hold for the averaged network too
+
+
+def check_soup(val_metrics: dict, val_sha256: str | None, members: Sequence[dict], cfg: EnsembleConfig) -> dict:
+    """Keep a soup only if its validation figures hold: its normal-vs-pneumonia AUC and 3-class accuracy
+    may fall at most ``cfg.max_auc_drop`` / ``cfg.max_accuracy_drop`` below its weakest member's, on the same
+    split (members' recorded figures; a soup of networks from different basins falls to chance, Wortsman
+    et al. 2022). Returns the comparison (stored in config.json); raises ModelError when it does not hold.
+    Members without figures on that split are not compared; with none, the record says so."""
+    def figures(vm: dict) -> tuple[float, float]:
+        return float(vm["normal_vs_pneumonia"]["auc"]), float(vm["three_class"]["accuracy"])
+
+    auc, acc = figures(val_metrics)
+    known = [figures(m["val_metrics"]) for m in members
+             if m.get("val_metrics") and val_sha256 is not None and m.get("manifest_sha256") == val_sha256]
+    out = {"auc": auc, "accuracy": acc, "max_auc_drop": cfg.max_auc_drop, "max_accuracy_drop": cfg.max_accuracy_drop,
+           "members_compared": len(known)}
+    if not known:
+        out["held"] = None  # nothing to compare with on this split
+        return out
+    out.update(member_auc=[a for a, _ in known], member_accuracy=[c for _, c in known])
+    low_auc, low_acc = min(a for a, _ in known), min(c for _, c in known)
+    out["held"] = bool(auc >= low_auc - cfg.max_auc_drop and acc >= low_acc - cfg.max_accuracy_drop)
+    if not out["held"]:
+        raise ModelError(f"the soup does not hold on validation: AUC {auc:.4f} and 3-class accuracy {acc:.3f} against "
+                         f"its weakest member's {low_auc:.4f} / {low_acc:.3f} (allowed drop {cfg.max_auc_drop} / "
+                         f"{cfg.max_accuracy_drop}); the members are not from one basin: ensemble them instead "
+                         "('pneumoscan ensemble')")
+    return out
 
 
 def build_soup(model_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
