@@ -53,6 +53,20 @@ def ort_session(model: Union[str, os.PathLike, bytes], *, threads: int | None = 
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
+MEMINFO = Path("/proc/meminfo")
+
+
+def memory_available(meminfo: str | os.PathLike | None = None) -> int | None:
+    """Bytes of memory the system can give a new allocation now (Linux ``MemAvailable``); None if unknown."""
+    try:
+        for line in Path(meminfo or MEMINFO).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 CPUINFO = Path("/proc/cpuinfo")  # where the CPU's instruction-set flags are read (Linux)
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # VNNI-class: u8 x s8 dot products in one instruction
 SHOWN_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",

@@ -173,3 +173,37 @@ def test_plan_checks_the_images(tiny_model_dir):
     val = set(plan.val.paths)
     assert not val & set(plan.calibration)  # calibrated on training images, never on the gate's
     assert json.loads((tiny_model_dir / "config.json").read_text())  # nothing written
+
+
+def test_a_histogram_calibration_that_would_not_fit_in_memory_is_refused_before_the_work(exported, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """ONNX Runtime's percentile/entropy calibrators keep every activation of every image: a run that would
+    not fit is one line naming how many images would, before anything is quantised; min-max is never refused."""
+    import onnx
+
+    from pneumoscan.export import int8
+
+    model = onnx.load(str(exported / "model.onnx"))
+    per = int8.activation_bytes(model)
+    assert per > 3 * 64 * 64 * 4  # at least the input image's worth of activations (64 px tiny model)
+    cfg = QuantizeConfig(quantiser="onnxruntime", calibration="percentile")
+    int8.check_calibration_memory(model, 10, cfg, available=100 * per)  # fits: nothing said
+    with pytest.raises(ModelError, match=r"--calibration-images \d+ or fewer"):
+        int8.check_calibration_memory(model, 256, cfg, available=100 * per)
+    int8.check_calibration_memory(model, 256, QuantizeConfig(quantiser="onnxruntime"), available=100 * per)  # min-max
+    d = shutil.copytree(exported, tmp_path / "m")
+    before = sorted(p.name for p in d.iterdir())
+    monkeypatch.setattr(int8, "memory_available", lambda: 4 * per)  # a machine with little memory
+    rc = main(["-q", "export", "--model", str(d), "--int8", "--quantiser", "onnxruntime", "--calibration", "entropy",
+               "--calibration-images", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--calibration-images 3 or fewer" in err[0]
+    assert sorted(p.name for p in d.iterdir()) == before  # refused before the export: nothing written
+
+
+def test_memory_available_reads_meminfo(tmp_path):
+    from pneumoscan.runtime import memory_available
+
+    (tmp_path / "meminfo").write_text("MemTotal:       24000000 kB\nMemAvailable:    1000 kB\n")
+    assert memory_available(tmp_path / "meminfo") == 1000 * 1024
+    assert memory_available(tmp_path / "missing") is None

@@ -55,7 +55,9 @@ def _kwargs(f: Field) -> dict:
     help_ = (f.help or " ").replace("%", "%%")  # argparse expands %-formats in help
     origin = typing.get_origin(tp)
     if tp is bool:
-        return {"action": "store_false" if f.default else "store_true", "help": help_}
+        if f.default:  # --no-NAME: the comment describes the feature the flag switches off
+            return {"action": "store_false", "help": f"switch off (on by default): {help_.strip()}"}
+        return {"action": "store_true", "help": help_}
     kw: dict[str, Any] = {"help": help_ + ("" if f.default in (None, MISSING) else " (default: %(default)s)")}
     if origin is Literal:
         kw["choices"] = list(typing.get_args(tp))

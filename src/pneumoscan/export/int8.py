@@ -41,7 +41,7 @@ from ..labels import decide, pneumonia_score, softmax
 from ..metrics import _safe_auc
 from ..nets.modeldir import CONFIG_NAME, INT8_NAME, has_onnx, int8_file, onnx_name, read_config, verify_file  # noqa: F401
 from ..preprocess import Preprocess, PreprocessConfig
-from ..runtime import cpu_count, ort_session
+from ..runtime import cpu_count, memory_available, ort_session
 from ..uncertainty import OODScorer, temperature_scale
 from .config import QuantizeConfig
 
@@ -78,6 +78,10 @@ def plan_int8(model_dir: str | os.PathLike, data: str | os.PathLike | None, cfg:
     pick = sorted(rng.choice(len(train), min(cfg.calibration_images, len(train)), replace=False))
     cal = [train[i] for i in pick]
     check_present(cal, val.source)
+    if has_onnx(d) and cfg.quantiser == "onnxruntime" and cfg.calibration in HISTOGRAM_CALIBRATIONS:
+        import onnx
+
+        check_calibration_memory(onnx.load(str(d / (onnx_name(conf) or "model.onnx"))), len(cal), cfg)
     return Int8Plan(val=val, calibration=cal, train_images=len(train))
 
 
@@ -109,6 +113,48 @@ def _decision_nodes(model) -> set[str]:
     return seen
 
 
+HISTOGRAM_CALIBRATIONS = ("percentile", "entropy")  # ONNX Runtime keeps every activation of every image for these
+MEMORY_SHARE = 0.8  # of the memory available, what the calibration may take
+
+
+def activation_bytes(model) -> int:
+    """Bytes of all intermediate fp32 tensors of one image through ``model`` (an onnx ModelProto):
+    what ONNX Runtime's histogram calibrators hold per calibration image."""
+    import onnx
+    from onnx import shape_inference
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for inp in m.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if dims and not dims[0].dim_value:
+            dims[0].dim_value = 1
+    m = shape_inference.infer_shapes(m)
+    total = 0
+    for vi in [*m.graph.value_info, *m.graph.output]:
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if dims and all(d > 0 for d in dims) and vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            total += int(np.prod(dims)) * 4
+    return total
+
+
+def check_calibration_memory(model, images: int, cfg: QuantizeConfig, available: int | None = None) -> None:
+    """Refuse, before the work, a histogram calibration (percentile, entropy) whose activations would not fit:
+    ONNX Runtime keeps all of them for all images (512 images of Lite0 at 224 px: about 31 GiB)."""
+    if cfg.quantiser != "onnxruntime" or cfg.calibration not in HISTOGRAM_CALIBRATIONS:
+        return
+    avail = memory_available() if available is None else available
+    if avail is None:
+        return
+    per = activation_bytes(model)
+    need, budget = per * images, MEMORY_SHARE * avail
+    if need > budget:
+        fit = int(budget // per) if per else 0
+        raise ModelError(f"--calibration {cfg.calibration} holds every activation of all {images} calibration images "
+                         f"in memory (about {need / 2**30:.1f} GiB; {avail / 2**30:.1f} GiB available): use "
+                         f"--calibration-images {fit} or fewer, or --calibration minmax")
+
+
 def quantize_graph(src: str | os.PathLike, dst: str | os.PathLike, batches: Sequence[np.ndarray],
                    cfg: QuantizeConfig = QuantizeConfig()) -> None:
     """Static QDQ quantisation of ``src`` into ``dst``, activation ranges from ``batches`` (normalised inputs),
@@ -116,6 +162,7 @@ def quantize_graph(src: str | os.PathLike, dst: str | os.PathLike, batches: Sequ
     import onnx
 
     model = onnx.load(str(src))
+    check_calibration_memory(model, sum(len(b) for b in batches), cfg)
     keep = _decision_nodes(model)
     fp32 = [n.name for n in model.graph.node if n.name not in keep]
     if cfg.quantiser == "nncf":
@@ -145,7 +192,7 @@ def _nncf(model, dst: str | os.PathLike, batches: Sequence[np.ndarray], fp32: li
 def _onnxruntime(src, dst: str | os.PathLike, batches: Sequence[np.ndarray], fp32: list[str],
                  cfg: QuantizeConfig) -> None:
     """onnxruntime.quantization.quantize_static: u8 activations, s8 (per-channel) weights, QDQ."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -161,10 +208,22 @@ def _onnxruntime(src, dst: str | os.PathLike, batches: Sequence[np.ndarray], fp3
     with tempfile.TemporaryDirectory(prefix="pneumoscan-int8-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)  # shapes + basic fusions first
-        quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-                        nodes_to_exclude=fp32, extra_options={"CalibPercentile": cfg.percentile},
-                        calibration_providers=["CPUExecutionProvider"])
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))  # the quantiser logs one INFO line per rescaled bias to the root logger
+        try:
+            _quantize_static(prepared, dst, Reader(), fp32, method, cfg)
+        finally:
+            root.setLevel(level)
+
+
+def _quantize_static(prepared: Path, dst, reader, fp32: list[str], method, cfg: QuantizeConfig) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                    nodes_to_exclude=fp32, extra_options={"CalibPercentile": cfg.percentile},
+                    calibration_providers=["CPUExecutionProvider"])
 
 
 def _verdicts(p: np.ndarray, feats: np.ndarray | None, conf: dict, ood: OODScorer | None) -> np.ndarray:
