@@ -32,3 +32,5 @@ step ens-lp-lite012 $P ensemble "$R/lp-clahe-224" "$R/lp-lite1-clahe-224" "$R/lp
 step lp-clahe-128 $P train "$M" --out "$R/lp-clahe-128" --intensity clahe --size 128
 step lpft-gce-drop-128 $P finetune "$M" --out "$R/lpft-gce-drop-128" --size 128 $LPFT $AUG --epochs 8 --seed 0 \
   --init-from "$R/lp-clahe-128" --loss gce --drop-noisy 0.05 --mixup 0.2
+# 6. the shipped default (candidates/soup-shipped) and the ensemble of its members (candidates/shipped-calibrated)
+#    are made by scripts/make_default_model.sh (fine-tuned on a GPU: about 50 s per member on one H200)

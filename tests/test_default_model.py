@@ -48,8 +48,11 @@ def test_torch_and_onnx_agree_on_real_images(real_data_dir):
     paths = [p for p, _ in _val_sample(real_data_dir, 3)]
     a, _ = Predictor(backend="torch").predict_files(paths)
     b, _ = Predictor(backend="onnx").predict_files(paths)
-    pa = np.array([[p.probabilities[k] for k in LABELS] for p in a])
-    pb = np.array([[p.probabilities[k] for k in LABELS] for p in b])
+    assert [p.in_scope for p in a] == [p.in_scope for p in b]  # the gate decides alike on both engines
+    kept = [(x, y) for x, y in zip(a, b) if x.in_scope]
+    assert len(kept) >= len(paths) - 1  # validation X-rays: at most one stopped (1.8 % of validation are)
+    pa = np.array([[x.probabilities[k] for k in LABELS] for x, _ in kept])
+    pb = np.array([[y.probabilities[k] for k in LABELS] for _, y in kept])
     assert np.abs(pa - pb).max() < 1e-4
     assert [p.label for p in a] == [p.label for p in b]
 
