@@ -139,3 +139,17 @@ def test_summary_reads_the_memory_scan_and_the_newest_explain_result(tmp_path):
 def test_cli_rejects_bad_numbers(capsys):
     assert main(["bench", "extract", "--images", "0"]) == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_onnx_extraction_is_measured_against_the_bare_forward_of_its_graph(tmp_path):
+    """The baseline of the same run: the exported graph's bare forward, beside the end-to-end rate."""
+    from pneumoscan.bench import make_images
+    from pneumoscan.bench.extract import run_variant
+
+    samples = make_images(tmp_path / "img", 8, 96)
+    listing = tmp_path / "s.json"
+    listing.write_text(json.dumps([[s.path, s.sha1] for s in samples]))
+    r = run_variant({"samples": str(listing), "backbone": "test_efficientnet", "size": 64, "engine": "onnx",
+                     "workers": 0, "batch_size": 4, "pretrained": False})
+    assert r["engine"] == "onnx" and r["bare_forward_images_per_s"] > 0
+    assert 0 < r["vs_bare_forward"] and abs(r["vs_bare_forward"] - r["images_per_s"] / r["bare_forward_images_per_s"]) < 0.02

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pneumoscan.evaluate.calibrate import conformal_check, fit_ood, fit_temperature
+from pneumoscan.evaluate.calibrate import conformal_check, fit_bias_corrected, fit_ood, fit_temperature
 from pneumoscan.labels import LABELS
 from pneumoscan.uncertainty import (
     UNCERTAIN,
@@ -39,6 +39,25 @@ def test_fit_temperature_recovers_the_overconfidence():
     y = np.array([rng.choice(3, p=p) for p in _softmax(z / 2.0)])
     assert fit_temperature(_softmax(z), y) == pytest.approx(2.0, rel=0.06)
     assert fit_temperature(_softmax(z / 2.0), y) == pytest.approx(1.0, rel=0.06)  # calibrated already: T = 1
+
+
+def test_bias_corrected_scaling_recovers_temperature_and_class_bias():
+    """Labels drawn from softmax(z / 2 + b): a model reporting softmax(z) is over-confident by T = 2 and
+    off in its base rates by b; temperature alone cannot fix the second."""
+    from pneumoscan.metrics import calibration_error
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (20000, 3))
+    b = np.array([0.6, -0.2, -0.4])  # centred
+    y = np.array([rng.choice(3, p=p) for p in _softmax(z / 2.0 + b)])
+    t, bias = fit_bias_corrected(_softmax(z), y)
+    assert t == pytest.approx(2.0, rel=0.06) and bias == pytest.approx(b, abs=0.06) and abs(sum(bias)) < 1e-9
+    fixed = temperature_scale(_softmax(z), t, bias)
+    assert fixed == pytest.approx(_softmax(z / 2.0 + b), abs=0.02)
+    t_only = temperature_scale(_softmax(z), fit_temperature(_softmax(z), y))
+    assert calibration_error(y, fixed) < calibration_error(y, t_only)
+    scaled = temperature_scale(_softmax(z), 2.0, b)  # the inverse the evaluation uses to recover raw outputs
+    assert temperature_scale(scaled, 1 / 2.0, -2.0 * b) == pytest.approx(_softmax(z), abs=1e-9)
 
 
 def test_prediction_sets_known_answers():

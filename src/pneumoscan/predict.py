@@ -189,6 +189,7 @@ class Predictor:
         self.prevalence = prevalence
         cal = self.config.get("calibration") or {}
         self.temperature = float(cal.get("temperature", 1.0))  # fitted by 'pneumoscan calibrate'; 1 = none
+        self.class_bias: list[float] | None = cal.get("bias")  # bias-corrected temperature scaling; None: T alone
         self.qhat: float | None = (self.config.get("conformal") or {}).get("qhat")  # None: no prediction sets
         self.conformal_method: str = (self.config.get("conformal") or {}).get("method", "aps")
         self.ood: OODScorer | None = None
@@ -317,8 +318,8 @@ class Predictor:
         return self.forward(batch)[0]
 
     def _adjust(self, p: np.ndarray) -> np.ndarray:
-        """The model's temperature, then the prior shift to ``prevalence``."""
-        p = temperature_scale(p, self.temperature)
+        """The model's temperature (and class bias), then the prior shift to ``prevalence``."""
+        p = temperature_scale(p, self.temperature, self.class_bias)
         if self.prevalence is None:
             return p
         return prior_shift(p, model_prior(self.config), prevalence_prior(self.config, self.prevalence))

@@ -32,11 +32,14 @@ UNCERTAIN = "uncertain: refer"  # the verdict when a prediction set holds normal
 CONFORMAL_METHODS = ("lac", "aps")
 
 
-def temperature_scale(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """``softmax(log p / T)`` row-wise: T > 1 softens over-confident probabilities, T = 1 changes nothing."""
-    if temperature == 1.0:
+def temperature_scale(probs: np.ndarray, temperature: float, bias: "np.ndarray | list[float] | None" = None) -> np.ndarray:
+    """``softmax(log p / T + b)`` row-wise: T > 1 softens over-confident probabilities; ``bias`` (one value per
+    class, bias-corrected temperature scaling) moves the classes' base rates; T = 1 without bias changes nothing."""
+    if temperature == 1.0 and bias is None:
         return np.asarray(probs, float)
     z = np.log(np.clip(np.asarray(probs, float), 1e-12, None)) / temperature
+    if bias is not None:
+        z = z + np.asarray(bias, float)
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)

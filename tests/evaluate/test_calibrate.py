@@ -34,7 +34,7 @@ def _files(dataset_dir):
 def test_calibrate_stores_temperature_sets_and_gate(calibrated):
     cfg = _cfg(calibrated)
     cal, conf, ood = cfg["calibration"], cfg["conformal"], cfg["ood"]
-    assert cal["temperature"] > 0 and cal["n"] >= 4 and cal["ece_after"] <= cal["ece_before"] + 1e-9
+    assert cal["temperature"] > 0 and cal["n"] >= 4 and cal["method"] == "bias-corrected" and len(cal["bias"]) == 3
     assert conf["alpha"] == 0.1 and 0 < conf["qhat"] <= 1 and set(conf["heldout"]["by_class"]) <= set(LABELS)
     assert ood["file"].startswith("ood-") and ood["file"] in cfg["files"] and (calibrated / ood["file"]).is_file()
     assert ood["validation_flagged"] <= 0.25 and ood["threshold"] > 0  # 98.5 % quantile of a handful of images
@@ -50,11 +50,12 @@ def test_predictions_carry_calibrated_probabilities_sets_and_scores(calibrated, 
     files = _files(dataset_dir)
     preds, errors = pred.predict_files(files)
     assert not errors
-    t = pred.temperature
-    pred.temperature = 1.0
+    t, bias = pred.temperature, pred.class_bias
+    assert bias is not None and len(bias) == len(LABELS)  # bias-corrected temperature scaling, the default
+    pred.temperature, pred.class_bias = 1.0, None
     raw, _, _, _ = pred.arrays(files, features=False)
-    pred.temperature = t
-    assert np.stack([p.scores for p in preds]) == pytest.approx(temperature_scale(raw, t), abs=1e-6)
+    pred.temperature, pred.class_bias = t, bias
+    assert np.stack([p.scores for p in preds]) == pytest.approx(temperature_scale(raw, t, bias), abs=1e-6)
     assert sum(p.in_scope for p in preds) >= len(preds) // 2
     for p in preds:
         assert p.ood_score is not None
@@ -171,3 +172,12 @@ def test_an_export_without_features_falls_back_to_torch_for_the_gate(calibrated,
     assert pred.backend == "torch"
     (p,), _ = pred.predict_files(_files(dataset_dir)[:1])
     assert p.ood_score is not None
+
+
+def test_temperature_alone_on_request(calibrated, tmp_path, dataset_dir):
+    d = shutil.copytree(calibrated, tmp_path / "m")
+    assert main(["-q", "calibrate", "--model", str(d), "--scaling", "temperature"]) == 0
+    cal = _cfg(d)["calibration"]
+    assert cal["method"] == "temperature" and cal["bias"] is None
+    pred = Predictor(d, backend="torch")
+    assert pred.class_bias is None and pred.temperature == cal["temperature"]

@@ -94,15 +94,15 @@ def test_two_runners_run_two_batches_at_once():
 def test_the_batch_waits_for_requests_still_being_decoded():
     model = Model()
     b = Batcher(model, workers=4, queue=8, max_batch=8, max_wait_ms=500)
-    go = threading.Event()
+    go, submitted = threading.Event(), threading.Event()
 
     def slow_job(i: float) -> Job:
-        if i > 0:
-            assert go.wait(5)
+        assert (go if i > 0 else submitted).wait(5)  # the first is ready once all four are in: no race
         return job(i)
 
     try:
         futs = [b.submit(slow_job, float(i)) for i in range(4)]  # one ready at once, three still decoding
+        submitted.set()
         time.sleep(0.05)
         go.set()
         wait(futs, 5)

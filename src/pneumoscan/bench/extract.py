@@ -32,6 +32,28 @@ log = logging.getLogger(__name__)
 COMPARE = (("torch", 0), ("torch", 2), ("onnx", 0), ("onnx", 1), ("onnx", 2))  # (engine, workers) of --compare
 
 
+BARE_BATCHES = 8  # timed batches of the bare-forward baseline, per round
+
+
+def bare_forward(path: Path, size: int, batch_size: int, rounds: int = 3) -> float:
+    """Images/s of ONNX Runtime's bare forward of ``path`` (the graph the extraction ran) on a ready
+    float batch: no decoding, no preprocessing, no cache; the median of ``rounds``."""
+    import numpy as np
+
+    from ..features.engines import OnnxEngine
+
+    eng = OnnxEngine(path)
+    x = np.random.default_rng(0).normal(size=(batch_size, 3, size, size)).astype(np.float32)
+    eng.session.run(None, {eng.input: x})  # warm-up
+    rates = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(BARE_BATCHES):
+            eng.session.run(None, {eng.input: x})
+        rates.append(BARE_BATCHES * batch_size / (time.perf_counter() - t))
+    return sorted(rates)[len(rates) // 2]
+
+
 def run_variant(spec: dict) -> dict:
     """One timed extraction into a fresh cache (runs inside its own process)."""
     import torch
@@ -48,10 +70,10 @@ def run_variant(spec: dict) -> dict:
     net, wid = create_backbone(backbone, pretrained=spec["pretrained"])
     prep = default_preprocess(backbone, size)
     with tempfile.TemporaryDirectory(prefix="pneumoscan-bench-") as cache_dir:
-        export_s = None
+        export_s, graph = None, None
         if engine == "onnx" or (engine == "auto" and len(samples) >= ONNX_MIN_IMAGES):
             t = time.perf_counter()  # one-off cost, paid once per backbone and cache folder
-            export_backbone_onnx(net, prep.size, FeatureCache.for_key(cache_dir, backbone, wid, prep).root)
+            graph = export_backbone_onnx(net, prep.size, FeatureCache.for_key(cache_dir, backbone, wid, prep).root)
             export_s = round(time.perf_counter() - t, 2)
         c0, t0 = cpu_seconds(), time.perf_counter()
         with MemoryPeak() as mem:
@@ -59,12 +81,16 @@ def run_variant(spec: dict) -> dict:
                                                weights_id=wid, engine=engine, workers=spec["workers"],
                                                batch_size=spec["batch_size"], progress=False)
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        # the baseline of the same run: the same graph's bare forward, in this process, right after
+        bare = bare_forward(graph, prep.size, spec["batch_size"]) if graph is not None and info["engine"] == "onnx" else None
     n = int(ok.sum())
     return {"backbone": backbone, "size": prep.size, "engine": info["engine"], "workers": info.get("workers"),
             "batch_size": spec["batch_size"], "images": n, "failed": len(info["failed"]),
             "seconds": round(wall, 2), "images_per_s": round(n / wall, 1),
             "cpu_ms_per_image": round(1e3 * cpu / max(n, 1), 1), "peak_rss_mb": mem.mb,
-            "export_s": export_s, "feature_dim": int(feats.shape[1])}
+            "export_s": export_s, "feature_dim": int(feats.shape[1]),
+            "bare_forward_images_per_s": None if bare is None else round(bare, 1),
+            "vs_bare_forward": None if bare is None else round(n / wall / bare, 3)}
 
 
 def _spawn(spec: dict) -> dict:
@@ -105,6 +131,7 @@ def _median_run(spec: dict, repeats: int) -> dict:
     r = dict(runs[len(runs) // 2])
     r["repeats"] = len(runs)
     r["runs_images_per_s"] = [x["images_per_s"] for x in runs]
+    r["runs_vs_bare_forward"] = [x.get("vs_bare_forward") for x in runs]
     r["peak_rss_mb"] = max(x["peak_rss_mb"] for x in runs)
     return r
 
@@ -176,8 +203,11 @@ def run(backbones=("efficientnet_lite0",), sizes=(None,), images: int = 512, dat
                 lines.append(f"{backbone}@{prep.size}: {best['images_per_s']:.1f} img/s ({best['engine']}, "
                              f"{best['workers']} workers, {best['cpu_ms_per_image']} CPU ms/img) = "
                              f"{best['achieved_gflops']} GFLOP/s, {100 * best['share_of_compute_bound']:.0f}% of "
-                             f"the {gemm} GFLOP/s fp32 GEMM bound ({best['compute_bound_images_per_s']} img/s); "
-                             f"peak {best['peak_rss_mb']:.0f} MB")
+                             f"the {gemm} GFLOP/s fp32 GEMM bound ({best['compute_bound_images_per_s']} img/s)"
+                             + ("" if best.get("vs_bare_forward") is None else
+                                f", {100 * best['vs_bare_forward']:.0f}% of the graph's bare forward "
+                                f"({best['bare_forward_images_per_s']} img/s)")
+                             + f"; peak {best['peak_rss_mb']:.0f} MB")
         first_size = default_preprocess(backbones[0], sizes[0]).size
         decode = decode_figures(samples, first_size, big_px)
         figures = {"source": source, "gemm_gflops": gemm, "gemm_threads": cpu_count(), "runs": runs, "decode": decode}

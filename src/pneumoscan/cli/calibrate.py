@@ -25,7 +25,8 @@ def run(args) -> int:
     r = calibrate(args.model, args.data, cfg, progress=progress_enabled())
     write_card(args.model)
     c, k, o = r["calibration"], r["conformal"], r["ood"]
-    print(f"temperature {c['temperature']:.3f}: expected calibration error {c['ece_before']:.3f} -> {c['ece_after']:.3f}, "
+    bias = "" if c.get("bias") is None else " and class bias " + "/".join(f"{b:+.2f}" for b in c["bias"])
+    print(f"temperature {c['temperature']:.3f}{bias}: expected calibration error {c['ece_before']:.3f} -> {c['ece_after']:.3f}, "
           f"Brier {c['brier_before']:.3f} -> {c['brier_after']:.3f} ({c['n']} validation images)")
     print(f"prediction sets at alpha {k['alpha']:g}: held-out coverage {k['heldout']['coverage']:.3f}, mean size "
           f"{k['heldout']['mean_set_size']:.2f} (" + ", ".join(

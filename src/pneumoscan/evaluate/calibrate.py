@@ -3,7 +3,8 @@
 ``pneumoscan calibrate --model DIR`` scores the validation split (and, for the out-of-distribution
 score, the training split's pooled features) once, then fits and stores in the model directory:
 
-1. the temperature that minimises the validation negative log-likelihood (the threshold is then
+1. the temperature (and, by default, one bias per class: bias-corrected temperature scaling, Alexandari
+   et al. 2020) that minimises the validation negative log-likelihood (the threshold is then
    re-chosen on the calibrated probabilities, so verdicts and probabilities agree);
 2. the conformal quantile of the conformity scores (lac or aps) at the chosen error rate (coverage measured on held-out
    halves of the validation split: fit on one half, count on the other);
@@ -50,6 +51,29 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
 
     res = minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded", options={"xatol": 1e-4})
     return float(res.x)
+
+
+def fit_bias_corrected(probs: np.ndarray, y: np.ndarray) -> tuple[float, list[float]]:
+    """Bias-corrected temperature scaling (Alexandari et al. 2020): the temperature and one bias per class
+    minimising the negative log-likelihood of ``softmax(log p / T + b)``; the biases are centred (a common
+    shift changes nothing). Starts from the temperature alone, so it is never worse than it on the fit data."""
+    from scipy.optimize import minimize
+
+    y = np.asarray(y, int)
+    logp = np.log(np.clip(np.asarray(probs, float), 1e-12, None))
+    k = logp.shape[1]
+
+    def nll(w: np.ndarray) -> float:
+        z = logp / w[0] + w[1:]
+        z = z - z.max(axis=1, keepdims=True)
+        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).mean())
+
+    t0 = fit_temperature(probs, y)
+    start = np.array([t0, *([0.0] * k)])
+    res = minimize(nll, start, method="L-BFGS-B", bounds=[(0.05, 20.0)] + [(-10.0, 10.0)] * k)
+    w = res.x if res.success and nll(res.x) <= nll(start) else start
+    b = w[1:] - w[1:].mean()
+    return float(w[0]), [float(v) for v in b]
 
 
 def conformal_check(probs: np.ndarray, y: np.ndarray, alpha: float, method: str = "lac", seed: int = 0) -> dict:
@@ -140,7 +164,8 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     # fitted on the reference graph (fp32), whatever serves it
     pred = Predictor(d, backend="torch" if frozen else backend, precision="fp32")
     try:
-        pred.temperature, pred.gate, pred.prevalence = 1.0, False, None  # fit on the raw outputs, every image
+        # fit on the raw outputs, every image
+        pred.temperature, pred.class_bias, pred.gate, pred.prevalence = 1.0, None, False, None
 
         def arrays(paths):
             if frozen:
@@ -158,8 +183,14 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     if feats is None:
         raise DataError(f"{d} gives no pooled features (an ONNX export without a 'features' output); export it "
                         "again with 'pneumoscan export' on a copy, or calibrate with the torch backend")
-    t = fit_temperature(raw, y) if cfg.temperature else 1.0
-    cal = temperature_scale(raw, t)
+    bias = None
+    if not cfg.temperature:
+        t = 1.0
+    elif cfg.scaling == "bias-corrected":
+        t, bias = fit_bias_corrected(raw, y)
+    else:
+        t = fit_temperature(raw, y)
+    cal = temperature_scale(raw, t, bias)
     method, target = _method(conf)
     thr, how = choose_threshold(y, cal, method, target)
     check = conformal_check(cal, y, cfg.alpha, cfg.conformal)
@@ -172,7 +203,8 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     blob = scorer.to_bytes()
     ood_name = f"ood-{hashlib.sha256(blob).hexdigest()[:12]}.safetensors"  # a new name: the old files stay valid
     records = {
-        "calibration": {"temperature": t, "fitted_on": "validation", "n": int(len(y)),
+        "calibration": {"temperature": t, "bias": bias,
+                        "method": "none" if not cfg.temperature else cfg.scaling, "fitted_on": "validation", "n": int(len(y)),
                         "ece_before": calibration_error(y, raw), "ece_after": calibration_error(y, cal),
                         "brier_before": brier_score(y, raw), "brier_after": brier_score(y, cal)},
         "conformal": {"method": cfg.conformal, "alpha": cfg.alpha, "qhat": qhat, "heldout": check,

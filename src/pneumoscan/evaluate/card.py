@@ -425,6 +425,7 @@ def _gate(cfg: dict, model_dir: Path) -> dict:
                       "flagged": f"{ood.get('validation_flagged', 0):.1%}"}
     if isinstance(cal, dict):
         out["calibration"] = {"temperature": _num(cal.get("temperature")), "n": _txt(cal.get("n")),
+                              "bias": None if cal.get("bias") is None else ", ".join(f"{b:+.3f}" for b in cal["bias"]),
                               **{k: _num(cal.get(k)) for k in ("ece_before", "ece_after", "brier_before", "brier_after")}}
     if isinstance(conf, dict):
         held = conf.get("heldout") or {}

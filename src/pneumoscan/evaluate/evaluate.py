@@ -110,11 +110,12 @@ def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: P
 
 
 def uncalibrated(probs: np.ndarray, pred: Predictor) -> np.ndarray | None:
-    """The network's probabilities before the model's temperature (exact: scaling by 1/T undoes T);
-    None when a prior shift was applied on top."""
+    """The network's probabilities before the model's temperature and class bias (exact: log q = log p / T + b
+    up to a constant, so softmax(T log q - T b) = p); None when a prior shift was applied on top."""
     if pred.prevalence is not None:
         return None
-    return temperature_scale(probs, 1.0 / pred.temperature)
+    bias = None if pred.class_bias is None else [-pred.temperature * b for b in pred.class_bias]
+    return temperature_scale(probs, 1.0 / pred.temperature, bias)
 
 
 def risk_coverage_curve(y: np.ndarray, probs: np.ndarray, threshold: float, steps: int = 51) -> np.ndarray:

@@ -228,7 +228,8 @@ def _quantize_static(prepared: Path, dst, reader, fp32: list[str], method, cfg: 
 
 def _verdicts(p: np.ndarray, feats: np.ndarray | None, conf: dict, ood: OODScorer | None) -> np.ndarray:
     """What a user would be told per image: the decided class index, or -1 when the learned gate stops it."""
-    k = decide(temperature_scale(p, float((conf.get("calibration") or {}).get("temperature", 1.0))),
+    cal = conf.get("calibration") or {}
+    k = decide(temperature_scale(p, float(cal.get("temperature", 1.0)), cal.get("bias")),
                float(conf.get("threshold", 0.5)))
     if ood is not None and feats is not None:
         k = np.where(ood.score(feats) > float(conf["ood"]["threshold"]), -1, k)

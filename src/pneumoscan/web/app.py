@@ -202,7 +202,7 @@ def create_app(cfg: ServeConfig = ServeConfig(), service: Service | None = None)
                     backend=cfg.backend, threshold=p.threshold if p else None, labels=list(LABELS),
                     precision=p.precision if p else None, precision_reason=p.precision_reason if p else None,
                     max_batch=cfg.max_batch,
-                    temperature=p.temperature if p else None,
+                    temperature=p.temperature if p else None, class_bias=p.class_bias if p else None,
                     conformal_alpha=(p.config.get("conformal") or {}).get("alpha") if p else None,
                     ood_threshold=p.ood_threshold if p else None,
                     formats=list(ALLOWED_FORMATS), max_upload_bytes=cfg.max_upload_bytes, max_pixels=cfg.max_pixels,

@@ -66,6 +66,8 @@ class Info(BaseModel):
     max_batch: int | None = Field(None, description="predictions run together in one batch at most")
     threshold: float | None = Field(description="operating point on P(pneumonia) (null while loading)")
     temperature: float | None = Field(None, description="temperature of the calibrated probabilities (1: none)")
+    class_bias: list[float] | None = Field(None, description="per-class bias added after the temperature, in label "
+                                                             "order (bias-corrected temperature scaling; null: none)")
     conformal_alpha: float | None = Field(None, description="error rate of the prediction sets (null: no sets)")
     ood_threshold: float | None = Field(None, description="out-of-distribution score above which an input is refused "
                                                           "(null: image checks only)")
