@@ -210,8 +210,8 @@ def build_soup(model_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
         "threshold_method": "mean of the members' thresholds (not yet chosen on validation)",
         "command": command,
     })
-    if any("train_config" in c for c in configs):
-        cfg["train_config"] = next(c["train_config"] for c in reversed(configs) if "train_config" in c)
+    if any("train_config" in c for c in configs):  # the first member's, as for an ensemble (its split settings)
+        cfg["train_config"] = next(c["train_config"] for c in configs if "train_config" in c)
     save_model(out, net, cfg)
     _copy_manifest(dirs, cfg, out)
     log.info("soup of %d written to %s", len(dirs), out)
