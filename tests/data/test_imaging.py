@@ -92,6 +92,13 @@ def test_colour_content_is_measured():
     a[..., 0] = 255  # pure red
     x = load_xray(encode(Image.fromarray(a), "PNG"))
     assert x.colorfulness > 50
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    im = Image.fromarray(b)
+    want = float(np.abs(b.astype(np.int16) - np.asarray(im.convert("L"))[..., None]).mean())  # the definition
+    assert load_xray(encode(im, "PNG")).colorfulness == pytest.approx(want, abs=1e-9)
+    skipped = load_xray(encode(im, "PNG"), colour=False)  # where only the pixels matter: same pixels, no measure
+    assert np.isnan(skipped.colorfulness) and np.array_equal(skipped.pixels, load_xray(encode(im, "PNG")).pixels)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "1"])

@@ -61,7 +61,7 @@ class XRay:
     format: str  # "jpeg", "png" or "dicom"
     mode: str  # source mode (Pillow mode, or DICOM photometric interpretation)
     size: tuple[int, int]  # original (width, height)
-    colorfulness: float = 0.0  # mean |channel - gray| of the original, in 0..255; 0 for grayscale
+    colorfulness: float = 0.0  # mean |channel - gray| of the original, in 0..255; 0 for grayscale; NaN: not measured
     notes: list[str] = field(default_factory=list)
 
 
@@ -86,14 +86,16 @@ def _read_head(source: Source, name: str) -> bytes:
 
 
 def load_xray(source: Source, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-              size_hint: int | None = None) -> XRay:
+              size_hint: int | None = None, colour: bool = True) -> XRay:
     """Decode ``source`` (a path or the file's bytes) into an :class:`XRay`.
 
     ``size_hint`` lets large JPEGs decode at a reduced scale (Pillow ``draft``), never below
     the hint, which is much faster when the target is a 224-320 px model input.
     Raises :class:`ImageError` (or a subclass) with the file name and what to do, whatever the
     file holds: no other exception leaves the decoder (a :class:`MemoryError` aside).
-    Decoder warnings that change what the model sees land in :attr:`XRay.notes`.
+    Decoder warnings that change what the model sees land in :attr:`XRay.notes`. ``colour=False`` skips
+    measuring :attr:`XRay.colorfulness` (left NaN) where only the pixels are used (feature extraction,
+    training): the pixels are the same.
     """
     label = _name(source, name)
     head = _read_head(source, label)
@@ -107,7 +109,7 @@ def load_xray(source: Source, *, name: str | None = None, max_pixels: int = DEFA
     try:
         if fmt == "dicom":
             return _load_dicom(source, label, max_pixels)
-        return _load_pil(source, label, fmt, max_pixels, size_hint)
+        return _load_pil(source, label, fmt, max_pixels, size_hint, colour)
     except (ImageError, MemoryError):
         raise
     except Exception as e:  # a decoder bug on a hostile file is the file's fault: one clear line, never a crash
@@ -116,7 +118,8 @@ def load_xray(source: Source, *, name: str | None = None, max_pixels: int = DEFA
                          "the file is corrupt, re-export it") from None
 
 
-def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: int | None) -> XRay:
+def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: int | None,
+              colour: bool = True) -> XRay:
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
         with warnings.catch_warnings():
@@ -143,13 +146,13 @@ def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: 
         raise ImageError(f"{label}: cannot be decoded as {fmt.upper()}; the file is corrupt or mislabelled") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{label}: broken {fmt.upper()} ({e}); re-export or re-download the file") from None
-    pixels, colorfulness = _to_gray8(im)
+    pixels, colorfulness = _to_gray8(im, colour)
     notes = [n for n in [truncation_note(pixels) if fmt == "jpeg" else None] if n]
     return XRay(pixels, format=fmt, mode=orig_mode, size=(w, h), colorfulness=colorfulness, notes=notes)
 
 
-def _to_gray8(im: Image.Image) -> tuple[np.ndarray, float]:
-    """uint8 grayscale pixels (stretched for >8-bit data) and the image's colourfulness."""
+def _to_gray8(im: Image.Image, colour: bool = True) -> tuple[np.ndarray, float]:
+    """uint8 grayscale pixels (stretched for >8-bit data) and the image's colourfulness (NaN: not measured)."""
     colorfulness = 0.0
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float32)
@@ -162,6 +165,8 @@ def _to_gray8(im: Image.Image) -> tuple[np.ndarray, float]:
             im = bg
     if im.mode == "RGB":
         gray = np.asarray(im.convert("L"))
+        if not colour:
+            return gray, float("nan")
         diff = cv2.absdiff(np.asarray(im), cv2.merge([gray, gray, gray]))  # |channel - gray|, exact in uint8
         colorfulness = float(sum(cv2.mean(diff)[:3]) / 3)  # 3x faster than the int16 numpy form, same value
         return gray, colorfulness

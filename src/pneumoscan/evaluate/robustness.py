@@ -131,7 +131,7 @@ def decode_all(paths: Sequence[str], size: int, progress: bool = False) -> tuple
     images, kept, errors = [], [], []
     for i, p in enumerate(tqdm(paths, desc="decode", unit="img", disable=not progress)):
         try:
-            g = load_xray(p, size_hint=size).pixels
+            g = load_xray(p, size_hint=size, colour=False).pixels
         except ImageError as e:
             errors.append((p, str(e)))
             continue

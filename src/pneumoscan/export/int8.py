@@ -91,7 +91,7 @@ def _arrays(paths: Sequence[str], pre: Preprocess, size: int) -> Iterator[tuple[
         idx, xs = [], []
         for i in range(start, min(start + BATCH, len(paths))):
             try:
-                xs.append(pre.array(load_xray(paths[i], size_hint=size).pixels))
+                xs.append(pre.array(load_xray(paths[i], size_hint=size, colour=False).pixels))
                 idx.append(i)
             except ImageError as e:
                 log.warning("skipped %s: %s", paths[i], e)

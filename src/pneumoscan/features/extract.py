@@ -45,7 +45,7 @@ class ImageFiles(Dataset):
         if self._pp is None:
             self._pp = Preprocess(self.prep)
         try:
-            x = load_xray(self.paths[i], size_hint=self.prep.size)  # JPEG draft: decode big files at 1/2-1/8 scale
+            x = load_xray(self.paths[i], size_hint=self.prep.size, colour=False)  # JPEG draft: decode big files at 1/2-1/8 scale
             px = (self._pp.resize if self.intensity else self._pp.resize_only)(x.pixels)
             # px may be Pillow's read-only buffer when no resize was needed
             return i, torch.from_numpy(px if px.flags.writeable else px.copy()), ""
