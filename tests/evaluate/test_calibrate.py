@@ -34,7 +34,10 @@ def _files(dataset_dir):
 def test_calibrate_stores_temperature_sets_and_gate(calibrated):
     cfg = _cfg(calibrated)
     cal, conf, ood = cfg["calibration"], cfg["conformal"], cfg["ood"]
-    assert cal["temperature"] > 0 and cal["n"] >= 4 and cal["method"] == "bias-corrected" and len(cal["bias"]) == 3
+    assert cal["temperature"] > 0 and cal["n"] >= 4 and cal["requested"] == "auto"
+    by = cal["ece_by_scaling"]  # auto: both fitted, the one with the lower validation calibration error kept
+    assert set(by) == {"temperature", "bias-corrected"} and cal["method"] == min(by, key=by.get)
+    assert cal["ece_after"] == pytest.approx(by[cal["method"]]) and (cal["bias"] is None) == (cal["method"] == "temperature")
     assert conf["alpha"] == 0.1 and 0 < conf["qhat"] <= 1 and set(conf["heldout"]["by_class"]) <= set(LABELS)
     assert ood["file"].startswith("ood-") and ood["file"] in cfg["files"] and (calibrated / ood["file"]).is_file()
     assert ood["validation_flagged"] <= 0.25 and ood["threshold"] > 0  # 98.5 % quantile of a handful of images
@@ -51,7 +54,7 @@ def test_predictions_carry_calibrated_probabilities_sets_and_scores(calibrated, 
     preds, errors = pred.predict_files(files)
     assert not errors
     t, bias = pred.temperature, pred.class_bias
-    assert bias is not None and len(bias) == len(LABELS)  # bias-corrected temperature scaling, the default
+    assert bias is None or len(bias) == len(LABELS)
     pred.temperature, pred.class_bias = 1.0, None
     raw, _, _, _ = pred.arrays(files, features=False)
     pred.temperature, pred.class_bias = t, bias
@@ -174,10 +177,21 @@ def test_an_export_without_features_falls_back_to_torch_for_the_gate(calibrated,
     assert p.ood_score is not None
 
 
-def test_temperature_alone_on_request(calibrated, tmp_path, dataset_dir):
+def test_each_scaling_on_request(calibrated, tmp_path, dataset_dir):
     d = shutil.copytree(calibrated, tmp_path / "m")
     assert main(["-q", "calibrate", "--model", str(d), "--scaling", "temperature"]) == 0
     cal = _cfg(d)["calibration"]
-    assert cal["method"] == "temperature" and cal["bias"] is None
+    assert cal["method"] == "temperature" and cal["bias"] is None and list(cal["ece_by_scaling"]) == ["temperature"]
     pred = Predictor(d, backend="torch")
     assert pred.class_bias is None and pred.temperature == cal["temperature"]
+    assert main(["-q", "calibrate", "--model", str(d), "--scaling", "bias-corrected"]) == 0
+    cal = _cfg(d)["calibration"]
+    assert cal["method"] == "bias-corrected" and len(cal["bias"]) == len(LABELS) and abs(sum(cal["bias"])) < 1e-9
+    pred = Predictor(d, backend="torch")
+    assert pred.class_bias == cal["bias"]
+    files = _files(dataset_dir)
+    preds, _ = pred.predict_files(files)
+    t, bias = pred.temperature, pred.class_bias
+    pred.temperature, pred.class_bias = 1.0, None
+    raw, _, _, _ = pred.arrays(files, features=False)
+    assert np.stack([p.scores for p in preds]) == pytest.approx(temperature_scale(raw, t, bias), abs=1e-6)

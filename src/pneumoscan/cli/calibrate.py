@@ -26,6 +26,9 @@ def run(args) -> int:
     write_card(args.model)
     c, k, o = r["calibration"], r["conformal"], r["ood"]
     bias = "" if c.get("bias") is None else " and class bias " + "/".join(f"{b:+.2f}" for b in c["bias"])
+    if len(c.get("ece_by_scaling") or {}) > 1:
+        bias += " (kept: " + c["method"] + "; validation ECE " + ", ".join(
+            f"{k} {v:.3f}" for k, v in c["ece_by_scaling"].items()) + ")"
     print(f"temperature {c['temperature']:.3f}{bias}: expected calibration error {c['ece_before']:.3f} -> {c['ece_after']:.3f}, "
           f"Brier {c['brier_before']:.3f} -> {c['brier_after']:.3f} ({c['n']} validation images)")
     print(f"prediction sets at alpha {k['alpha']:g}: held-out coverage {k['heldout']['coverage']:.3f}, mean size "

@@ -3,8 +3,9 @@
 ``pneumoscan calibrate --model DIR`` scores the validation split (and, for the out-of-distribution
 score, the training split's pooled features) once, then fits and stores in the model directory:
 
-1. the temperature (and, by default, one bias per class: bias-corrected temperature scaling, Alexandari
-   et al. 2020) that minimises the validation negative log-likelihood (the threshold is then
+1. the temperature, or the temperature and one bias per class (bias-corrected temperature scaling,
+   Alexandari et al. 2020), that minimises the validation negative log-likelihood; by default both are
+   fitted and the one with the lower validation calibration error is kept (the threshold is then
    re-chosen on the calibrated probabilities, so verdicts and probabilities agree);
 2. the conformal quantile of the conformity scores (lac or aps) at the chosen error rate (coverage measured on held-out
    halves of the validation split: fit on one half, count on the other);
@@ -183,13 +184,16 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     if feats is None:
         raise DataError(f"{d} gives no pooled features (an ONNX export without a 'features' output); export it "
                         "again with 'pneumoscan export' on a copy, or calibrate with the torch backend")
-    bias = None
-    if not cfg.temperature:
-        t = 1.0
-    elif cfg.scaling == "bias-corrected":
-        t, bias = fit_bias_corrected(raw, y)
-    else:
-        t = fit_temperature(raw, y)
+    t, bias, scaling, by_scaling = 1.0, None, "none", None
+    if cfg.temperature:
+        fits = {}
+        if cfg.scaling in ("auto", "temperature"):
+            fits["temperature"] = (fit_temperature(raw, y), None)
+        if cfg.scaling in ("auto", "bias-corrected"):
+            fits["bias-corrected"] = fit_bias_corrected(raw, y)
+        by_scaling = {k: calibration_error(y, temperature_scale(raw, *v)) for k, v in fits.items()}
+        scaling = min(by_scaling, key=by_scaling.get)  # one fit: that one; auto: the lower calibration error
+        t, bias = fits[scaling]
     cal = temperature_scale(raw, t, bias)
     method, target = _method(conf)
     thr, how = choose_threshold(y, cal, method, target)
@@ -203,8 +207,8 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     blob = scorer.to_bytes()
     ood_name = f"ood-{hashlib.sha256(blob).hexdigest()[:12]}.safetensors"  # a new name: the old files stay valid
     records = {
-        "calibration": {"temperature": t, "bias": bias,
-                        "method": "none" if not cfg.temperature else cfg.scaling, "fitted_on": "validation", "n": int(len(y)),
+        "calibration": {"temperature": t, "bias": bias, "method": scaling, "requested": cfg.scaling if cfg.temperature
+                        else "none", "ece_by_scaling": by_scaling, "fitted_on": "validation", "n": int(len(y)),
                         "ece_before": calibration_error(y, raw), "ece_after": calibration_error(y, cal),
                         "brier_before": brier_score(y, raw), "brier_after": brier_score(y, cal)},
         "conformal": {"method": cfg.conformal, "alpha": cfg.alpha, "qhat": qhat, "heldout": check,

@@ -426,6 +426,8 @@ def _gate(cfg: dict, model_dir: Path) -> dict:
     if isinstance(cal, dict):
         out["calibration"] = {"temperature": _num(cal.get("temperature")), "n": _txt(cal.get("n")),
                               "bias": None if cal.get("bias") is None else ", ".join(f"{b:+.3f}" for b in cal["bias"]),
+                              "choice": None if not isinstance(cal.get("ece_by_scaling"), dict) or len(cal["ece_by_scaling"]) < 2
+                              else "; ".join(f"{k} {v:.3f}" for k, v in cal["ece_by_scaling"].items()),
                               **{k: _num(cal.get(k)) for k in ("ece_before", "ece_after", "brier_before", "brier_after")}}
     if isinstance(conf, dict):
         held = conf.get("heldout") or {}
