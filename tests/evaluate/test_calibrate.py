@@ -110,6 +110,7 @@ def test_evaluate_reports_calibration_coverage_and_risk(calibrated, dataset_dir,
                  "--n-boot", "0"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["calibration"]["temperature"] == pytest.approx(_cfg(calibrated)["calibration"]["temperature"])
+    assert m["calibration"]["class_bias"] == _cfg(calibrated)["calibration"]["bias"]  # None with temperature alone
     assert m["calibration"]["uncalibrated"] is not None or m["calibration"]["temperature"] == 1.0
     k = m["conformal"]
     assert k["alpha"] == 0.1 and 0 <= k["coverage"] <= 1 and set(k["by_class"]) == set(LABELS)

@@ -100,7 +100,8 @@ def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: P
         cal = metrics["calibration"]
         plot_reliability(y, {"as scored": probs} if cal["uncalibrated"] is None else
                          {f"before scaling (ECE {cal['uncalibrated']['ece']:.3f})": uncalibrated(probs, pred),
-                          f"after, T = {cal['temperature']:.2f} (ECE {cal['ece']:.3f})": probs}, tmp / "reliability.png")
+                          f"after, T = {cal['temperature']:.2f}{' + class bias' if pred.class_bias else ''} "
+                          f"(ECE {cal['ece']:.3f})": probs}, tmp / "reliability.png")
         rc = risk_coverage_curve(y, probs, pred.threshold)
         plot_risk_coverage(rc[:, 0], rc[:, 1], tmp / "risk_coverage.png")
         _write_predictions(tmp / "predictions.csv", preds, truth)
@@ -140,8 +141,9 @@ def abstention(y: np.ndarray, probs: np.ndarray, preds: list, pred: Predictor) -
         "accuracy_3class_in_scope": float((decided[in_scope] == y[in_scope]).mean()) if in_scope.any() else None}}
     raw = uncalibrated(probs, pred)
     out["calibration"] = {
-        "temperature": pred.temperature, "ece": calibration_error(y, probs), "brier": brier_score(y, probs),
-        "uncalibrated": None if raw is None or pred.temperature == 1.0 else
+        "temperature": pred.temperature, "class_bias": pred.class_bias,
+        "ece": calibration_error(y, probs), "brier": brier_score(y, probs),
+        "uncalibrated": None if raw is None or (pred.temperature == 1.0 and pred.class_bias is None) else
         {"ece": calibration_error(y, raw), "brier": brier_score(y, raw)}}
     if pred.qhat is not None:
         sets = pred.prediction_sets(probs)
@@ -297,7 +299,8 @@ def abstention_lines(m: dict) -> list[str]:
              f"{g['flagged']} of {g['n']} images flagged ({g['share_flagged']:.1%}; reasons: {why}). The figures above "
              "count every image; 3-class accuracy on the accepted ones: " + _fmt(acc_in) + ".", ""]
     before = c["uncalibrated"]
-    lines.append(f"Calibration: temperature {c['temperature']:.3f}; expected calibration error {c['ece']:.3f}, "
+    bias = "" if not c.get("class_bias") else " and class bias " + "/".join(f"{v:+.2f}" for v in c["class_bias"])
+    lines.append(f"Calibration: temperature {c['temperature']:.3f}{bias}; expected calibration error {c['ece']:.3f}, "
                  f"Brier {c['brier']:.3f}" + (f" (before scaling {before['ece']:.3f} and {before['brier']:.3f})" if before
                                                else "") + ".")
     if k:
