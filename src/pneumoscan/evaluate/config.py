@@ -62,8 +62,7 @@ class CalibrateConfig:
     alpha: float = 0.1  # conformal error rate: prediction sets hold the true class for 1 - alpha of exchangeable images
     conformal: Literal["lac", "aps"] = "lac"  # set score: lac (every class with p >= 1 - q) or aps (adaptive sets)
     temperature: bool = True  # fit temperature scaling (--no-temperature: sets and threshold on the raw probabilities)
-    scaling: Literal["auto", "bias-corrected", "temperature"] = "auto"  # T alone, T + a bias per class (BCTS), or auto:
-    # both fitted, the one with the lower validation calibration error kept (both errors recorded)
+    scaling: Literal["auto", "bias-corrected", "temperature"] = "auto"  # auto: lower-ECE fit of T alone vs T + class bias
     ood_quantile: float = 0.985  # share of validation images the learned score lets through (issue 14: <= 2 % flagged)
     pca_dim: int = 128  # PCA dimensions of the pooled features the Mahalanobis score works in
     force: bool = False  # use data whose manifest differs from the model's (validation may overlap training)
