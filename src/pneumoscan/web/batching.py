@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import PneumoscanError
-from .limits import BusyError, DeadlineError
+from .limits import Admission, BusyError, DeadlineError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Job:
     finish: Callable[[np.ndarray, np.ndarray | None], Any]  # (probabilities, features or None) -> the result
 
 
-class Batcher:
+class Batcher(Admission):
     """Prepare on ``workers`` threads, run prepared requests in batches of up to ``max_batch`` on ``runners`` threads.
 
     ``forward(batch) -> (probabilities, features or None)`` runs a stacked batch (N x 3 x S x S).
@@ -57,18 +57,14 @@ class Batcher:
         if workers < 1 or queue < 0 or max_batch < 1 or max_wait_ms < 0 or runners < 1:
             raise PneumoscanError(f"workers ({workers}) and max batch ({max_batch}) must be >= 1, queue ({queue}) "
                                   f"and max wait ({max_wait_ms} ms) >= 0")
-        self.name = name
+        super().__init__(workers, queue, name)
         self.forward = forward
-        self.workers = workers
-        self.capacity = workers + queue
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # batches run, by size
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"pneumoscan-prepare-{name}")
-        self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._waiting: collections.deque[tuple[Job, Future, float]] = collections.deque()  # prepared, not run
-        self._pending = 0  # submitted and not finished
         self._preparing = 0  # being prepared now: worth waiting for
         self._closed = False
         self._threads = [threading.Thread(target=self._loop, name=f"pneumoscan-batch-{name}-{i}", daemon=True)
@@ -76,22 +72,13 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def full(self) -> bool:
-        return self._pending >= self.capacity
-
     def submit(self, prepare: Callable[..., Job], *args: Any, deadline: float = math.inf) -> Future:
         """Prepare ``prepare(*args)`` on a worker; a :class:`Job` then runs in the next batch and the future
         holds its result (anything else is the result at once). ``deadline`` is a ``time.monotonic()`` value."""
         with self._lock:
             if self._closed:
                 raise BusyError("the service is shutting down")
-            if self._pending >= self.capacity:
-                raise BusyError(f"{self._pending} requests are already in progress or queued")
-            self._pending += 1
+            self._admit()
             self._preparing += 1  # from now on it is worth waiting for (queued for a worker, or decoding)
         fut: Future = Future()
         fut.add_done_callback(lambda _f: self._release())
@@ -101,10 +88,6 @@ class Batcher:
             self._prepared()
             fut.set_exception(BusyError(f"the service is shutting down ({e})"))
         return fut
-
-    def _release(self) -> None:
-        with self._lock:
-            self._pending -= 1
 
     def _prepared(self) -> None:
         with self._ready:

@@ -38,7 +38,36 @@ class DeadlineError(Exception):
     """The request did not finish within its deadline."""
 
 
-class Limiter:
+class Admission:
+    """The bound on pending jobs that the :class:`Limiter` and the batcher share: at most ``workers + queue``
+    submitted and not finished; one more is refused with :class:`BusyError` at once. Subclasses call
+    :meth:`_admit` with ``self._lock`` held and :meth:`_release` when a job finishes."""
+
+    def __init__(self, workers: int, queue: int, name: str) -> None:
+        self.name = name  # what the jobs are, for messages ("predictions", "explanations")
+        self.workers = workers
+        self.capacity = workers + queue
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted and not finished
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def full(self) -> bool:
+        return self._pending >= self.capacity
+
+    def _admit(self) -> None:
+        if self._pending >= self.capacity:
+            raise BusyError(f"{self._pending} requests are already in progress or queued")
+        self._pending += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+
+class Limiter(Admission):
     """A fixed pool of worker threads with a bounded number of pending jobs.
 
     ``submit`` is thread-safe and never blocks: it raises :class:`BusyError` when
@@ -49,26 +78,13 @@ class Limiter:
     def __init__(self, workers: int, queue: int, name: str = "requests") -> None:
         if workers < 1 or queue < 0:
             raise PneumoscanError(f"workers ({workers}) must be >= 1 and queue ({queue}) >= 0")
-        self.name = name  # what the jobs are, for messages ("predictions", "explanations")
-        self.workers = workers
-        self.capacity = workers + queue
+        super().__init__(workers, queue, name)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"pneumoscan-{name}")
-        self._lock = threading.Lock()
-        self._pending = 0
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def full(self) -> bool:
-        return self._pending >= self.capacity
 
     def submit(self, fn: Callable[..., Any], *args: Any, deadline: float = math.inf) -> Future:
         """Run ``fn(*args)`` on a worker; ``deadline`` is a ``time.monotonic()`` value."""
         with self._lock:
-            if self._pending >= self.capacity:
-                raise BusyError(f"{self._pending} requests are already in progress or queued")
-            self._pending += 1
+            self._admit()
 
         def job() -> Any:
             if time.monotonic() > deadline:
@@ -82,10 +98,6 @@ class Limiter:
             raise
         fut.add_done_callback(lambda _f: self._release())  # also runs when cancelled before start
         return fut
-
-    def _release(self) -> None:
-        with self._lock:
-            self._pending -= 1
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
