@@ -53,18 +53,11 @@ def ort_session(model: Union[str, os.PathLike, bytes], *, threads: int | None = 
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
-MEMINFO = Path("/proc/meminfo")
+def memory_available() -> int:
+    """Bytes of memory the system can give a new allocation now (psutil's ``available``)."""
+    import psutil
 
-
-def memory_available(meminfo: str | os.PathLike | None = None) -> int | None:
-    """Bytes of memory the system can give a new allocation now (Linux ``MemAvailable``); None if unknown."""
-    try:
-        for line in Path(meminfo or MEMINFO).read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return int(psutil.virtual_memory().available)
 
 
 CPUINFO = Path("/proc/cpuinfo")  # where the CPU's instruction-set flags are read (Linux)

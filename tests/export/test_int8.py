@@ -201,9 +201,9 @@ def test_a_histogram_calibration_that_would_not_fit_in_memory_is_refused_before_
     assert sorted(p.name for p in d.iterdir()) == before  # refused before the export: nothing written
 
 
-def test_memory_available_reads_meminfo(tmp_path):
+def test_memory_available_is_this_machine_s():
+    import psutil
+
     from pneumoscan.runtime import memory_available
 
-    (tmp_path / "meminfo").write_text("MemTotal:       24000000 kB\nMemAvailable:    1000 kB\n")
-    assert memory_available(tmp_path / "meminfo") == 1000 * 1024
-    assert memory_available(tmp_path / "missing") is None
+    assert 0 < memory_available() <= psutil.virtual_memory().total

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from . import (
     gemm_gflops,
     make_images,
     shared_data_dir,
+    time_calls,
     write_result,
 )
 
@@ -32,26 +34,20 @@ log = logging.getLogger(__name__)
 COMPARE = (("torch", 0), ("torch", 2), ("onnx", 0), ("onnx", 1), ("onnx", 2))  # (engine, workers) of --compare
 
 
-BARE_BATCHES = 8  # timed batches of the bare-forward baseline, per round
+BARE_BATCHES = 24  # timed batches of the bare-forward baseline
 
 
-def bare_forward(path: Path, size: int, batch_size: int, rounds: int = 3) -> float:
+def bare_forward(path: Path, size: int, batch_size: int) -> float:
     """Images/s of ONNX Runtime's bare forward of ``path`` (the graph the extraction ran) on a ready
-    float batch: no decoding, no preprocessing, no cache; the median of ``rounds``."""
+    float batch: no decoding, no preprocessing, no cache; from the median batch time."""
     import numpy as np
 
     from ..features.engines import OnnxEngine
 
     eng = OnnxEngine(path)
     x = np.random.default_rng(0).normal(size=(batch_size, 3, size, size)).astype(np.float32)
-    eng.session.run(None, {eng.input: x})  # warm-up
-    rates = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(BARE_BATCHES):
-            eng.session.run(None, {eng.input: x})
-        rates.append(BARE_BATCHES * batch_size / (time.perf_counter() - t))
-    return sorted(rates)[len(rates) // 2]
+    ms = time_calls(lambda: eng.session.run(None, {eng.input: x}), BARE_BATCHES, warmup=1)
+    return batch_size / (statistics.median(ms) / 1e3)
 
 
 def run_variant(spec: dict) -> dict:

@@ -54,10 +54,11 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
     return float(res.x)
 
 
-def fit_bias_corrected(probs: np.ndarray, y: np.ndarray) -> tuple[float, list[float]]:
+def fit_bias_corrected(probs: np.ndarray, y: np.ndarray, t0: float | None = None) -> tuple[float, list[float]]:
     """Bias-corrected temperature scaling (Alexandari et al. 2020): the temperature and one bias per class
     minimising the negative log-likelihood of ``softmax(log p / T + b)``; the biases are centred (a common
-    shift changes nothing). Starts from the temperature alone, so it is never worse than it on the fit data."""
+    shift changes nothing). Starts from the temperature alone (``t0``, fitted here when not given), so it is never
+    worse than it on the fit data."""
     from scipy.optimize import minimize
 
     y = np.asarray(y, int)
@@ -69,7 +70,7 @@ def fit_bias_corrected(probs: np.ndarray, y: np.ndarray) -> tuple[float, list[fl
         z = z - z.max(axis=1, keepdims=True)
         return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).mean())
 
-    t0 = fit_temperature(probs, y)
+    t0 = fit_temperature(probs, y) if t0 is None else t0
     start = np.array([t0, *([0.0] * k)])
     res = minimize(nll, start, method="L-BFGS-B", bounds=[(0.05, 20.0)] + [(-10.0, 10.0)] * k)
     w = res.x if res.success and nll(res.x) <= nll(start) else start
@@ -189,8 +190,9 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
         fits = {}
         if cfg.scaling in ("auto", "temperature"):
             fits["temperature"] = (fit_temperature(raw, y), None)
-        if cfg.scaling in ("auto", "bias-corrected"):
-            fits["bias-corrected"] = fit_bias_corrected(raw, y)
+        if cfg.scaling in ("auto", "bias-corrected"):  # starts from the temperature alone, if fitted already
+            t_alone = fits["temperature"][0] if "temperature" in fits else None
+            fits["bias-corrected"] = fit_bias_corrected(raw, y, t_alone)
         by_scaling = {k: calibration_error(y, temperature_scale(raw, *v)) for k, v in fits.items()}
         scaling = min(by_scaling, key=by_scaling.get)  # one fit: that one; auto: the lower calibration error
         t, bias = fits[scaling]

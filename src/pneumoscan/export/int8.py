@@ -144,8 +144,6 @@ def check_calibration_memory(model, images: int, cfg: QuantizeConfig, available:
     if cfg.quantiser != "onnxruntime" or cfg.calibration not in HISTOGRAM_CALIBRATIONS:
         return
     avail = memory_available() if available is None else available
-    if avail is None:
-        return
     per = activation_bytes(model)
     need, budget = per * images, MEMORY_SHARE * avail
     if need > budget:
