@@ -78,6 +78,18 @@ def test_normalisation_uses_the_backbones_mean_and_std():
                                rtol=1e-6, atol=1e-5)
 
 
+def test_batch_normalisation_equals_torch_and_one_image_at_a_time():
+    """The ONNX engine normalises uint8 batches with NumPy, the torch engine with torch: same numbers."""
+    torch = pytest.importorskip("torch")
+    cfg = PreprocessConfig(size=32, intensity="clahe")
+    pp = Preprocess(cfg)
+    batch = np.stack([pp.resize(film(32, 32, seed=s)) for s in range(4)])
+    x = pp.normalize_np(batch)
+    assert x.shape == (4, 3, 32, 32) and x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_array_equal(x, np.stack([pp.normalize_np(b) for b in batch]))
+    np.testing.assert_allclose(x, normalize_batch(torch.from_numpy(batch), cfg).numpy(), rtol=1e-6, atol=1e-5)
+
+
 def test_bad_settings_are_refused():
     from pneumoscan.errors import PneumoscanError
 

@@ -95,8 +95,9 @@ class Preprocess:
         return np.stack([self.intensity(np.ascontiguousarray(b)) for b in batch])
 
     def normalize_np(self, resized: np.ndarray) -> np.ndarray:
-        """uint8 ``size x size`` -> normalised float32 array (3, size, size) of identical channels."""
-        return np.ascontiguousarray((resized.astype(np.float32)[None] - self._mean) * self._inv_std)
+        """uint8 ``size x size`` -> normalised float32 array (3, size, size) of identical channels;
+        a uint8 batch (N, size, size) -> (N, 3, size, size)."""
+        return np.ascontiguousarray((resized.astype(np.float32)[..., None, :, :] - self._mean) * self._inv_std)
 
     def normalize(self, resized: np.ndarray) -> "torch.Tensor":
         """As :meth:`normalize_np`, as a torch tensor."""

@@ -136,7 +136,7 @@ def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: 
                 # Decode at 1/2, 1/4 or 1/8 scale when that still leaves >= size_hint px per side.
                 im.draft("L" if im.mode == "L" else "RGB", (size_hint, size_hint))
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # no copy of an upright image
     except (ImageTooLargeError, ImageError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

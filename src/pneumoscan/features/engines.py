@@ -17,7 +17,7 @@ import torch
 from ..errors import PneumoscanError
 from ..io import atomic_path
 from ..nets.graph import export_fast
-from ..preprocess import PreprocessConfig
+from ..preprocess import Preprocess, PreprocessConfig, normalize_batch
 from ..runtime import cpu_count, ort_session
 from .config import ENGINES, ONNX_MIN_IMAGES
 
@@ -44,6 +44,11 @@ class TorchEngine:
             parts = x.split(self.chunk) if self.chunk else (x,)
             return torch.cat([self.net(p).float() for p in parts]).cpu().numpy()
 
+    def encode(self, batch_u8: torch.Tensor, prep: PreprocessConfig) -> np.ndarray:
+        """Features of a uint8 (N, S, S) batch: on a GPU the uint8 batch travels (4x fewer bytes,
+        pinned, async) and is normalised there."""
+        return self(normalize_batch(batch_u8.to(self.device, non_blocking=True), prep))
+
 
 class OnnxEngine:
     """The backbone in ONNX Runtime (all graph optimisations, one intra-op thread per core)."""
@@ -56,9 +61,17 @@ class OnnxEngine:
         self.session = ort_session(path, threads=threads or cpu_count(), spinning=spinning)
         self.input = self.session.get_inputs()[0].name
 
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        a = x.numpy()
+    def __call__(self, x: "torch.Tensor | np.ndarray") -> np.ndarray:
+        a = x.numpy() if isinstance(x, torch.Tensor) else x
         return np.concatenate([self.session.run(None, {self.input: a[i:i + CPU_CHUNK]})[0]
+                               for i in range(0, len(a), CPU_CHUNK)])
+
+    def encode(self, batch_u8: torch.Tensor, prep: PreprocessConfig) -> np.ndarray:
+        """Features of a uint8 (N, S, S) batch, normalised with NumPy one chunk at a time: torch's
+        normalisation of a 64-image batch took 107 ms beside ONNX Runtime (its OpenMP threads and
+        ONNX Runtime's fought for the two cores), NumPy's on the calling thread 12 ms."""
+        a, pre = batch_u8.numpy(), Preprocess(prep)
+        return np.concatenate([self.session.run(None, {self.input: pre.normalize_np(a[i:i + CPU_CHUNK])})[0]
                                for i in range(0, len(a), CPU_CHUNK)])
 
 
