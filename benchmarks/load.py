@@ -4,7 +4,7 @@ It starts the real server (the default queue, pneumoscan's uvicorn protocol) in 
 a free 127.0.0.1 port, waits for /readyz (and, with --explain, for explanations to be ready), then
 
   1. single-request latency (one client, sequential): client-side and server-side (elapsed_ms);
-  2. for each --clients level: N asyncio clients (httpx.AsyncClient, one connection each) send
+  2. for each --clients level: N asyncio clients (aiohttp, or httpx with --client; one connection each) send
      --requests images; every outcome is counted: 200, 503 with and without Retry-After, other
      statuses, connection resets and timeouts (the target: refusals only as 503 + Retry-After);
   3. --big-uploads clients sending one ~19 MiB image each at once (bytes in flight are capped) and
@@ -39,10 +39,16 @@ import httpx
 import numpy as np
 import psutil
 
+try:  # the lighter client (the [test] extra); httpx remains for the first harness's figures
+    import aiohttp
+except ImportError:  # pragma: no cover
+    aiohttp = None
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "chest_xray" / "train"
 MAX_REQUESTS = 20_000  # hard bound per phase
 PHASE_TIMEOUT_S = 600  # hard bound per phase
+ATTEMPTS_PER_REQUEST = 50  # a phase gives up after this many attempts per 200 it was to collect
 RESETS = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.ConnectError)
 
 # The server exactly as `pneumoscan serve` builds it: the CLI's options, then pneumoscan.web.server.serve.
@@ -119,11 +125,22 @@ def pct(a: list[float], q: float) -> float:
     return float(np.percentile(a, q)) if a else float("nan")
 
 
-def outcome(r: httpx.Response | None, e: Exception | None) -> str:
+class Reply:
+    """What a client got back, whichever HTTP library sent the request."""
+
+    def __init__(self, status: int, headers, body: bytes) -> None:
+        self.status_code, self.headers, self.body = status, {k.lower(): v for k, v in headers.items()}, body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def outcome(r: Reply | None, e: Exception | None) -> str:
     if e is not None:
-        if isinstance(e, httpx.TimeoutException):
+        if isinstance(e, (httpx.TimeoutException, asyncio.TimeoutError)):
             return "timeout"
-        return "reset" if isinstance(e, RESETS) else type(e).__name__
+        resets = RESETS + ((aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) if aiohttp else ())
+        return "reset" if isinstance(e, resets) else type(e).__name__
     if r.status_code == 503:
         try:
             code = r.json()["code"]  # busy, busy_uploads, deadline, ...
@@ -133,25 +150,70 @@ def outcome(r: httpx.Response | None, e: Exception | None) -> str:
     return str(r.status_code)
 
 
+class HttpxClients:
+    """httpx.AsyncClient, one connection per client (the first harness: about 5 CPU-ms per request)."""
+
+    def __init__(self, url: str, clients: int) -> None:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        self.client = httpx.AsyncClient(base_url=url, limits=limits, timeout=60)
+
+    async def post(self, path: str, name: str, data: bytes) -> Reply:
+        r = await self.client.post(path, files={"file": (name, data, "image/jpeg")})
+        return Reply(r.status_code, r.headers, r.content)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class AiohttpClients:
+    """aiohttp.ClientSession, one connection per client: a fraction of httpx's CPU per request, which
+    matters when the clients share the server's cores."""
+
+    def __init__(self, url: str, clients: int) -> None:
+        self.url = url
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
+                                             timeout=aiohttp.ClientTimeout(total=60))
+
+    async def post(self, path: str, name: str, data: bytes) -> Reply:
+        form = aiohttp.FormData()
+        form.add_field("file", data, filename=name, content_type="image/jpeg")
+        async with self.session.post(self.url + path, data=form) as r:
+            return Reply(r.status, r.headers, await r.read())
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+CLIENTS = {"aiohttp": AiohttpClients, "httpx": HttpxClients}
+CLIENT = ["aiohttp"]  # the library every phase uses (--client)
+
+
 async def clients_phase(url: str, images, clients: int, total: int, path: str = "/api/predict",
-                        stop: asyncio.Event | None = None, polite: bool = False) -> dict:
-    """``clients`` asyncio clients, each on its own connection, sending ``total`` requests in all
-    (or until ``stop`` is set); latencies of the 200s and a count of every outcome. ``polite``
-    clients wait the ``Retry-After`` of a 503 before their next request; the others retry at once."""
+                        stop: asyncio.Event | None = None, polite: bool = False, library: str | None = None,
+                        attempts: int | None = None) -> dict:
+    """``clients`` asyncio clients, each on its own connection, sending requests until ``total`` of them
+    were answered 200 (or until ``stop`` is set, or after ``attempts`` attempts, by default
+    ``ATTEMPTS_PER_REQUEST * total``);
+    latencies of the 200s and a count of every outcome. ``polite`` clients wait the ``Retry-After`` of
+    a 503 before their next request; the others retry at once (a fast client then sends many refused
+    attempts per served request: counting attempts instead would end the phase early).
+    ``library``: the HTTP client ("aiohttp" or "httpx"; default --client); the CPU seconds this process
+    spent go in the result (the clients share the server's cores)."""
+    library = library or CLIENT[0]
     lat, server_ms, outcomes = [], [], Counter()
-    counter = iter(range(total))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+    counter = iter(range(attempts or ATTEMPTS_PER_REQUEST * total))
+    client = CLIENTS[library](url, clients)
+    try:
         async def one_client() -> None:
             for i in counter:
-                if stop is not None and stop.is_set():
+                if (stop is not None and stop.is_set()) or len(lat) >= total:
                     return
                 name, data = images[i % len(images)]
                 t = time.perf_counter()
                 r = e = None
                 try:
-                    r = await client.post(path, files={"file": (name, data, "image/jpeg")})
-                except httpx.HTTPError as exc:
+                    r = await client.post(path, name, data)
+                except Exception as exc:  # every failure is an outcome, counted by kind
                     e = exc
                 dt = (time.perf_counter() - t) * 1e3
                 outcomes[outcome(r, e)] += 1
@@ -161,12 +223,14 @@ async def clients_phase(url: str, images, clients: int, total: int, path: str = 
                     lat.append(dt)
                     if path == "/api/predict":
                         server_ms.append(r.json()["elapsed_ms"])
-        t0 = time.perf_counter()
+        c0, t0 = sum(os.times()[:2]), time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(one_client() for _ in range(clients))), PHASE_TIMEOUT_S)
-        wall = time.perf_counter() - t0
-    return {"clients": clients, "path": path, "requests": sum(outcomes.values()), "ok": len(lat),
+        wall, cpu = time.perf_counter() - t0, sum(os.times()[:2]) - c0
+    finally:
+        await client.close()
+    return {"clients": clients, "path": path, "client": library, "requests": sum(outcomes.values()), "ok": len(lat),
             "outcomes": dict(sorted(outcomes.items())), "wall_s": round(wall, 3),
-            "throughput_rps": round(len(lat) / wall, 2),
+            "throughput_rps": round(len(lat) / wall, 2), "client_cpu_s": round(cpu, 2),
             "latency_ms": {"p50": round(pct(lat, 50), 1), "p95": round(pct(lat, 95), 1), "p99": round(pct(lat, 99), 1),
                            "max": round(max(lat), 1) if lat else None},
             "server_ms": {"p50": round(pct(server_ms, 50), 2), "p95": round(pct(server_ms, 95), 2)} if server_ms else None}
@@ -201,7 +265,7 @@ async def big_phase(url: str, n: int, mib: float, proc: psutil.Process) -> dict:
     """``n`` clients each uploading one ~``mib`` MiB image at once; outcomes and RSS before / after."""
     name, data = big_image(mib)
     before = rss_mb(proc)
-    res = await clients_phase(url, [(name, data)], n, n)
+    res = await clients_phase(url, [(name, data)], n, n, attempts=n)  # one attempt each, all at once
     await asyncio.sleep(5)
     res.update(upload_mib=round(len(data) / 2**20, 1), rss_before=round(before, 1), rss_after_5s=round(rss_mb(proc), 1))
     return res
@@ -279,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     ap.add_argument("--backend", default="onnx", choices=["onnx", "torch"])
     ap.add_argument("--clients", default="8,32,64", help="comma-separated concurrency levels (default 8,32,64)")
-    ap.add_argument("--requests", type=int, default=1000, help="requests per level (default 1000)")
+    ap.add_argument("--requests", type=int, default=1000, help="answered (200) requests per level (default 1000)")
     ap.add_argument("--polite", action="store_true", help="clients wait a 503's Retry-After (default: retry at once)")
     ap.add_argument("--single", type=int, default=100, help="sequential single-client requests (default 100)")
     ap.add_argument("--explain", action="store_true", help="also the explanation phase (waits for explanations)")
@@ -293,10 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="server inference threads (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the server's default)")
     ap.add_argument("--server-args", default="", help="more 'pneumoscan serve' options, e.g. '--max-batch 8'")
+    ap.add_argument("--client", default="aiohttp", choices=sorted(CLIENTS),
+                    help="HTTP client library of the load (default aiohttp; httpx: the first harness, ~4x its CPU)")
     ap.add_argument("--tag", default="", help="suffix of the default JSON name (e.g. baseline)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/load-....json)")
     args = ap.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
+    if args.client == "aiohttp" and aiohttp is None:
+        ap.error("--client aiohttp needs aiohttp (pip install aiohttp, or the [test] extra); or use --client httpx")
+    CLIENT[0] = args.client
     bounded = [args.requests, args.single, args.requests_during]
     if not all(1 <= n <= MAX_REQUESTS for n in bounded) or not all(1 <= c <= 128 for c in args.clients):
         ap.error(f"request counts must be 1..{MAX_REQUESTS} and --clients 1..128")
@@ -309,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                            "requests": args.requests, "single": args.single, "workers": args.workers,
                            "threads": args.threads, "server_args": args.server_args, "queue": "default (16)",
                            "explain": args.explain, "pythonpath": os.environ.get("PYTHONPATH"),
-                           "clients_wait_retry_after": args.polite,
+                           "clients_wait_retry_after": args.polite, "client": args.client,
                            "images": f"{len(images)} x {'training JPEGs' if args.images else 'synthetic 224-px JPEGs'}"},
               "result": result}
     name = (f"load-{'-'.join(map(str, args.clients))}c-{args.requests}{'-polite' if args.polite else ''}"

@@ -293,8 +293,8 @@ def test_missing_file_field_and_url_instead_of_file(client):
 
 # -- bounded concurrency and deadlines --------------------------------------------------------------------
 
-def test_queue_full_is_503_at_once_with_retry_after(model_dir):
-    with serve(model_dir, workers=1, queue=0, deadline_s=60) as c:
+def test_queue_full_is_503_after_the_queue_wait_with_retry_after(model_dir):
+    with serve(model_dir, workers=1, queue=0, deadline_s=60, queue_wait_ms=50) as c:
         gate = threading.Event()
         held = c.service.limiter.submit(gate.wait)  # the only worker is busy
         try:
@@ -304,6 +304,34 @@ def test_queue_full_is_503_at_once_with_retry_after(model_dir):
             gate.set()
             held.result(5)
         assert post(c, jpeg()).status_code == 200
+
+
+def test_a_request_that_finds_the_queue_full_is_served_when_a_slot_frees_within_the_wait(model_dir):
+    with serve(model_dir, workers=1, queue=0, deadline_s=60, queue_wait_ms=20_000) as c:
+        gate = threading.Event()
+        held = c.service.limiter.submit(gate.wait)  # the only worker is busy
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(post(c, jpeg())))
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(0.3)
+        assert not got  # held at the door, not refused
+        gate.set()
+        held.result(5)
+        t.join(30)
+        assert got[0].status_code == 200 and time.monotonic() - t0 >= 0.3
+
+
+def test_queue_wait_zero_refuses_at_once(model_dir):
+    with serve(model_dir, workers=1, queue=0, deadline_s=60, queue_wait_ms=0) as c:
+        gate = threading.Event()
+        held = c.service.limiter.submit(gate.wait)
+        try:
+            r = post(c, jpeg())
+            assert r.status_code == 503 and r.json()["code"] == "busy" and r.headers["retry-after"] == "1"
+        finally:
+            gate.set()
+            held.result(5)
 
 
 @pytest.mark.slow

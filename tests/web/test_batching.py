@@ -1,6 +1,7 @@
 """Dynamic batching: concurrent predictions share one forward pass, each keeps its own result and error."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import wait
@@ -10,7 +11,7 @@ import pytest
 
 from pneumoscan.errors import ImageError
 from pneumoscan.web.batching import Batcher, Job
-from pneumoscan.web.limits import BusyError, DeadlineError
+from pneumoscan.web.limits import BusyError, DeadlineError, Limiter
 
 from .test_app import jpeg, post, serve
 
@@ -231,3 +232,31 @@ def test_the_service_batches_concurrent_uploads_and_keeps_their_errors(model_dir
             assert max(abs(got[k] - p[k]) for k in p) < 1e-5
         info = c.get("/api/info").json()
         assert info["max_batch"] == 8 and info["precision"] == "fp32" and "no INT8 export" in info["precision_reason"]
+
+
+def test_room_waits_for_a_slot_wakes_the_oldest_first_and_gives_up_after_the_wait():
+    """Admission.room (the HAProxy-style queue wait the service holds a request in when the queue is full)."""
+    lim = Limiter(workers=1, queue=0, name="jobs")
+    gate = threading.Event()
+    held = lim.submit(gate.wait)
+    assert lim.full()
+
+    async def scenario():
+        assert not await lim.room(0)  # no wait: refused at once
+        assert not await lim.room(0.05)  # nothing finishes within the wait
+        assert not lim._waiters  # a waiter that gave up leaves no trace
+        first = asyncio.ensure_future(lim.room(10))
+        await asyncio.sleep(0.02)
+        second = asyncio.ensure_future(lim.room(0.5))
+        await asyncio.sleep(0.02)
+        threading.Timer(0.05, gate.set).start()  # the running job ends on another thread
+        got_first = await asyncio.wait_for(first, 2)  # woken when the job ends, not at the end of its 10 s
+        second_woken = second.done()
+        return got_first, second_woken, await second
+
+    got_first, second_woken, got_second = asyncio.run(scenario())
+    held.result(5)
+    # one slot freed, one waiter woken: the oldest; the second was not, and when its own wait ended
+    # the slot was still free (nothing took it), which room reports as room
+    assert got_first is True and not second_woken and got_second is True and not lim._waiters
+    lim.shutdown()

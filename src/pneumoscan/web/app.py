@@ -110,7 +110,8 @@ def _add_middleware(app: FastAPI, cfg: ServeConfig, service: Service) -> None:
     """Outermost last: the Host check, then security headers, then the body bounds."""
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_upload_bytes,
                        limiters={"/api/predict": service.limiter, "/api/explain": service.explain_limiter},
-                       inflight=InFlight(cfg.max_inflight_bytes), body_timeout_s=cfg.body_timeout_s)
+                       inflight=InFlight(cfg.max_inflight_bytes), body_timeout_s=cfg.body_timeout_s,
+                       queue_wait_s=cfg.queue_wait_ms / 1e3)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(TrustedHostsMiddleware, allowed_hosts=cfg.trusted_hosts())
 
@@ -149,9 +150,14 @@ def create_app(cfg: ServeConfig = ServeConfig(), service: Service | None = None)
     async def run(limiter: Limiter | Batcher, path: str, fn: Callable, *args):
         """Run ``fn(*args)`` on ``limiter``'s pool within the deadline; a problem Response on refusal."""
         deadline = time.monotonic() + cfg.deadline_s
-        try:
-            fut = asyncio.wrap_future(limiter.submit(fn, *args, deadline=deadline))
-        except BusyError:
+        hold_until = time.monotonic() + cfg.queue_wait_ms / 1e3
+        while True:
+            try:
+                fut = asyncio.wrap_future(limiter.submit(fn, *args, deadline=deadline))
+                break
+            except BusyError:  # the slot the body middleware saw free was taken meanwhile: wait for the next
+                if await limiter.room(hold_until - time.monotonic()):
+                    continue
             return problem(503, f"server busy: too many {limiter.name} queued; retry shortly", "busy", path,
                            retry_after=1)
         try:

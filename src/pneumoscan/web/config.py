@@ -22,7 +22,8 @@ class ServeConfig:
     precision: Literal["auto", "fp32", "int8"] = "auto"  # auto: the INT8 export if it passed its gate and the CPU has VNNI
     workers: int = 2  # threads decoding and checking uploads (the runners then take them in batches)
     runners: int = 2  # threads running the model on batches, each with --threads intra-op threads
-    queue: int = 16  # requests allowed to wait beyond the workers' (batches included); past that: 503 + Retry-After
+    queue: int = 6  # requests allowed to wait beyond the workers' (batches included); past that: 503 + Retry-After
+    queue_wait_ms: float = 50.0  # how long a request that finds the queue full is held for a free slot before its 503
     max_batch: int = 16  # predictions run as one batch at most (dynamic batching)
     max_wait_ms: float = 4.0  # how long a batch waits for uploads still being decoded before it runs
     explain_workers: int = 1  # explanation threads, apart from the prediction workers (never starve predictions)
@@ -51,6 +52,9 @@ class ServeConfig:
         if self.max_batch < 1 or not 0 <= self.max_wait_ms <= 1000:
             raise PneumoscanError(f"--max-batch ({self.max_batch}) must be at least 1 and --max-wait-ms "
                                   f"({self.max_wait_ms:g}) lie in 0..1000 (default 16 and 4)")
+        if not 0 <= self.queue_wait_ms <= 1000 * self.deadline_s:
+            raise PneumoscanError(f"--queue-wait-ms {self.queue_wait_ms:g} must lie in 0..{1000 * self.deadline_s:g} "
+                                  "(the deadline; default 50)")
         if self.explain_workers < 1 or self.explain_queue < 0:
             raise PneumoscanError("--explain-workers must be at least 1 and --explain-queue >= 0")
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:

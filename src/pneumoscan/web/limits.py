@@ -18,6 +18,7 @@ import re
 import threading
 import time
 import unicodedata
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -41,7 +42,12 @@ class DeadlineError(Exception):
 class Admission:
     """The bound on pending jobs that the :class:`Limiter` and the batcher share: at most ``workers + queue``
     submitted and not finished; one more is refused with :class:`BusyError` at once. Subclasses call
-    :meth:`_admit` with ``self._lock`` held and :meth:`_release` when a job finishes."""
+    :meth:`_admit` with ``self._lock`` held and :meth:`_release` when a job finishes.
+
+    The service's event loop may first wait for a free slot (:meth:`room`, HAProxy's ``timeout queue``):
+    a request that finds the bound reached is held up to ``--queue-wait-ms`` and goes ahead as soon as a
+    job finishes, else it is refused. A refusal therefore costs a client at least that long, so clients
+    that retry at once (ignoring ``Retry-After``) cannot turn the service into a loop of refusals."""
 
     def __init__(self, workers: int, queue: int, name: str) -> None:
         self.name = name  # what the jobs are, for messages ("predictions", "explanations")
@@ -49,6 +55,7 @@ class Admission:
         self.capacity = workers + queue
         self._lock = threading.Lock()
         self._pending = 0  # submitted and not finished
+        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()  # held by room(), oldest first
 
     @property
     def pending(self) -> int:
@@ -65,6 +72,42 @@ class Admission:
     def _release(self) -> None:
         with self._lock:
             self._pending -= 1
+        self._wake()
+
+    async def room(self, wait_s: float) -> bool:
+        """True when a slot is free now or becomes free within ``wait_s`` seconds (the oldest waiter is
+        woken first); False when the bound is still reached after that. Event-loop only."""
+        if not self.full():
+            return True
+        if wait_s <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        waiter = (loop, loop.create_future())
+        with self._lock:
+            self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter[1], wait_s)
+            return True
+        except asyncio.TimeoutError:
+            return not self.full()
+        finally:
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        """Wake the oldest waiter of :meth:`room` if a slot is free (any thread)."""
+        with self._lock:
+            if not self._waiters or self._pending >= self.capacity:
+                return
+            loop, fut = self._waiters.popleft()
+        loop.call_soon_threadsafe(self._woken, fut)
+
+    def _woken(self, fut: asyncio.Future) -> None:
+        if fut.done():  # its wait timed out just now: the slot goes to the next waiter
+            self._wake()
+        else:
+            fut.set_result(None)
 
 
 class Limiter(Admission):
@@ -157,20 +200,22 @@ class BodyLimitMiddleware:
       the limit is crossed; whatever the app was doing with the partial body is discarded);
     - all requests together hold at most ``inflight.capacity`` body bytes (declared lengths are
       reserved up front, chunked bodies as they arrive): past that, 503 + ``Retry-After``;
-    - an upload path whose :class:`Limiter` is full is a 503 + ``Retry-After`` before the body is read;
+    - an upload path whose :class:`Limiter` is full is held up to ``queue_wait_s`` for a slot
+      (:meth:`Admission.room`), then, if still full, a 503 + ``Retry-After`` before the body is read;
     - the whole body must arrive within ``body_timeout_s`` (a body sent at 1 B/s is a 408).
 
     Refusals sent before the body was read keep the connection open (no ``Connection: close``):
     the server reads and drops the rest of the body, so clients see the status, not a reset.
     """
 
-    def __init__(self, app, max_bytes: int, limiters: dict[str, Limiter] | None = None,
-                 inflight: InFlight | None = None, body_timeout_s: float = 60.0) -> None:
+    def __init__(self, app, max_bytes: int, limiters: dict[str, Admission] | None = None,
+                 inflight: InFlight | None = None, body_timeout_s: float = 60.0, queue_wait_s: float = 0.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.limiters = limiters or {}
         self.inflight = inflight or InFlight(8 * max_bytes)
         self.body_timeout_s = body_timeout_s
+        self.queue_wait_s = queue_wait_s  # how long a request that finds its queue full is held for a slot
 
     def _limit_msg(self) -> str:
         return f"upload larger than the limit of {self.max_bytes / 2**20:g} MiB; send a smaller image"
@@ -192,7 +237,7 @@ class BodyLimitMiddleware:
                 await send_problem(send, 413, self._limit_msg(), "upload_too_large", path)
                 return
         limiter = self.limiters.get(path)
-        if limiter is not None and limiter.full():
+        if limiter is not None and not await limiter.room(self.queue_wait_s):
             await send_problem(send, 503, f"server busy: too many {limiter.name} queued; retry shortly", "busy",
                                path, retry_after=1)
             return
