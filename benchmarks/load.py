@@ -151,7 +151,7 @@ def outcome(r: Reply | None, e: Exception | None) -> str:
 
 
 class HttpxClients:
-    """httpx.AsyncClient, one connection per client (the first harness: about 5 CPU-ms per request)."""
+    """httpx.AsyncClient, one connection per client (the first harness: about 4 CPU-ms per request)."""
 
     def __init__(self, url: str, clients: int) -> None:
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -166,8 +166,8 @@ class HttpxClients:
 
 
 class AiohttpClients:
-    """aiohttp.ClientSession, one connection per client: a fraction of httpx's CPU per request, which
-    matters when the clients share the server's cores."""
+    """aiohttp.ClientSession, one connection per client: about 0.3 CPU-ms per request against httpx's 4,
+    which matters when the clients share the server's cores."""
 
     def __init__(self, url: str, clients: int) -> None:
         self.url = url
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the server's default)")
     ap.add_argument("--server-args", default="", help="more 'pneumoscan serve' options, e.g. '--max-batch 8'")
     ap.add_argument("--client", default="aiohttp", choices=sorted(CLIENTS),
-                    help="HTTP client library of the load (default aiohttp; httpx: the first harness, ~4x its CPU)")
+                    help="HTTP client library of the load (default aiohttp; httpx: the first harness, ~15x its CPU per request)")
     ap.add_argument("--tag", default="", help="suffix of the default JSON name (e.g. baseline)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/load-....json)")
     args = ap.parse_args(argv)
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                           "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
               "settings": {"model": str(args.model or "shipped default"), "clients": args.clients,
                            "requests": args.requests, "single": args.single, "workers": args.workers,
-                           "threads": args.threads, "server_args": args.server_args, "queue": "default (16)",
+                           "threads": args.threads, "server_args": args.server_args, "queue": "the server's default",
                            "explain": args.explain, "pythonpath": os.environ.get("PYTHONPATH"),
                            "clients_wait_retry_after": args.polite, "client": args.client,
                            "images": f"{len(images)} x {'training JPEGs' if args.images else 'synthetic 224-px JPEGs'}"},

@@ -105,3 +105,30 @@ def test_connections_are_capped_with_retry_after(live):
                 s.close()
         time.sleep(0.3)
         assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("library", ["aiohttp", "httpx"])
+def test_the_load_benchmark_counts_answers_and_classifies_refusals(live, library):
+    """benchmarks/load.py's clients: a level runs until its answers are in; refusals are counted by kind;
+    a phase that only meets refusals stops after its attempts."""
+    import importlib.util
+    from pathlib import Path
+
+    from .test_app import jpeg
+
+    spec = importlib.util.spec_from_file_location("load_bench", Path(__file__).parents[2] / "benchmarks" / "load.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    images = [("x.jpg", jpeg())]
+    with live(workers=1, queue=0, queue_wait_ms=0) as (url, app):
+        r = asyncio.run(load.clients_phase(url, images, 3, 12, library=library))
+        assert r["ok"] >= 12 and r["outcomes"].get("200", 0) == r["ok"] and r["client"] == library
+        assert r["requests"] == sum(r["outcomes"].values()) and r["client_cpu_s"] >= 0
+        gate = threading.Event()
+        held = app.state.service.limiter.submit(gate.wait)  # the only worker is busy: everything is refused
+        try:
+            r = asyncio.run(load.clients_phase(url, images, 3, 5, library=library, attempts=9))
+        finally:
+            gate.set()
+            held.result(5)
+        assert r["ok"] == 0 and r["outcomes"] == {"503+retry-after:busy": 9}
