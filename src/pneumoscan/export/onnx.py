@@ -48,7 +48,9 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 FEATURES_NAME = "features"
 CAM_NAME = "cam"
-CAM_TOLERANCE = 1e-4  # max |cam_torch - cam_onnx| after scaling each map to a maximum of 1
+CAM_TOLERANCE = 1e-3  # max |cam_torch - cam_onnx| after scaling each map to a maximum of 1: a quarter of one grey
+# level of the 8-bit overlay; 1e-4 refused the frozen Lite0 model of 'pneumoscan run' on an AVX-512 machine (3.0e-4:
+# float32 kernels differ where a map's weighted sum of activations cancels)
 
 
 def _pools_linearly(member: nn.Module, size: int) -> bool:
@@ -240,7 +242,8 @@ def export_onnx(model_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig()
         cam_check = cam_parity(graph, tmp_path, cfg) if graph.with_cam else None
         if cam_check is not None and not cam_check["passed"]:
             raise ModelError(f"ONNX class-activation maps differ from PyTorch's for {d} (max difference "
-                             f"{cam_check['max_abs_diff_scaled']:.2e} > {CAM_TOLERANCE:.0e}); the model was not exported")
+                             f"{cam_check['max_abs_diff_scaled']:.2e} > {CAM_TOLERANCE:.0e} of a map's maximum); "
+                             "the model was not exported")
         digest = file_digest(tmp_path)
     # Re-read the config so that nothing written meanwhile is lost; write it atomically.
     conf = read_config(d)
