@@ -101,7 +101,10 @@ class Admission:
             if not self._waiters or self._pending >= self.capacity:
                 return
             loop, fut = self._waiters.popleft()
-        loop.call_soon_threadsafe(self._woken, fut)
+        try:
+            loop.call_soon_threadsafe(self._woken, fut)
+        except RuntimeError:  # the server's loop has closed (shutting down): nobody is waiting any more
+            pass
 
     def _woken(self, fut: asyncio.Future) -> None:
         if fut.done():  # its wait timed out just now: the slot goes to the next waiter
