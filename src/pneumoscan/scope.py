@@ -67,15 +67,16 @@ def check_scope(x: XRay, thresholds: ScopeThresholds = DEFAULT_THRESHOLDS) -> li
     if g.size == 0:
         return out + ["no pixels"]
     small = cv2.resize(g, (CHECK_SIDE, CHECK_SIDE), interpolation=cv2.INTER_AREA) if g.shape != (CHECK_SIDE,) * 2 else g
-    f = small.astype(np.float32)
-    std, mean = float(f.std()), float(f.mean())
+    m, sd = cv2.meanStdDev(small)  # one pass in OpenCV on the uint8 pixels (the float32 numpy form took 3x longer)
+    mean, std = float(m[0, 0]), float(sd[0, 0])
+    dark, bright = np.count_nonzero(small <= 2) / small.size, np.count_nonzero(small >= 253) / small.size
     if std < t.min_std:
         out.append(f"blank or nearly constant (pixel standard deviation {std:.1f} < {t.min_std:g})")
-    if mean < t.min_mean or (small <= 2).mean() > t.max_dark_share:
-        out.append(f"under-exposed or empty (mean {mean:.0f}, {(small <= 2).mean():.0%} black pixels)")
-    if mean > t.max_mean or (small >= 253).mean() > t.max_bright_share:
-        out.append(f"over-exposed (mean {mean:.0f}, {(small >= 253).mean():.0%} white pixels)")
-    roughness = float(np.abs(np.diff(f, axis=1)).mean())
+    if mean < t.min_mean or dark > t.max_dark_share:
+        out.append(f"under-exposed or empty (mean {mean:.0f}, {dark:.0%} black pixels)")
+    if mean > t.max_mean or bright > t.max_bright_share:
+        out.append(f"over-exposed (mean {mean:.0f}, {bright:.0%} white pixels)")
+    roughness = cv2.mean(cv2.absdiff(small[:, 1:], small[:, :-1]))[0]  # mean neighbour difference, exact in uint8
     if std < t.min_std:
         return out  # nothing below has a meaning on a flat image
     corr, midline, across = layout_stats(g)
@@ -113,8 +114,9 @@ def layout_stats(g: np.ndarray) -> tuple[float, float, float]:
     (x 40-60 %, y 20-80 %) minus the mean of the two lung bands (x 15-35 % and 65-85 %, y 25-65 %),
     and the same measured on the transposed image."""
     s = cv2.resize(g, (LAYOUT_SIDE, LAYOUT_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
-    a, b = s[:, :-1].ravel(), s[:, 1:].ravel()
-    corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 1.0
+    a, b = s[:, :-1] - s[:, :-1].mean(), s[:, 1:] - s[:, 1:].mean()
+    norm = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    corr = float((a * b).sum()) / norm if norm > 0 else 1.0  # Pearson's r, as np.corrcoef, without its overhead
     z = (s - s.mean()) / (s.std() + 1e-6)
 
     def contrast(m: np.ndarray) -> float:
