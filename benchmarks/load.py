@@ -371,7 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"request counts must be 1..{MAX_REQUESTS} and --clients 1..128")
     images = load_images(args.images, 64)
     result = bench(args, images)
-    report = {"machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+    try:  # the instruction set, as every other benchmark records it (an older checkout on PYTHONPATH may lack it)
+        from pneumoscan.bench import cpu_model
+        from pneumoscan.runtime import SHOWN_FLAGS, cpu_flags
+        cpu = {"cpu_model": cpu_model(), "cpu_flags": [f for f in SHOWN_FLAGS if f in cpu_flags()]}
+    except ImportError:
+        cpu = {}
+    report = {"machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), **cpu,
                           "platform": platform.platform(), "python": platform.python_version(),
                           "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
               "settings": {"model": str(args.model or "shipped default"), "clients": args.clients,
