@@ -61,8 +61,8 @@ class OnnxEngine:
         self.session = ort_session(path, threads=threads or cpu_count(), spinning=spinning)
         self.input = self.session.get_inputs()[0].name
 
-    def __call__(self, x: "torch.Tensor | np.ndarray") -> np.ndarray:
-        a = x.numpy() if isinstance(x, torch.Tensor) else x
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        a = x.numpy()
         return np.concatenate([self.session.run(None, {self.input: a[i:i + CPU_CHUNK]})[0]
                                for i in range(0, len(a), CPU_CHUNK)])
 
