@@ -84,6 +84,8 @@ class Admission:
         loop = asyncio.get_running_loop()
         waiter = (loop, loop.create_future())
         with self._lock:
+            if self._pending < self.capacity:  # a job finished since full(): no wake-up would come for this waiter
+                return True
             self._waiters.append(waiter)
         try:
             await asyncio.wait_for(waiter[1], wait_s)
