@@ -150,6 +150,37 @@ def test_exif_orientation_applied():
     assert x.pixels[:8].mean() < x.pixels[-8:].mean()  # the dark left edge is now on top
 
 
+def film(h: int = 240, w: int = 200, seed: int = 0) -> np.ndarray:
+    """A grey film-like texture: a ramp with noise, so that every DCT coefficient is busy."""
+    rng = np.random.default_rng(seed)
+    return np.clip(np.add.outer(np.linspace(20, 230, h), np.zeros(w)) + rng.normal(0, 25, (h, w)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("size_hint", [None, 224, 64])
+def test_grey_rgb_jpeg_luma_decode_gives_the_served_pixels(size_hint):
+    # feature extraction and training (colour=False) decode an RGB JPEG straight to its luma plane;
+    # the served path (colour=True) decodes RGB and converts: a grey film must give the same pixels
+    g = film()
+    d = encode(Image.fromarray(np.stack([g, g, g], -1)), "JPEG")
+    served = load_xray(d, size_hint=size_hint).pixels
+    fast = load_xray(d, size_hint=size_hint, colour=False)
+    assert fast.mode == "RGB" and np.isnan(fast.colorfulness)
+    assert fast.pixels.shape == served.shape and np.array_equal(fast.pixels, served)
+    if size_hint == 64:
+        assert min(served.shape) < 200  # the draft scale applied on both paths
+
+
+def test_tinted_jpeg_luma_decode_within_a_few_levels():
+    # a faint tint the colour check still admits (colourfulness <= 8): a few grey levels on a few pixels
+    g = film().astype(float)
+    rgb = np.clip(np.stack([g * 1.08, g, g * 0.92], -1), 0, 255).astype(np.uint8)
+    d = encode(Image.fromarray(rgb), "JPEG")
+    served = load_xray(d)
+    assert 1 < served.colorfulness <= 8
+    diff = np.abs(served.pixels.astype(int) - load_xray(d, colour=False).pixels)
+    assert diff.max() <= 6 and (diff > 0).mean() < 0.05  # noisier than a film: real films 4 levels, 0.2 %
+
+
 def test_large_jpeg_drafted_but_size_reported():
     im = Image.fromarray(np.tile(np.linspace(0, 255, 1200).astype(np.uint8), (1000, 1)))
     x = load_xray(encode(im, "JPEG"), size_hint=224)
