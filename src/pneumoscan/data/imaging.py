@@ -134,16 +134,15 @@ def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: 
             if w < 1 or h < 1:
                 raise ImageError(f"{label}: image has no pixels")
             orig_mode = im.mode
-            if fmt == "jpeg" and not colour and im.mode == "RGB":
-                # Grey pixels only: libjpeg hands over the luma plane and skips the colour conversion
-                # (0.37 -> 0.20 ms per 224-px film); identical to convert("L") on all 5,216 training films
-                # (their chroma is flat). Luma is not clipped the way RGB is, so on colour content the two
-                # part: on 201 training films tinted to colourfulness 7 (the colour check admits 8) at most 4 levels,
-                # on 0.2 % of the pixels; more on a photograph.
-                im.draft("L", (size_hint, size_hint) if size_hint else (w, h))
-            elif fmt == "jpeg" and size_hint and im.mode in ("L", "RGB", "CMYK"):
-                # Decode at 1/2, 1/4 or 1/8 scale when that still leaves >= size_hint px per side.
-                im.draft("L" if im.mode == "L" else "RGB", (size_hint, size_hint))
+            # Grey pixels only (colour=False): libjpeg hands over the luma plane and skips the colour
+            # conversion (0.37 -> 0.20 ms per 224-px film); identical to convert("L") on all 5,216 training
+            # films (their chroma is flat). Luma is not clipped the way RGB is, so on colour content the two
+            # part: on 201 training films tinted to colourfulness 7 (the colour check admits 8) at most 4
+            # levels, on 0.2 % of the pixels; more on a photograph.
+            luma = fmt == "jpeg" and not colour and im.mode == "RGB"
+            if fmt == "jpeg" and im.mode in ("L", "RGB", "CMYK") and (size_hint or luma):
+                # With size_hint: decode at 1/2, 1/4 or 1/8 scale when that still leaves >= size_hint px per side.
+                im.draft("L" if im.mode == "L" or luma else "RGB", (size_hint, size_hint) if size_hint else (w, h))
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # no copy of an upright image
     except (ImageTooLargeError, ImageError):
@@ -156,8 +155,8 @@ def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: 
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{label}: broken {fmt.upper()} ({e}); re-export or re-download the file") from None
     pixels, colorfulness = _to_gray8(im, colour)
-    if not colour and orig_mode != "L":
-        colorfulness = float("nan")  # not measured (a luma decode has no colour left to measure)
+    if luma:
+        colorfulness = float("nan")  # not measured: a luma decode has no colour left to measure
     notes = [n for n in [truncation_note(pixels) if fmt == "jpeg" else None] if n]
     return XRay(pixels, format=fmt, mode=orig_mode, size=(w, h), colorfulness=colorfulness, notes=notes)
 
