@@ -14,7 +14,7 @@ import warnings
 from .. import INTENDED_USE, __version__
 from ..errors import PneumoscanError
 
-ORDER = ["run", "data", "extract", "train", "evaluate", "predict", "compare", "finetune", "pretrain", "ensemble", "soup",
+ORDER = ["run", "data", "extract", "train", "evaluate", "predict", "compare", "finetune", "pretrain", "ensemble", "soup", "qat",
          "threshold", "calibrate", "scope_suite", "adapt", "robustness", "explain", "visualize", "export", "serve", "card",
          "check", "cache", "bench", "backbones"]
 NOT_COMMANDS = {"main", "common", "flags"}  # modules of this package that are not commands

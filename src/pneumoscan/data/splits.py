@@ -116,6 +116,13 @@ def sample_path(m: Manifest, s) -> str:
     return str(alt) if alt.exists() else s.path
 
 
+def calibration_sample(n: int, k: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded sample of ``k`` of ``n`` training images (all when ``k >= n``): the
+    images INT8 activation ranges are fitted on, by ``export --int8`` and by quantisation-aware training."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, min(k, n), replace=False))
+
+
 def check_present(paths: Sequence[str], source: str) -> None:
     """Refuse, before any work, a split whose images are not where the manifest says (a model's
     manifest.csv from another machine): one line naming the first and how many."""

@@ -128,6 +128,8 @@ def _kind(cfg: dict) -> str:
         return f"ensemble of {n} model{'s' if n != 1 else ''} (mean of member probabilities)"
     if isinstance(cfg.get("soup"), dict):
         return "single network: weight average (soup) of fine-tuned networks of one architecture"
+    if isinstance(cfg.get("qat"), dict):
+        return "single network: quantisation-aware copy of another model, distilled from it under emulated INT8"
     if cfg.get("finetuned"):
         return "single network, fine-tuned end to end"
     if cfg.get("kind") == "single" or "backbone" in cfg:
@@ -300,6 +302,8 @@ def reproduce_command(cfg: dict) -> str | None:
     class's own fields and flags (the CLI is generated from the same definitions)."""
     from ..train.config import AugmentConfig, FinetuneConfig, TrainConfig
 
+    if isinstance(cfg.get("qat"), dict):
+        return _reproduce_qat(cfg["qat"])
     tc = cfg.get("train_config")
     if not isinstance(tc, dict) or "backbone" not in tc or cfg.get("kind") == "ensemble" or cfg.get("soup"):
         return None
@@ -320,8 +324,41 @@ def reproduce_command(cfg: dict) -> str | None:
     return shlex.join(args)
 
 
+def _reproduce_qat(q: dict) -> str | None:
+    """``pneumoscan qat`` again, every recorded setting explicit."""
+    from ..train.config import QatConfig
+
+    teacher = _get(q, "teacher", "dir")
+    if not teacher or not isinstance(q.get("config"), dict):
+        return None
+    args = ["pneumoscan", "qat", str(teacher), "--out", "NEW_DIR"]
+    for key, v in q["config"].items():
+        if key in QatConfig.__dataclass_fields__ and v is not None:
+            args += [flag(QatConfig, key), f"{v:g}" if isinstance(v, float) else str(v)]
+    return shlex.join(args)
+
+
+def _qat(cfg: dict) -> str | None:
+    """One sentence on a quantisation-aware copy: its teacher and the emulated agreement before and after."""
+    q = cfg.get("qat")
+    if not isinstance(q, dict):
+        return None
+    b, a = q.get("before") or {}, q.get("after") or {}
+
+    def pct(d: dict, k: str) -> str:
+        return f"{100 * d[k]:.1f} %" if isinstance(d.get(k), (int, float)) else NOT_RECORDED
+    return (f"Quantisation-aware copy of `{_txt(_get(q, 'teacher', 'model_id'))}`, distilled from it on its training "
+            f"split under ONNX Runtime's INT8 scheme emulated ({_txt(_get(q, 'config', 'epochs'))} epochs). On "
+            f"{_txt(q.get('validation_images'))} validation images the emulated INT8 copy kept {pct(b, 'int8_vs_teacher')} "
+            f"of the teacher's verdicts before and {pct(a, 'int8_vs_teacher')} after; its fp32 graph keeps "
+            f"{pct(a, 'fp32_vs_teacher')}, and INT8 agrees with fp32 on {pct(a, 'int8_vs_fp32')} (the export gate measures "
+            "this last one on the real INT8 graph). The training configuration below is the teacher's.")
+
+
 def _config_tables(cfg: dict) -> list[tuple[str, list]]:
     out = []
+    if isinstance(cfg.get("qat"), dict) and isinstance(cfg["qat"].get("config"), dict):
+        out.append(("qat config", [(f"`{k}`", _val(v)) for k, v in cfg["qat"]["config"].items()]))
     for name, c in cfg.items():
         if name.endswith("_config") and isinstance(c, dict):
             out.append((name, [(f"`{k}`", _val(v)) for k, v in c.items()]))
@@ -463,7 +500,7 @@ def card_context(model_dir: Path, cfg: dict, shown_as: str | os.PathLike | None 
         "command": cfg.get("command"), "reproduce": reproduce_command(cfg),
         "noisy": (f"{noisy['n_flagged']} ({', '.join(f'{k} {v}' for k, v in noisy['flagged_by_class'].items())}; "
                   f"{_txt(noisy.get('method'))})" if isinstance(noisy, dict) else None),
-        "init_from": _txt(init.get("model_id")) if isinstance(init, dict) else None,
+        "init_from": _txt(init.get("model_id")) if isinstance(init, dict) else None, "qat": _qat(cfg),
         "configs": _config_tables(cfg), "member_runs": _member_runs(cfg),
         "run": {"seed": _txt(tc.get("seed", cfg.get("seed"))),
                 "best": _txt(cfg.get("best_epoch")) + (f" of {cfg['epochs_run']} run" if "epochs_run" in cfg else ""),

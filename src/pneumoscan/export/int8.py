@@ -17,7 +17,9 @@
    the verdicts (the decided class, and in/out of scope where the model has the learned gate)
    must be identical. Only then is the file kept (written atomically), its SHA-256 put in
    ``config.json["files"]`` and the gate's figures in ``config.json["onnx"]["int8"]``; a model that
-   fails gets :class:`Int8GateError` (one line with the figures) and nothing is written.
+   fails gets :class:`Int8GateError` (one line with the figures) and nothing is written. A model that
+   fails can be made quantisation-aware first (``pneumoscan qat``, :mod:`pneumoscan.train.qat`: a copy
+   distilled from it under this quantiser's scheme, emulated) and exported again.
 
 Torch-free: it reads the exported graph, never the PyTorch weights (NNCF is imported only when chosen).
 """
@@ -34,7 +36,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..data.imaging import load_xray
-from ..data.splits import EvalSet, check_present, load_manifest, sample_path, validation_set
+from ..data.splits import EvalSet, calibration_sample, check_present, load_manifest, sample_path, validation_set
 from ..errors import ImageError, ModelError
 from ..io import atomic_path, atomic_write_json, file_digest
 from ..labels import decide, pneumonia_score, softmax
@@ -74,9 +76,7 @@ def plan_int8(model_dir: str | os.PathLike, data: str | os.PathLike | None, cfg:
     train = [sample_path(m, s) for s in m.subset("train")]
     if not train:
         raise ModelError(f"{val.source} has no training split to calibrate on; pass --data with the training folder")
-    rng = np.random.default_rng(cfg.seed)
-    pick = sorted(rng.choice(len(train), min(cfg.calibration_images, len(train)), replace=False))
-    cal = [train[i] for i in pick]
+    cal = [train[i] for i in calibration_sample(len(train), cfg.calibration_images, cfg.seed)]
     check_present(cal, val.source)
     if has_onnx(d) and cfg.quantiser == "onnxruntime" and cfg.calibration in HISTOGRAM_CALIBRATIONS:
         import onnx
@@ -283,7 +283,8 @@ def gate_message(model_dir: Path, g: dict) -> str:
            f"allowed {g['max_auc_drop']:g})")
     return (f"INT8 copy of {model_dir} failed the validation gate: {auc}, identical verdicts "
             f"{g['agreement']:.1%} of {g['images']} (needed {g['min_agreement']:.0%}); nothing was written, the fp32 "
-            "export is unchanged (try --calibration percentile or more --calibration-images)")
+            "export is unchanged (try --calibration percentile, or a quantisation-aware copy: "
+            "pneumoscan qat MODEL_DIR --out DIR)")
 
 
 def export_int8(model_dir: str | os.PathLike, data: str | os.PathLike | None = None,

@@ -100,6 +100,30 @@ class TrainConfig:
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
+def check_machine(accelerator: str, devices, strategy: str, precision: str = "32-true") -> None:
+    """Refuse, before any data is read, what this machine cannot run: a GPU accelerator without a
+    GPU, more devices than it has, an unknown strategy (a typo would otherwise start DDP workers)."""
+    import torch
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from ..runtime import cpu_count
+
+    gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        raise ConfigError(f"--accelerator {accelerator} but this machine has no GPU; use cpu or auto")
+    on_gpu = gpus > 0 and accelerator != "cpu"
+    have = gpus if on_gpu else cpu_count()
+    what = "GPUs" if on_gpu else "CPU cores (one DDP process each)"
+    if isinstance(devices, int) and devices > have:
+        raise ConfigError(f"--devices {devices} but this machine has {have} {what}; use at most {have}")
+    known = {"auto", *StrategyRegistry.available_strategies()}
+    if strategy not in known:
+        raise ConfigError(f"strategy {strategy!r} is unknown to Lightning; use one of "
+                          + ", ".join(sorted(s for s in known if "offload" not in s)[:12]) + ", ...")
+    if precision.startswith(("16", "bf16")) and not on_gpu and precision != "bf16-mixed":
+        raise ConfigError(f"--precision {precision} needs a GPU; use 32-true or bf16-mixed on a CPU")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning settings; saved in the model's config.json."""
@@ -179,27 +203,8 @@ class FinetuneConfig:
         check_method(self.threshold_method, self.target_sensitivity)
 
     def check_machine(self) -> None:
-        """Refuse, before any data is read, what this machine cannot run: a GPU accelerator without a
-        GPU, more devices than it has, an unknown strategy (a typo would otherwise start DDP workers)."""
-        import torch
-        from lightning.pytorch.strategies import StrategyRegistry
-
-        from ..runtime import cpu_count
-
-        gpus = torch.cuda.device_count()
-        if self.accelerator in ("gpu", "cuda") and gpus == 0:
-            raise ConfigError(f"--accelerator {self.accelerator} but this machine has no GPU; use cpu or auto")
-        on_gpu = gpus > 0 and self.accelerator != "cpu"
-        have = gpus if on_gpu else cpu_count()
-        what = "GPUs" if on_gpu else "CPU cores (one DDP process each)"
-        if isinstance(self.devices, int) and self.devices > have:
-            raise ConfigError(f"--devices {self.devices} but this machine has {have} {what}; use at most {have}")
-        known = {"auto", *StrategyRegistry.available_strategies()}
-        if self.strategy not in known:
-            raise ConfigError(f"strategy {self.strategy!r} is unknown to Lightning; use one of "
-                                  + ", ".join(sorted(s for s in known if "offload" not in s)[:12]) + ", ...")
-        if self.precision.startswith(("16", "bf16")) and not on_gpu and self.precision != "bf16-mixed":
-            raise ConfigError(f"--precision {self.precision} needs a GPU; use 32-true or bf16-mixed on a CPU")
+        """Refuse, before any data is read, what this machine cannot run (see :func:`check_machine`)."""
+        check_machine(self.accelerator, self.devices, self.strategy, self.precision)
 
 
 @dataclass(frozen=True)
@@ -293,3 +298,38 @@ class PretrainConfig:
         if not 0 < self.lr < 1 or not self.temperature > 0 or self.projection_dim < 1:
             raise ConfigError("the learning rate must lie in (0, 1), the temperature and projection size be positive")
         _check_choices(self, "intensity", "accelerator", "precision")
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """Quantisation-aware training by distillation (``pneumoscan qat``): a copy whose INT8 graph keeps the
+    teacher's verdicts."""
+
+    epochs: int = 3  # passes over the training split (about 4 minutes each for Lite0 at 224 px on 2 CPU cores)
+    lr: float = 5e-5  # peak AdamW learning rate (warm-up over a tenth of the steps, then cosine), from the teacher's weights
+    batch_size: int = 32  # images per step and device
+    fp32_share: float = 0.5  # share of the steps run without fake quantisation (the fp32 graph follows the teacher too)
+    calibration_images: int = 256  # training images (seeded sample) the ranges are fitted on, as export --int8 fits them
+    seed: int = 0  # seeds the calibration sample, the batch order and the fp32 steps
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"  # Lightning accelerator
+    devices: int | Literal["auto"] = 1  # devices per node ("auto": all of them)
+    strategy: str = "auto"  # Lightning strategy: auto, ddp, ...
+    max_steps: int = -1  # stop after this many optimizer steps (smoke tests); -1 = no limit
+    workers: int = 2  # decoding worker processes
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.calibration_images < 1:
+            raise ConfigError("epochs, batch size and calibration images must be at least 1")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"learning rate {self.lr} must lie in (0, 1), e.g. 5e-5")
+        if not 0 <= self.fp32_share < 1:
+            raise ConfigError(f"fp32 share {self.fp32_share} must lie in [0, 1) (e.g. 0.5)")
+        if self.workers < 0:
+            raise ConfigError(f"workers {self.workers} must be 0 or more")
+        _check_choices(self, "accelerator")
+        if not (self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1)):
+            raise ConfigError(f"devices {self.devices!r} must be a positive integer or 'auto'")
+
+    def check_machine(self) -> None:
+        """Refuse, before any data is read, what this machine cannot run (see :func:`check_machine`)."""
+        check_machine(self.accelerator, self.devices, self.strategy)

@@ -165,18 +165,22 @@ def make_module(net: PneumoNet, cfg: FinetuneConfig, prep: PreprocessConfig, wei
                     pct_start=min(0.5, max(0.05, cfg.warmup_epochs / cfg.epochs)))
             else:
                 warm = max(1, int(total * cfg.warmup_epochs / cfg.epochs))
-
-                def factor(step: int) -> float:
-                    if step < warm:
-                        return (step + 1) / warm
-                    if cfg.schedule == "constant":
-                        return 1.0
-                    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then(total, warm, cfg.schedule))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return FinetuneModule()
+
+
+def warmup_then(total: int, warm: int, schedule: str = "cosine"):
+    """The learning-rate factor per step: linear warm-up over ``warm`` steps, then cosine decay to 0 over
+    the rest of ``total`` (or constant)."""
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    return factor
 
 
 def param_groups(net: PneumoNet, cfg: FinetuneConfig) -> list[dict]:
