@@ -52,7 +52,7 @@ from .nets.modeldir import (
 from .preprocess import Preprocess, PreprocessConfig
 from .runtime import INT8_FLAGS, cpu_count, cpu_flags, int8_ready, ort_session  # noqa: F401  (cpu_count: web layer)
 from .scope import check_scope, upright_profile  # the image checks of the out-of-scope gate
-from .uncertainty import UNCERTAIN, OODScorer, prediction_sets, set_verdict, temperature_scale  # noqa: F401
+from .uncertainty import UNCERTAIN, OODScorer, model_calibration, prediction_sets, set_verdict, temperature_scale  # noqa: F401
 
 if TYPE_CHECKING:  # torch loads only for the torch backend: ONNX serving stays light
     import torch
@@ -187,9 +187,8 @@ class Predictor:
         self.threshold = float(self.config.get("threshold", DEFAULT_THRESHOLD))
         self.labels = LABELS  # read_config checked that the model's outputs are in this order
         self.prevalence = prevalence
-        cal = self.config.get("calibration") or {}
-        self.temperature = float(cal.get("temperature", 1.0))  # fitted by 'pneumoscan calibrate'; 1 = none
-        self.class_bias: list[float] | None = cal.get("bias")  # bias-corrected temperature scaling; None: T alone
+        # fitted by 'pneumoscan calibrate' (1 = none); the class bias of bias-corrected scaling (None: T alone)
+        self.temperature, self.class_bias = model_calibration(self.config)
         self.qhat: float | None = (self.config.get("conformal") or {}).get("qhat")  # None: no prediction sets
         self.conformal_method: str = (self.config.get("conformal") or {}).get("method", "aps")
         self.ood: OODScorer | None = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import BACTERIAL, LABELS, NORMAL, VIRAL
+from .labels import BACTERIAL, DEFAULT_THRESHOLD, LABELS, NORMAL, VIRAL, decide
 
 UNCERTAIN = "uncertain: refer"  # the verdict when a prediction set holds normal and a pneumonia class
 CONFORMAL_METHODS = ("lac", "aps")
@@ -43,6 +43,18 @@ def temperature_scale(probs: np.ndarray, temperature: float, bias: "np.ndarray |
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def model_calibration(config: dict) -> tuple[float, "list[float] | None"]:
+    """(temperature, class bias) that 'pneumoscan calibrate' recorded in a model's config; (1, None) before."""
+    cal = config.get("calibration") or {}
+    return float(cal.get("temperature", 1.0)), cal.get("bias")
+
+
+def calibrated_decision(probs: np.ndarray, config: dict) -> np.ndarray:
+    """The decided class of each row of ``probs`` after the model's calibration, at its threshold."""
+    return decide(temperature_scale(probs, *model_calibration(config)),
+                  float(config.get("threshold", DEFAULT_THRESHOLD)))
 
 
 def aps_scores(probs: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -37,9 +37,8 @@ def run(args) -> int:
     cfg.check_machine()
     tame_lightning()
     from ..evaluate.operating_point import retune
-    from ..train.qat import plan, qat
+    from ..train.qat import qat
 
-    plan(args.model, args.data)  # the teacher loads and is supported, its images are here: before any work
     with new_model_dir(args.out, args.overwrite) as tmp:
         out = qat(args.model, tmp, args.data, cfg, progress=progress_enabled(), command=command_line())
         if out is None:  # a non-zero DDP rank

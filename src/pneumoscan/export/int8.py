@@ -39,12 +39,12 @@ from ..data.imaging import load_xray
 from ..data.splits import EvalSet, calibration_sample, check_present, load_manifest, sample_path, validation_set
 from ..errors import ImageError, ModelError
 from ..io import atomic_path, atomic_write_json, file_digest
-from ..labels import decide, pneumonia_score, softmax
+from ..labels import pneumonia_score, softmax
 from ..metrics import _safe_auc
 from ..nets.modeldir import CONFIG_NAME, INT8_NAME, has_onnx, int8_file, onnx_name, read_config, verify_file  # noqa: F401
 from ..preprocess import Preprocess, PreprocessConfig
 from ..runtime import cpu_count, memory_available, ort_session
-from ..uncertainty import OODScorer, temperature_scale
+from ..uncertainty import OODScorer, calibrated_decision
 from .config import QuantizeConfig
 
 log = logging.getLogger(__name__)
@@ -226,9 +226,7 @@ def _quantize_static(prepared: Path, dst, reader, fp32: list[str], method, cfg: 
 
 def _verdicts(p: np.ndarray, feats: np.ndarray | None, conf: dict, ood: OODScorer | None) -> np.ndarray:
     """What a user would be told per image: the decided class index, or -1 when the learned gate stops it."""
-    cal = conf.get("calibration") or {}
-    k = decide(temperature_scale(p, float(cal.get("temperature", 1.0)), cal.get("bias")),
-               float(conf.get("threshold", 0.5)))
+    k = calibrated_decision(p, conf)
     if ood is not None and feats is not None:
         k = np.where(ood.score(feats) > float(conf["ood"]["threshold"]), -1, k)
     return k

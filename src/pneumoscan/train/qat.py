@@ -36,7 +36,7 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -46,11 +46,11 @@ from torch.nn.utils import parametrize
 from ..data.manifest import Manifest
 from ..data.splits import calibration_sample, load_manifest
 from ..errors import ModelError, PneumoscanError
-from ..labels import LABELS, decide, softmax
+from ..labels import DEFAULT_THRESHOLD, LABELS, softmax
 from ..nets.checkpoint import ModelBundle, load_model, save_model
 from ..nets.heads import PneumoNet
 from ..preprocess import PreprocessConfig
-from ..uncertainty import temperature_scale
+from ..uncertainty import calibrated_decision, model_calibration
 from .augment import BatchInput
 from .callbacks import progress_bar, raise_if_interrupted
 from .config import AugmentConfig, QatConfig
@@ -276,11 +276,17 @@ def calibrated_log_probs(logits: torch.Tensor, temperature: float, bias: torch.T
     return torch.log_softmax(z, -1)
 
 
-def verdicts(logits: np.ndarray, conf: dict) -> np.ndarray:
-    """The decided class of each row, with ``conf``'s calibration and threshold (as the service decides)."""
-    cal = conf.get("calibration") or {}
-    return decide(temperature_scale(softmax(logits), float(cal.get("temperature", 1.0)), cal.get("bias")),
-                  float(conf.get("threshold", 0.5)))
+def torch_calibration(conf: dict) -> tuple[float, torch.Tensor | None]:
+    """The model's temperature and class bias (:func:`pneumoscan.uncertainty.model_calibration`), the bias a tensor."""
+    temperature, bias = model_calibration(conf)
+    return temperature, None if bias is None else torch.tensor(bias, dtype=torch.float32)
+
+
+def _batches(inputs: BatchInput, images: torch.Tensor, device: torch.device | None = None,
+             batch: int = 64) -> Iterator[torch.Tensor]:
+    """uint8 ``images`` as normalised network inputs, ``batch`` at a time."""
+    for i in range(0, len(images), batch):
+        yield inputs(images[i:i + batch].to(device), False)
 
 
 def make_module(sim: QuantSim, cfg: QatConfig, prep: PreprocessConfig, calibration: torch.Tensor,
@@ -295,8 +301,7 @@ def make_module(sim: QuantSim, cfg: QatConfig, prep: PreprocessConfig, calibrati
             self.register_buffer("bias", bias if bias is not None else torch.zeros(len(LABELS)), persistent=False)
 
         def on_train_epoch_start(self) -> None:
-            x = calibration.to(self.device)
-            sim.calibrate(self.inputs(x[i:i + 64], False) for i in range(0, len(x), 64))
+            sim.calibrate(_batches(self.inputs, calibration, self.device))
             self.net.eval()  # no batch norm is left; dropout stays off, as for the teacher's outputs
 
         def training_step(self, batch, _):
@@ -321,26 +326,22 @@ def make_module(sim: QuantSim, cfg: QatConfig, prep: PreprocessConfig, calibrati
 @torch.inference_mode()
 def _logits(net: nn.Module, inputs: BatchInput, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
     net.eval()
-    device = next(net.parameters()).device
-    return torch.cat([net(inputs(images[i:i + batch].to(device), False)).float().cpu()
-                      for i in range(0, len(images), batch)])
+    return torch.cat([net(x).float().cpu() for x in _batches(inputs, images, next(net.parameters()).device, batch)])
 
 
 def _agreement(sim: QuantSim, inputs: BatchInput, images: torch.Tensor, teacher: torch.Tensor, conf: dict) -> dict:
     """On ``images``: the share of verdicts the emulated INT8 copy and its fp32 graph keep of the teacher's
     (``teacher``: its logits), their mutual agreement, and the mean KL divergence of each from the teacher."""
-    cal = conf.get("calibration") or {}
-    temperature = float(cal.get("temperature", 1.0))
-    bias = torch.tensor(cal["bias"], dtype=torch.float32) if cal.get("bias") is not None else None
+    temperature, bias = torch_calibration(conf)
     target = calibrated_log_probs(teacher, temperature, bias)
     out, v = {}, {}
     for name, on in (("int8", True), ("fp32", False)):
         sim.enable(on)
         z = _logits(sim.net, inputs, images)
-        v[name] = verdicts(z.numpy(), conf)
+        v[name] = calibrated_decision(softmax(z.numpy()), conf)
         lp = calibrated_log_probs(z, temperature, bias)
         out[f"kl_{name}"] = float(nn.functional.kl_div(lp, target, reduction="batchmean", log_target=True))
-    ref = verdicts(teacher.numpy(), conf)
+    ref = calibrated_decision(softmax(teacher.numpy()), conf)
     out.update({"int8_vs_teacher": float((v["int8"] == ref).mean()), "fp32_vs_teacher": float((v["fp32"] == ref).mean()),
                 "int8_vs_fp32": float((v["int8"] == v["fp32"]).mean())})
     return out
@@ -380,17 +381,14 @@ def qat(model_dir: str | os.PathLike, out: str | os.PathLike, data: str | os.Pat
     inputs = BatchInput(prep, AugmentConfig(), batch_intensity=False)
     t_train = _logits(teacher.net, inputs, images[tr])  # the teacher once, in fp32
     t_val = _logits(teacher.net, inputs, images[va])
-    cal = conf.get("calibration") or {}
-    temperature = float(cal.get("temperature", 1.0))
-    bias = torch.tensor(cal["bias"], dtype=torch.float32) if cal.get("bias") is not None else None
 
     sim = QuantSim(teacher.net)
     cal_images = images[cal_idx]
-    sim.calibrate(inputs(cal_images[i:i + 64], False) for i in range(0, len(cal_images), 64))
+    sim.calibrate(_batches(inputs, cal_images))
     before = _agreement(sim, inputs, images[va], t_val, conf)
     log.info("before: emulated INT8 keeps %.1f %% of the validation verdicts", 100 * before["int8_vs_teacher"])
 
-    module = make_module(sim, cfg, prep, cal_images, temperature, bias)
+    module = make_module(sim, cfg, prep, cal_images, *torch_calibration(conf))
     g = torch.Generator().manual_seed(cfg.seed)
     dl = DataLoader(TensorDataset(images[tr], t_train), batch_size=cfg.batch_size, shuffle=True, generator=g,
                     drop_last=len(tr) > cfg.batch_size, num_workers=0)
@@ -404,7 +402,7 @@ def qat(model_dir: str | os.PathLike, out: str | os.PathLike, data: str | os.Pat
     if not trainer.is_global_zero:
         return None
     sim.net.cpu()
-    sim.calibrate(inputs(cal_images[i:i + 64], False) for i in range(0, len(cal_images), 64))  # as export will
+    sim.calibrate(_batches(inputs, cal_images))  # as export will
     after = _agreement(sim, inputs, images[va], t_val, conf)
     log.info("after: emulated INT8 keeps %.1f %% of the validation verdicts, fp32 %.1f %%; INT8 agrees with fp32 on %.1f %%",
              100 * after["int8_vs_teacher"], 100 * after["fp32_vs_teacher"], 100 * after["int8_vs_fp32"])
@@ -415,7 +413,7 @@ def qat(model_dir: str | os.PathLike, out: str | os.PathLike, data: str | os.Pat
     record.update({
         "name": f"{conf.get('name', conf.get('backbone', 'model'))}-qat",
         "kind": "single",
-        "threshold": float(conf.get("threshold", 0.5)),
+        "threshold": float(conf.get("threshold", DEFAULT_THRESHOLD)),
         "threshold_method": "the teacher's (not yet chosen on validation)",
         "qat": {"teacher": {"dir": str(model_dir), "model_id": teacher.model_id}, "config": asdict(cfg),
                 "quantised_tensors": len(sim.activations), "quantised_weights": len(sim.weights),
