@@ -2,7 +2,7 @@
 
 For a model directory with an fp32 export (default: a copy of the shipped model, exported here):
 
-1. makes the INT8 graphs the export would make (``pneumoscan.export.int8.quantize_graph``: NNCF with fast
+1. makes the INT8 graphs the export would make (``pneumoscan.export.int8.quantize_and_gate``: NNCF with fast
    bias correction, and ONNX Runtime's min-max quantiser), calibrated on 256 training images, and runs the
    export's gate on the validation split for each (the figures that decide whether the export keeps it);
 2. times, alternating between variants in each of ``--repeats`` rounds (a drift of the machine hits all):
@@ -33,7 +33,7 @@ import numpy as np
 
 from pneumoscan.bench import percentiles, time_calls, write_result
 from pneumoscan.export.config import QuantizeConfig
-from pneumoscan.export.int8 import _arrays, gate, plan_int8, quantize_graph
+from pneumoscan.export.int8 import _arrays, plan_int8, quantize_and_gate, resolved_weight_range
 from pneumoscan.nets.modeldir import PACKAGE_MODEL, read_config
 from pneumoscan.preprocess import Preprocess, PreprocessConfig
 from pneumoscan.runtime import cpu_count, ort_session
@@ -145,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, q in (("int8_ort", QuantizeConfig(quantiser="onnxruntime")), ("int8_nncf", QuantizeConfig(quantiser="nncf"))):
             graphs[name] = tmp / f"{name}.onnx"
             t = time.perf_counter()
-            quantize_graph(graphs["fp32"], graphs[name], cal, q)
+            gates[name], _ = quantize_and_gate(model, conf, graphs[name], cal, plan.val, q)
             made[name] = round(time.perf_counter() - t, 1)
-            gates[name] = gate(model, conf, graphs[name], plan.val, q)
-            print(f"{name}: quantised in {made[name]} s; gate {gates[name]}", flush=True)
+            print(f"{name}: quantised and gated in {made[name]} s; gate {gates[name]}", flush=True)
         # the Predictor runs the INT8 copy only from a model directory whose gate passed: give it one here
         # (the export's default quantiser's graph; the JSON keeps what its gate said)
         int8_dir = _int8_dir(model, graphs["int8_ort"], gates["int8_ort"], tmp)
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios["ort_int8_vs_ort_fp32_forward"] = round(med["ort_int8_ort"] / med["ort_fp32"], 2)
         doc = {"model": conf.get("model_id"), "members": len(conf.get("members") or [None]), "size": size,
                "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
-               "calibration_images": len(plan.calibration), "quantise_seconds": made,
+               "calibration_images": len(plan.calibration), "quantise_and_gate_seconds": made,
                "gates": gates, "images_per_s_median": med, "images_per_s_rounds": rounds, "ratios": ratios,
                "single_image_latency": lat, "e2e_images": len(files)}
         path = write_result("int8", doc, args.out)
@@ -215,7 +214,8 @@ def _int8_dir(model: Path, int8: Path, g: dict, tmp: Path) -> Path:
     conf = read_config(model)
     conf["files"][INT8_NAME] = file_digest(int8)
     conf["onnx"]["int8"] = {"file": INT8_NAME, "source_sha256": conf["files"][conf["onnx"]["file"]],
-                            "gate": {**g, "passed": True}}
+                            "exact_without_vnni": resolved_weight_range(QuantizeConfig())[0] == "reduced",
+                            "ood_threshold": (g.get("ood_threshold") or {}).get("int8"), "gate": {**g, "passed": True}}
     (d / CONFIG_NAME).unlink()
     atomic_write_json(d / CONFIG_NAME, conf)
     return d

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pneumoscan.bench import write_result
 from pneumoscan.export.config import QuantizeConfig
-from pneumoscan.export.int8 import _arrays, gate, plan_int8, quantize_graph
-from pneumoscan.nets.modeldir import read_config, verify_file
+from pneumoscan.export.int8 import _arrays, plan_int8, quantize_and_gate
+from pneumoscan.nets.modeldir import read_config
 from pneumoscan.preprocess import Preprocess, PreprocessConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,8 +35,7 @@ def measure(model: Path, data: str | None, cfg: QuantizeConfig, tmp: Path) -> di
     batches = [x for _, x in _arrays(plan.calibration, pre, pre.cfg.size)]
     dst = tmp / f"{model.name}.int8.onnx"
     t = time.perf_counter()
-    quantize_graph(verify_file(model, conf["onnx"]["file"], conf), dst, batches, cfg)
-    g = gate(model, conf, dst, plan.val, cfg)
+    g, _ = quantize_and_gate(model, conf, dst, batches, plan.val, cfg)
     return {"model": str(model), "model_id": conf.get("model_id"), "quantise_and_gate_seconds": round(time.perf_counter() - t, 1),
             "calibration": (conf.get("calibration") or {}).get("temperature"), "threshold": conf.get("threshold"),
             "val_metrics": conf.get("val_metrics"), "gate": g, "qat": conf.get("qat")}

@@ -52,7 +52,7 @@ from .nets.modeldir import (
 from .preprocess import Preprocess, PreprocessConfig
 from .runtime import INT8_FLAGS, cpu_count, cpu_flags, int8_ready, ort_session  # noqa: F401  (cpu_count: web layer)
 from .scope import check_scope, upright_profile  # the image checks of the out-of-scope gate
-from .uncertainty import UNCERTAIN, OODScorer, model_calibration, prediction_sets, set_verdict, temperature_scale  # noqa: F401
+from .uncertainty import UNCERTAIN, OODScorer, model_calibration, ood_threshold, prediction_sets, set_verdict, temperature_scale  # noqa: F401
 
 if TYPE_CHECKING:  # torch loads only for the torch backend: ONNX serving stays light
     import torch
@@ -108,7 +108,13 @@ def choose_precision(config: dict, requested: str = "auto", flags: frozenset[str
     if vnni:
         return "int8", f"{passed}; the CPU has {vnni}"
     if requested == "int8":
-        return "int8", f"INT8 requested; the CPU has none of {', '.join(INT8_FLAGS)}, so it may be no faster than fp32"
+        if not config["onnx"]["int8"].get("exact_without_vnni", False):
+            raise ModelError(f"{where}: its INT8 export has full-range weights, which this CPU (none of "
+                             f"{', '.join(INT8_FLAGS)}) computes with saturating sums, so its verdicts would not be "
+                             "those its gate measured; use --precision fp32, or re-export on this CPU with "
+                             "'pneumoscan export --int8 --weight-range reduced'")
+        return "int8", (f"INT8 requested; {passed}; its weights are exact on any CPU, but this one has none of "
+                        f"{', '.join(INT8_FLAGS)}, so it may be no faster than fp32")
     return "fp32", f"the CPU has none of {', '.join(INT8_FLAGS)} (INT8 would gain little); {passed}"
 
 
@@ -195,7 +201,7 @@ class Predictor:
         self.ood_threshold: float | None = None
         self.upright_threshold: float | None = None
         if self.config.get("ood"):
-            self.ood_threshold = float(self.config["ood"]["threshold"])
+            self.ood_threshold = ood_threshold(self.config)
             self.upright_threshold = self.config["ood"].get("upright_threshold")
             self.ood = OODScorer.load(verify_file(self.model_dir, self.config["ood"]["file"], self.config))
         self.gate = True  # False: nothing is stopped (calibrate fits on every image)
@@ -224,6 +230,8 @@ class Predictor:
             onnx_dir = self._exported_copy() if fresh else self.model_dir
             onnx_cfg = read_config(onnx_dir)
             self.precision, self.precision_reason = choose_precision(onnx_cfg, precision, cpu_flags, str(self.model_dir))
+            if self.ood is not None:  # INT8 features are noisier: the export mapped the threshold to them
+                self.ood_threshold = ood_threshold(onnx_cfg if self.precision == "int8" else self.config, self.precision)
             name = int8_file(onnx_cfg) if self.precision == "int8" else onnx_name(onnx_cfg)
             self.onnx_path = onnx_dir / (name or "model.onnx")
             self._onnx_dir, self._onnx_cfg = onnx_dir, onnx_cfg

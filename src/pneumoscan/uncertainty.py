@@ -57,6 +57,19 @@ def calibrated_decision(probs: np.ndarray, config: dict) -> np.ndarray:
                   float(config.get("threshold", DEFAULT_THRESHOLD)))
 
 
+def ood_threshold(config: dict, precision: str = "fp32") -> float | None:
+    """The threshold of a model's learned out-of-scope score for the graph that runs (None: the model has no
+    such gate): with ``precision`` "int8", the INT8 export's own when it recorded one (its features are noisier,
+    see :func:`pneumoscan.export.int8.int8_ood_threshold`), else the one 'pneumoscan calibrate' chose."""
+    if not config.get("ood"):
+        return None
+    if precision == "int8":
+        t = ((config.get("onnx") or {}).get("int8") or {}).get("ood_threshold")
+        if t is not None:
+            return float(t)
+    return float(config["ood"]["threshold"])
+
+
 def aps_scores(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Conformity scores of APS: the probability mass of the classes ranked at or above the true one."""
     p = np.asarray(probs, float)

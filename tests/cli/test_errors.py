@@ -396,3 +396,27 @@ def test_hub_backbones_fail_at_once_when_offline(no_network, tmp_path, capsys):
     one_error_line(capsys, ["-q", "extract", str(tmp_path), "--backbone", "resnet50", "--cache", str(tmp_path / "c")],
                    "cannot be reached")
     assert time.perf_counter() - t < 20  # no minute of hub retries
+
+
+def test_a_model_whose_card_fails_is_kept_beside_the_output_not_thrown_away(tiny_model_dir, tmp_path, monkeypatch):
+    """Training minutes are not lost to a late failure: the built folder is kept as OUT.no-card, OUT is untouched."""
+    import pneumoscan.evaluate.card as card
+    from pneumoscan.cli.common import new_model_dir
+    from pneumoscan.errors import PneumoscanError
+
+    def broken(*a, **k):
+        raise RuntimeError("template changed under the run")
+
+    monkeypatch.setattr(card, "write_card", broken)
+    out = tmp_path / "model"
+    with pytest.raises(PneumoscanError, match=r"card could not be written \(RuntimeError: template changed.*"
+                                              r"kept, without a card, in .*model\.no-card.*pneumoscan card --model"):
+        with new_model_dir(out) as tmp:
+            for f in ("config.json", "model.safetensors"):
+                shutil.copy2(tiny_model_dir / f, tmp / f)
+    assert not out.exists()
+    kept = tmp_path / "model.no-card"
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    monkeypatch.undo()
+    assert main(["-q", "card", "--model", str(kept)]) == 0 and (kept / "MODEL_CARD.md").is_file()

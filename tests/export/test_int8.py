@@ -17,7 +17,7 @@ from pneumoscan.export.onnx import export_onnx
 from pneumoscan.io import file_digest
 from pneumoscan.nets.modeldir import int8_file, read_config
 from pneumoscan.predict import Predictor, choose_precision
-from pneumoscan.runtime import cpu_flags, int8_ready
+from pneumoscan.runtime import cpu_flags, int8_ready, weight_range
 
 VNNI = frozenset({"avx2", "avx512f", "avx512_vnni"})
 NO_VNNI = frozenset({"avx2", "fma"})
@@ -54,6 +54,9 @@ def test_int8_export_passes_the_gate_and_is_recorded(quantised):
     assert info["calibrated_on"]["split"] == "train" and info["calibrated_on"]["images"] > 0
     card = (quantised / "MODEL_CARD.md").read_text()
     assert "INT8" in card and f"{g['agreement']:.1%}" in card and INT8_NAME in card
+    assert f"{info['weights']}-range s8 weights" in card
+    assert g["instruction_set"] == (int8_ready() or "none of avx512_vnni, avx_vnni, amx_int8")  # what measured the gate
+    assert f"the gate ran on a CPU with {g['instruction_set']}" in card
     assert leftovers(quantised) == []
 
 
@@ -70,8 +73,15 @@ def test_engine_runs_int8_only_on_a_vnni_cpu(quantised, dataset_dir):
     assert fast.precision == "int8" and fast.onnx_path.name == INT8_NAME and "avx512_vnni" in fast.precision_reason
     assert plain.precision == "fp32" and plain.onnx_path.name == "model.onnx" and "VNNI" not in plain.precision_reason
     assert "avx512_vnni" in plain.precision_reason  # names the instructions it looked for
-    forced = Predictor(quantised, backend="onnx", precision="int8", cpu_flags=NO_VNNI)
-    assert forced.precision == "int8" and "no faster" in forced.precision_reason
+    info = read_config(quantised)["onnx"]["int8"]
+    assert info["weights"] == weight_range("auto")[0]  # what this CPU computes exactly (the gate measured it)
+    assert info["exact_without_vnni"] == (info["weights"] == "reduced")
+    if info["exact_without_vnni"]:
+        forced = Predictor(quantised, backend="onnx", precision="int8", cpu_flags=NO_VNNI)
+        assert forced.precision == "int8" and "no faster" in forced.precision_reason
+    else:  # full-range weights saturate in the kernels of a CPU without VNNI: refused, not served
+        with pytest.raises(ModelError, match="saturating sums.*--weight-range reduced"):
+            Predictor(quantised, backend="onnx", precision="int8", cpu_flags=NO_VNNI)
     files = sorted(str(p) for p in Path(dataset_dir).rglob("*.jpeg"))[:6]
     a, _ = fast.predict_files(files)
     b, _ = plain.predict_files(files)
@@ -133,9 +143,10 @@ def test_reexport_drops_the_stale_int8(quantised, tmp_path):
     assert INT8_NAME not in cfg["files"] and "int8" not in cfg["onnx"] and not (d / INT8_NAME).exists()
 
 
-def _config(passed: bool = True, stale: bool = False) -> dict:
+def _config(passed: bool = True, stale: bool = False, exact: bool = True) -> dict:
     return {"files": {"model.onnx": "a", INT8_NAME: "b"},
             "onnx": {"file": "model.onnx", "int8": {"file": INT8_NAME, "source_sha256": "old" if stale else "a",
+                                                   "exact_without_vnni": exact,
                                                    "gate": {"passed": passed, "agreement": 0.995, "images": 1000}}}}
 
 
@@ -148,10 +159,65 @@ def _config(passed: bool = True, stale: bool = False) -> dict:
     (_config(passed=False), "auto", VNNI, "fp32"),
     (_config(stale=True), "auto", VNNI, "fp32"),  # made from another fp32 graph
     ({"files": {"model.onnx": "a"}, "onnx": {"file": "model.onnx"}}, "auto", VNNI, "fp32"),
-    (_config(), "int8", NO_VNNI, "int8"),
+    (_config(), "int8", NO_VNNI, "int8"),  # reduced-range weights: exact here, only not faster
+    (_config(exact=False), "int8", VNNI, "int8"),
+    (_config(exact=False), "auto", NO_VNNI, "fp32"),
 ])
 def test_precision_rule(config, requested, flags, expected):
     assert choose_precision(config, requested, flags)[0] == expected
+
+
+def test_full_range_int8_is_refused_where_its_sums_saturate():
+    for cfg in (_config(exact=False), {**_config(), "onnx": {**_config()["onnx"], "int8": {
+            k: v for k, v in _config()["onnx"]["int8"].items() if k != "exact_without_vnni"}}}):  # older exports: full
+        with pytest.raises(ModelError, match=r"full-range weights.*saturating sums.*--precision fp32"):
+            choose_precision(cfg, "int8", NO_VNNI)
+
+
+@pytest.mark.parametrize("requested, flags, expected", [
+    ("auto", VNNI, "full"), ("auto", frozenset({"amx_int8"}), "full"), ("auto", NO_VNNI, "reduced"),
+    ("auto", frozenset(), "reduced"), ("full", NO_VNNI, "full"), ("reduced", VNNI, "reduced"),
+])
+def test_weight_range_follows_the_cpu(requested, flags, expected):
+    got, why = weight_range(requested, flags)
+    assert got == expected and why
+    if requested == "auto" and expected == "reduced":
+        assert "saturate" in why
+
+
+def test_unknown_weight_range_is_refused():
+    with pytest.raises(ModelError, match="--weight-range 'half' is unknown"):
+        QuantizeConfig(weight_range="half")
+    with pytest.raises(ModelError, match="unknown"):
+        weight_range("half", VNNI)
+
+
+@pytest.fixture(scope="module")
+def gated(exported, tmp_path_factory) -> Path:
+    """The tiny model calibrated (with the learned out-of-scope gate), then exported with --int8."""
+    d = shutil.copytree(exported, tmp_path_factory.mktemp("int8ood") / "tiny")
+    assert main(["-q", "calibrate", "--model", str(d), "--pca-dim", "4"]) == 0
+    assert main(["-q", "export", "--model", str(d), "--int8", "--min-agreement", "0.5"]) == 0
+    return d
+
+
+@pytest.mark.slow
+def test_int8_has_its_own_out_of_scope_threshold_and_the_engine_uses_it(gated):
+    from pneumoscan.export.int8 import int8_ood_threshold
+    from pneumoscan.uncertainty import ood_threshold
+
+    cfg = read_config(gated)
+    t32, t8 = cfg["ood"]["threshold"], cfg["onnx"]["int8"]["ood_threshold"]
+    assert t8 is not None and t8 != t32
+    assert cfg["onnx"]["int8"]["gate"]["ood_threshold"] == {"fp32": t32, "int8": t8}
+    assert ood_threshold(cfg, "int8") == t8 and ood_threshold(cfg, "fp32") == ood_threshold(cfg) == t32
+    assert Predictor(gated, backend="onnx", cpu_flags=VNNI).ood_threshold == t8
+    assert Predictor(gated, backend="onnx", cpu_flags=NO_VNNI).ood_threshold == t32
+    assert Predictor(gated, backend="torch").ood_threshold == t32
+    assert f"{t8:.2f}" in (gated / "MODEL_CARD.md").read_text()  # the card shows INT8's threshold beside fp32's
+    # a graph that computes what fp32 computes needs no other threshold
+    x = [np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)]
+    assert int8_ood_threshold(gated, cfg, gated / "model.onnx", x) == pytest.approx(t32, rel=1e-9)
 
 
 def test_int8_requested_without_a_gated_export_says_what_to_do():

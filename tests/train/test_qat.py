@@ -13,6 +13,7 @@ from pneumoscan.cli import main
 from pneumoscan.errors import ModelError
 from pneumoscan.nets.checkpoint import load_model, save_model
 from pneumoscan.nets.modeldir import read_config
+from pneumoscan.runtime import int8_ready
 
 
 def _inputs(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -23,9 +24,16 @@ def _inputs(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
 
 
-@pytest.fixture(scope="module")
-def sim_and_graph(tiny_model_dir, tmp_path_factory):
-    """The tiny model's QuantSim calibrated on 32 inputs, and ONNX Runtime's INT8 graph calibrated on the same."""
+# the weight ranges this CPU's INT8 kernels compute exactly: reduced everywhere, full only with VNNI (elsewhere ONNX
+# Runtime's sums saturate, and neither the emulation nor the export gate is meant to follow that)
+EXACT_RANGES = ["reduced", *(["full"] if int8_ready() else [])]
+
+
+@pytest.fixture(scope="module", params=EXACT_RANGES)
+def sim_and_graph(tiny_model_dir, tmp_path_factory, request):
+    """The tiny model's QuantSim calibrated on 32 inputs, and ONNX Runtime's INT8 graph calibrated on the same,
+    both with the weight range of the parameter."""
+    from pneumoscan.export.config import QuantizeConfig
     from pneumoscan.export.int8 import quantize_graph
     from pneumoscan.export.onnx import export_onnx
     from pneumoscan.train.qat import QuantSim
@@ -35,10 +43,11 @@ def sim_and_graph(tiny_model_dir, tmp_path_factory):
     bundle = load_model(d)
     size = int(bundle.config["preprocess"]["size"])
     cal = _inputs(32, size)
-    sim = QuantSim(bundle.net)
+    sim = QuantSim(bundle.net, request.param)
     sim.calibrate([cal[:16], cal[16:]])
     int8 = d / "int8.onnx"
-    quantize_graph(d / "model.onnx", int8, [cal[:16].numpy(), cal[16:].numpy()])
+    quantize_graph(d / "model.onnx", int8, [cal[:16].numpy(), cal[16:].numpy()],
+                   QuantizeConfig(weight_range=request.param))
     return bundle, sim, int8, size
 
 
@@ -135,6 +144,7 @@ def test_qat_command_writes_a_model_that_exports_to_int8(tiny_model_dir, tmp_pat
     q = conf["qat"]
     assert q["teacher"]["model_id"] == read_config(teacher)["model_id"] and conf["name"].endswith("-qat")
     assert q["calibration_images"] == 16 and q["validation_images"] > 0
+    assert q["config"]["weight_range"] == ("full" if int8_ready() else "reduced")  # what export --int8 makes here
     for k in ("int8_vs_teacher", "fp32_vs_teacher", "int8_vs_fp32"):
         assert 0 <= q["after"][k] <= 1
     assert q["before"]["kl_fp32"] < 1e-6 < q["before"]["kl_int8"]  # the copy starts as the teacher, INT8 differs
@@ -144,6 +154,7 @@ def test_qat_command_writes_a_model_that_exports_to_int8(tiny_model_dir, tmp_pat
     card = (out / "MODEL_CARD.md").read_text()
     assert f"Quantisation-aware copy of `{q['teacher']['model_id']}`" in card
     assert f"pneumoscan qat {teacher} --out NEW_DIR --epochs 4 --lr 0.0001" in card  # reproducible, settings explicit
+    assert f"--weight-range {q['config']['weight_range']}" in card  # the range as resolved, not 'auto'
     assert load_model(out).net is not None
     assert main(["-q", "export", "--model", str(out)]) == 0
 
@@ -171,3 +182,61 @@ def test_calibrated_log_probs_are_the_served_calibration():
     z = torch.randn(6, 3, generator=torch.Generator().manual_seed(5)) * 3
     got = calibrated_log_probs(z, 0.264, torch.tensor([0.5, -0.1, 0.2])).exp().numpy()
     assert np.allclose(got, temperature_scale(softmax(z.numpy()), 0.264, [0.5, -0.1, 0.2]), atol=1e-5)
+
+
+def test_gate_metric_is_the_out_of_scope_score_s_distance():
+    from pneumoscan.train.qat import GateMetric
+    from pneumoscan.uncertainty import OODScorer
+
+    rng = np.random.default_rng(6)
+    d, k = 12, 5
+    a = rng.normal(size=(k, k))
+    comps = np.linalg.qr(rng.normal(size=(d, k)))[0].T  # (k, d) orthonormal PCA directions
+    ood = OODScorer(mean=rng.normal(size=d), components=comps, class_means=rng.normal(size=(3, k)),
+                    precision=a @ a.T + k * np.eye(k))
+    metric = GateMetric(ood)
+    f = rng.normal(size=(7, d))
+    z = metric(torch.tensor(f, dtype=torch.float32)).double()
+    means = torch.tensor(ood.class_means @ np.linalg.cholesky(ood.precision))  # the class means, whitened alike
+    got = torch.cdist(z, means).min(dim=1).values.numpy()
+    assert np.allclose(got, ood.score(f), rtol=1e-4)  # Euclidean here = the gate's Mahalanobis distance
+
+
+def test_training_step_adds_the_feature_distance_in_the_gate_s_metric(sim_and_graph):
+    from pneumoscan.preprocess import PreprocessConfig
+    from pneumoscan.train.config import QatConfig
+    from pneumoscan.train.qat import GateMetric, QuantSim, calibrated_log_probs, make_module
+    from pneumoscan.uncertainty import OODScorer
+
+    bundle, _, _, size = sim_and_graph
+    teacher = copy.deepcopy(bundle.net).eval()
+    prep = PreprocessConfig.from_dict(bundle.config["preprocess"])
+    x_u8 = (torch.rand((8, size, size), generator=torch.Generator().manual_seed(7)) * 255).to(torch.uint8)
+    sim = QuantSim(teacher)
+    with torch.no_grad():
+        d = teacher.backbone(torch.zeros(1, 3, size, size)).shape[1]
+    rng = np.random.default_rng(8)
+    ood = OODScorer(mean=rng.normal(size=d), components=np.linalg.qr(rng.normal(size=(d, 3)))[0].T,
+                    class_means=rng.normal(size=(3, 3)), precision=np.diag([1.0, 2.0, 3.0]))
+    metric = GateMetric(ood)
+    module = make_module(sim, QatConfig(fp32_share=0.0, feature_weight=0.5), prep, x_u8, 1.0, None, metric=metric)
+    module.log = lambda *a, **k: None
+    x = module.inputs(x_u8, False)
+    with torch.no_grad():
+        f_t = teacher.backbone(x)
+        t = teacher.head(f_t)
+    sim.calibrate([x])
+    loss = module.training_step((x_u8, t, metric(f_t)), 0)
+    sim.enable(True)
+    with torch.no_grad():
+        z = sim.net(x)
+        f_s = sim.features
+    kl = torch.nn.functional.kl_div(calibrated_log_probs(z, 1.0, None), calibrated_log_probs(t, 1.0, None),
+                                    reduction="batchmean", log_target=True)
+    want = kl + 0.5 * (metric(f_s) - metric(f_t)).pow(2).mean()
+    assert float(want - kl) > 0 and float(loss) == pytest.approx(float(want), rel=1e-4)
+
+
+def test_feature_distillation_needs_a_calibrated_teacher_and_says_so_first(tiny_model_dir, tmp_path, capsys):
+    assert main(["qat", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--feature-weight", "0.1"]) == 2
+    assert "no learned out-of-scope gate" in capsys.readouterr().err and not (tmp_path / "o").exists()

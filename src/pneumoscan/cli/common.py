@@ -103,6 +103,7 @@ def new_model_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     ranks of multi-device training get a scratch folder that is thrown away."""
     import tempfile
 
+    from ..errors import PneumoscanError
     from ..evaluate.card import write_card
     from ..io import atomic_dir
 
@@ -112,7 +113,23 @@ def new_model_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         return
     with atomic_dir(out, overwrite=overwrite) as tmp:
         yield tmp
-        write_card(tmp, shown_as=Path(out))
+        try:
+            write_card(tmp, shown_as=Path(out))
+        except Exception as e:  # the work is done: keep it rather than throw it away with the temporary folder
+            kept = keep_without_card(tmp, Path(out))
+            raise PneumoscanError(f"{out}: the model was built but its card could not be written ({type(e).__name__}: "
+                                  f"{e}); it is kept, without a card, in {kept}: run 'pneumoscan card --model {kept}', "
+                                  f"then move it to {out}") from e
+
+
+def keep_without_card(tmp: Path, out: Path) -> Path:
+    """Move a built model folder whose card failed next to ``out`` as ``OUT.no-card`` (or ``.no-card-2`` ...)."""
+    for i in range(1, 1000):
+        kept = out.with_name(f"{out.name}.no-card" + (f"-{i}" if i > 1 else ""))
+        if not kept.exists():
+            os.replace(tmp, kept)
+            return kept
+    return tmp
 
 
 def print_model_summary(out) -> None:

@@ -53,7 +53,8 @@ def run(args) -> int:
 
         g = export_int8(model_dir, args.data, qcfg, plan=plan)  # Int8GateError: one line, nothing written
         write_card(model_dir)
-        print(f"kept {model_dir / INT8_NAME}: {_gate_line(g)}")
+        w = read_config(model_dir)["onnx"]["int8"]
+        print(f"kept {model_dir / INT8_NAME}: {_gate_line(g)}; {w['weights']}-range weights ({w['weights_why']})")
     return 0
 
 

@@ -348,7 +348,8 @@ def _qat(cfg: dict) -> str | None:
     def pct(d: dict, k: str) -> str:
         return f"{100 * d[k]:.1f} %" if isinstance(d.get(k), (int, float)) else NOT_RECORDED
     return (f"Quantisation-aware copy of `{_txt(_get(q, 'teacher', 'model_id'))}`, distilled from it on its training "
-            f"split under ONNX Runtime's INT8 scheme emulated ({_txt(_get(q, 'config', 'epochs'))} epochs). On "
+            f"split under ONNX Runtime's INT8 scheme emulated ({_txt(_get(q, 'config', 'epochs'))} epochs, "
+            f"{_txt(_get(q, 'config', 'weight_range', default='full'))}-range weights). On "
             f"{_txt(q.get('validation_images'))} validation images the emulated INT8 copy kept {pct(b, 'int8_vs_teacher')} "
             f"of the teacher's verdicts before and {pct(a, 'int8_vs_teacher')} after; its fp32 graph keeps "
             f"{pct(a, 'fp32_vs_teacher')}, and INT8 agrees with fp32 on {pct(a, 'int8_vs_fp32')} (the export gate measures "
@@ -522,10 +523,18 @@ def _int8(cfg: dict) -> dict | None:
     info = cfg["onnx"]["int8"]
     g = info["gate"]
     auc = (lambda v: NOT_RECORDED if v is None else f"{v:.4f}")
-    return {"file": info["file"], "how": f"{info.get('quantiser', NOT_RECORDED)}, calibrated on "
-                                         f"{_get(info, 'calibrated_on', 'images', default='?')} training images",
-            "rows": [["normal-vs-pneumonia AUC", auc(g.get("auc_fp32")), auc(g.get("auc_int8")),
-                      f"drop <= {g['max_auc_drop']:g}"],
+    weights = {"full": "full-range s8 weights (-127..127: exact on a VNNI-class CPU only)",
+               "reduced": "reduced-range s8 weights (-64..64: exact on any CPU)"}.get(info.get("weights"),
+                                                                                   "full-range s8 weights")
+    measured = f"; the gate ran on a CPU with {g['instruction_set']}" if g.get("instruction_set") else ""
+    rows = [["normal-vs-pneumonia AUC", auc(g.get("auc_fp32")), auc(g.get("auc_int8")), f"drop <= {g['max_auc_drop']:g}"]]
+    if g.get("ood_threshold"):
+        t, n = g["ood_threshold"], g.get("out_of_scope") or {}
+        rows.append(["out-of-scope threshold (images stopped)", f"{t['fp32']:.2f} ({_txt(n.get('fp32'))})",
+                     f"{t['int8']:.2f} ({_txt(n.get('int8'))})", "INT8's mapped on training images"])
+    return {"file": info["file"], "how": f"{info.get('quantiser', NOT_RECORDED)}, {weights}, calibrated on "
+                                         f"{_get(info, 'calibrated_on', 'images', default='?')} training images{measured}",
+            "rows": [*rows,
                      ["identical verdicts", "", f"{g['agreement']:.1%} ({g['identical_verdicts']} of {g['images']})",
                       f">= {g['min_agreement']:.0%}"],
                      ["max / mean probability difference", "", f"{g['max_abs_prob_diff']:.3f} / "

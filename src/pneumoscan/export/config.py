@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from ..errors import ModelError
+from ..runtime import WEIGHT_RANGES
 
 MAX_PROB_DIFF = 1e-4  # parity tolerance: max |p_torch - p_onnx| over the sample inputs
 OPSETS = range(17, 22)  # opsets the torch.export-based exporter produces; others are refused, never altered
@@ -43,6 +44,8 @@ class QuantizeConfig:
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"  # --quantiser onnxruntime: activation ranges
     percentile: float = 99.999  # with --calibration percentile: the share of values inside the range
     per_channel: bool = True  # --quantiser onnxruntime: one weight scale per output channel (NNCF always is)
+    weight_range: Literal["auto", "full", "reduced"] = "auto"  # s8 weights -127..127 (full: exact only on a VNNI-class
+    # CPU) or -64..64 (reduced: exact on any CPU); auto: full with VNNI, reduced without
     max_auc_drop: float = 0.003  # gate: normal-vs-pneumonia AUC on the validation split may fall this far below fp32's
     min_agreement: float = 0.99  # gate: share of validation images whose verdict must equal fp32's
     seed: int = 0  # seed of the calibration sample
@@ -52,6 +55,8 @@ class QuantizeConfig:
             raise ModelError(f"--calibration-images {self.calibration_images} must be at least 1 (e.g. 256)")
         if self.quantiser not in QUANTISERS:
             raise ModelError(f"--quantiser {self.quantiser!r} is unknown; use one of {', '.join(QUANTISERS)}")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise ModelError(f"--weight-range {self.weight_range!r} is unknown; use one of {', '.join(WEIGHT_RANGES)}")
         if self.calibration not in CALIBRATIONS:
             raise ModelError(f"--calibration {self.calibration!r} is unknown; use one of {', '.join(CALIBRATIONS)}")
         if not 90.0 < self.percentile <= 100.0:

@@ -4,18 +4,24 @@
 
 1. the activation ranges are calibrated on a seeded sample of the model's *training* split
    (never the images the gate scores), decoded and preprocessed exactly as served;
-2. a QDQ graph is made: u8 activations, s8 weights with one scale per output channel (the u8 x s8
-   form that VNNI instructions compute without saturating), the ``cam`` branch left in fp32 (it is
-   not on the decision path), by ``onnxruntime.quantization.quantize_static`` (default; min-max,
-   percentile or entropy calibration) or NNCF's post-training quantisation with fast bias
-   correction. On the shipped ensemble NNCF keeps more verdicts identical (97.5 % vs 95.6 %), but
-   it quantises only the inputs of each convolution, so ONNX Runtime cannot fuse its graph into
-   integer kernels and runs it slower than fp32 (0.4x); ONNX Runtime's own graph runs 2.3x fp32
+2. a QDQ graph is made: u8 activations, s8 weights with one scale per output channel, the ``cam``
+   branch left in fp32 (it is not on the decision path). The weights span -127..127 where the CPU
+   has VNNI-class instructions, which compute that exactly, and -64..64 elsewhere, where ONNX
+   Runtime's AVX2 kernels would saturate full-range sums (:func:`pneumoscan.runtime.weight_range`):
+   the gate then measures what the served graph computes. It is made by
+   ``onnxruntime.quantization.quantize_static`` (default; min-max, percentile or entropy calibration)
+   or NNCF's post-training quantisation with fast bias correction. On the shipped ensemble NNCF
+   keeps more verdicts identical (97.5 % vs 95.6 %), but ONNX Runtime fuses only a few of its
+   convolutions into integer kernels (11 of 49 on Lite0) and runs the rest as fp32 convolutions of
+   dequantised tensors, slower than fp32 (0.4x); ONNX Runtime's own graph runs 2.3x fp32
    (``benchmarks/int8.py``, README);
 3. the gate runs the fp32 and the INT8 graphs on the model's validation split: the normal-vs-
    pneumonia AUC may fall at most ``max_auc_drop`` below fp32's and at least ``min_agreement`` of
    the verdicts (the decided class, and in/out of scope where the model has the learned gate)
-   must be identical. Only then is the file kept (written atomically), its SHA-256 put in
+   must be identical. The out-of-scope gate's threshold is mapped to INT8 first: quantisation noise
+   adds to the squared feature distances, so INT8 would flag more images at fp32's threshold; the
+   mean increase, measured on the calibration images (training split), is added
+   (:func:`int8_ood_threshold`). Only then is the file kept (written atomically), its SHA-256 put in
    ``config.json["files"]`` and the gate's figures in ``config.json["onnx"]["int8"]``; a model that
    fails gets :class:`Int8GateError` (one line with the figures) and nothing is written. A model that
    fails can be made quantisation-aware first (``pneumoscan qat``, :mod:`pneumoscan.train.qat`: a copy
@@ -43,13 +49,14 @@ from ..labels import pneumonia_score, softmax
 from ..metrics import _safe_auc
 from ..nets.modeldir import CONFIG_NAME, INT8_NAME, has_onnx, int8_file, onnx_name, read_config, verify_file  # noqa: F401
 from ..preprocess import Preprocess, PreprocessConfig
-from ..runtime import cpu_count, memory_available, ort_session
-from ..uncertainty import OODScorer, calibrated_decision
+from ..runtime import INT8_FLAGS, cpu_count, int8_ready, memory_available, ort_session, weight_range
+from ..uncertainty import OODScorer, calibrated_decision, ood_threshold
 from .config import QuantizeConfig
 
 log = logging.getLogger(__name__)
 
-DECISION_OUTPUTS = ("logits", "features")  # quantised; anything else (the cam branch) stays fp32
+FEATURES = "features"  # the pooled features the out-of-scope gate reads
+DECISION_OUTPUTS = ("logits", FEATURES)  # quantised; anything else (the cam branch) stays fp32
 BATCH = 32  # images per gate / calibration batch
 
 
@@ -163,33 +170,45 @@ def quantize_graph(src: str | os.PathLike, dst: str | os.PathLike, batches: Sequ
     check_calibration_memory(model, sum(len(b) for b in batches), cfg)
     keep = _decision_nodes(model)
     fp32 = [n.name for n in model.graph.node if n.name not in keep]
+    reduced = resolved_weight_range(cfg)[0] == "reduced"
     if cfg.quantiser == "nncf":
-        _nncf(model, dst, batches, fp32, cfg)
+        _nncf(model, dst, batches, fp32, reduced)
     else:
-        _onnxruntime(src, dst, batches, fp32, cfg)
+        _onnxruntime(src, dst, batches, fp32, cfg, reduced)
 
 
-def _nncf(model, dst: str | os.PathLike, batches: Sequence[np.ndarray], fp32: list[str], cfg: QuantizeConfig) -> None:
+def resolved_weight_range(cfg: QuantizeConfig, flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """(weight range, why) of the graph ``cfg`` makes on this CPU (``flags``: its instruction set unless given)."""
+    return weight_range(cfg.weight_range, flags)
+
+
+def _nncf(model, dst: str | os.PathLike, batches: Sequence[np.ndarray], fp32: list[str], reduced: bool) -> None:
     """NNCF's post-training quantisation of the ONNX graph (its ONNX backend), with fast bias correction:
-    closer to fp32 than ONNX Runtime's min-max, but a graph ONNX Runtime runs slower than fp32 (see above)."""
+    closer to fp32 than ONNX Runtime's min-max, but a graph ONNX Runtime runs slower than fp32 (see above).
+    ``reduced``: 7-bit weights in every convolution and matrix product (NNCF's overflow fix); else in the
+    first layer only (NNCF's default)."""
     try:
         import nncf
     except ImportError:
         raise ModelError("--quantiser nncf needs NNCF (pip install 'pneumoscan[int8]' or pip install nncf); "
                          "or use --quantiser onnxruntime") from None
     import onnx
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     images = [x[i:i + 1] for x in batches for i in range(len(x))]
     preset = nncf.QuantizationPreset.MIXED  # s8 symmetric weights, u8 asymmetric activations (what VNNI computes)
+    fix = OverflowFix.ENABLE if reduced else OverflowFix.FIRST_LAYER
     q = nncf.quantize(model, nncf.Dataset(images, lambda x: {"input": np.ascontiguousarray(x, np.float32)}),
                       preset=preset, subset_size=len(images), fast_bias_correction=True,
-                      ignored_scope=nncf.IgnoredScope(names=fp32, validate=False))
+                      ignored_scope=nncf.IgnoredScope(names=fp32, validate=False),
+                      advanced_parameters=AdvancedQuantizationParameters(overflow_fix=fix))
     onnx.save(q, str(dst))
 
 
 def _onnxruntime(src, dst: str | os.PathLike, batches: Sequence[np.ndarray], fp32: list[str],
-                 cfg: QuantizeConfig) -> None:
-    """onnxruntime.quantization.quantize_static: u8 activations, s8 (per-channel) weights, QDQ."""
+                 cfg: QuantizeConfig, reduced: bool) -> None:
+    """onnxruntime.quantization.quantize_static: u8 activations, s8 (per-channel) weights, QDQ;
+    ``reduced``: weights -64..64 (``reduce_range``)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -210,31 +229,53 @@ def _onnxruntime(src, dst: str | os.PathLike, batches: Sequence[np.ndarray], fp3
         level = root.level
         root.setLevel(max(level, logging.WARNING))  # the quantiser logs one INFO line per rescaled bias to the root logger
         try:
-            _quantize_static(prepared, dst, Reader(), fp32, method, cfg)
+            _quantize_static(prepared, dst, Reader(), fp32, method, cfg, reduced)
         finally:
             root.setLevel(level)
 
 
-def _quantize_static(prepared: Path, dst, reader, fp32: list[str], method, cfg: QuantizeConfig) -> None:
+def _quantize_static(prepared: Path, dst, reader, fp32: list[str], method, cfg: QuantizeConfig, reduced: bool) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                    reduce_range=reduced, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
                     nodes_to_exclude=fp32, extra_options={"CalibPercentile": cfg.percentile},
                     calibration_providers=["CPUExecutionProvider"])
 
 
-def _verdicts(p: np.ndarray, feats: np.ndarray | None, conf: dict, ood: OODScorer | None) -> np.ndarray:
+def _verdicts(p: np.ndarray, feats: np.ndarray | None, conf: dict, ood: OODScorer | None,
+              threshold: float | None) -> np.ndarray:
     """What a user would be told per image: the decided class index, or -1 when the learned gate stops it."""
     k = calibrated_decision(p, conf)
     if ood is not None and feats is not None:
-        k = np.where(ood.score(feats) > float(conf["ood"]["threshold"]), -1, k)
+        k = np.where(ood.score(feats) > threshold, -1, k)
     return k
 
 
+def int8_ood_threshold(model_dir: Path, conf: dict, int8_path: str | os.PathLike,
+                       batches: Sequence[np.ndarray]) -> float | None:
+    """The out-of-scope threshold for INT8 features: fp32's ``t`` as ``sqrt(t^2 + mean(s8^2 - s32^2))``, the
+    scores ``s`` of both graphs on ``batches`` (the calibration images: training split, never the gate's).
+    Quantisation noise adds to every squared Mahalanobis distance (on the shipped soup the INT8 scores of the
+    validation images lay 1.2 above fp32's on average), so fp32's threshold would flag three times as many
+    images; None for a model without the learned gate."""
+    if not conf.get("ood") or not batches:
+        return None
+    ood = OODScorer.load(verify_file(model_dir, conf["ood"]["file"], conf))
+    fp32 = ort_session(verify_file(model_dir, onnx_name(conf), conf), threads=cpu_count())
+    int8 = ort_session(int8_path, threads=cpu_count())
+    if FEATURES not in [o.name for o in fp32.get_outputs()]:
+        return None
+    s32 = np.concatenate([ood.score(fp32.run([FEATURES], {"input": x})[0]) for x in batches])
+    s8 = np.concatenate([ood.score(int8.run([FEATURES], {"input": x})[0]) for x in batches])
+    t = ood_threshold(conf)
+    return float(np.sqrt(max(t * t + float(np.mean(s8 ** 2 - s32 ** 2)), 0.0)))
+
+
 def gate(model_dir: Path, conf: dict, int8_path: str | os.PathLike, val: EvalSet,
-         cfg: QuantizeConfig = QuantizeConfig()) -> dict:
-    """The fp32 and INT8 graphs side by side on the validation split: AUCs, verdict agreement, passed."""
+         cfg: QuantizeConfig = QuantizeConfig(), int8_threshold: float | None = None) -> dict:
+    """The fp32 and INT8 graphs side by side on the validation split: AUCs, verdict agreement, passed.
+    ``int8_threshold``: the out-of-scope threshold for INT8 features (:func:`int8_ood_threshold`; fp32's if None)."""
     pre = Preprocess(PreprocessConfig.from_dict(conf["preprocess"]))
     size = int(conf["preprocess"]["size"])
     fp32 = ort_session(verify_file(model_dir, onnx_name(conf), conf), threads=cpu_count())
@@ -258,7 +299,9 @@ def gate(model_dir: Path, conf: dict, int8_path: str | os.PathLike, val: EvalSet
     f8 = np.concatenate(got["f8"]) if got["f8"] else None
     ypn = (y != 0).astype(int)
     auc32, auc8 = _safe_auc(ypn, pneumonia_score(p32)), _safe_auc(ypn, pneumonia_score(p8))
-    v32, v8 = _verdicts(p32, f32, conf, ood), _verdicts(p8, f8, conf, ood)
+    t32 = ood_threshold(conf)
+    t8 = t32 if int8_threshold is None else int8_threshold
+    v32, v8 = _verdicts(p32, f32, conf, ood, t32), _verdicts(p8, f8, conf, ood, t8)
     same = v32 == v8
     drop = auc32 - auc8 if np.isfinite(auc32) and np.isfinite(auc8) else None
     out = {"images": int(len(y)), "source": val.source, "split": val.split, "matches_model": val.matches_model,
@@ -267,11 +310,24 @@ def gate(model_dir: Path, conf: dict, int8_path: str | os.PathLike, val: EvalSet
            "agreement": float(same.mean()), "min_agreement": cfg.min_agreement,
            "same_class": float((p32.argmax(1) == p8.argmax(1)).mean()),
            "pneumonia_agreement": float(((v32 > 0) == (v8 > 0)).mean()),  # normal vs pneumonia only (context)
-           "max_abs_prob_diff": float(np.abs(p32 - p8).max()), "mean_abs_prob_diff": float(np.abs(p32 - p8).mean())}
+           "max_abs_prob_diff": float(np.abs(p32 - p8).max()), "mean_abs_prob_diff": float(np.abs(p32 - p8).mean()),
+           "instruction_set": int8_ready() or f"none of {', '.join(INT8_FLAGS)}"}  # what computed the INT8 figures
+    if ood is not None and f32 is not None:
+        out["ood_threshold"] = {"fp32": t32, "int8": t8}
+        out["out_of_scope"] = {"fp32": int((v32 < 0).sum()), "int8": int((v8 < 0).sum())}
     if f32 is not None:
         out["features_mean_rel_error"] = float((np.abs(f8 - f32).sum(1) / np.maximum(np.abs(f32).sum(1), 1e-12)).mean())
     out["passed"] = bool(out["agreement"] >= cfg.min_agreement and (drop is None or drop <= cfg.max_auc_drop))
     return out
+
+
+def quantize_and_gate(model_dir: Path, conf: dict, dst: str | os.PathLike, batches: Sequence[np.ndarray], val: EvalSet,
+                      cfg: QuantizeConfig = QuantizeConfig()) -> tuple[dict, float | None]:
+    """Write the INT8 graph of the model's fp32 export to ``dst`` (calibrated on ``batches``), map the out-of-scope
+    threshold to it and run the gate on ``val``: (the gate's figures, INT8's threshold). Writes nothing else."""
+    quantize_graph(verify_file(model_dir, onnx_name(conf), conf), dst, batches, cfg)
+    t8 = int8_ood_threshold(model_dir, conf, dst, batches)
+    return gate(model_dir, conf, dst, val, cfg, t8), t8
 
 
 def gate_message(model_dir: Path, g: dict) -> str:
@@ -299,16 +355,22 @@ def export_int8(model_dir: str | os.PathLike, data: str | os.PathLike | None = N
     conf = read_config(d)
     if not has_onnx(d):
         raise ModelError(f"{d} has no fp32 ONNX export to quantise; run 'pneumoscan export --model {d}' first")
-    src = verify_file(d, onnx_name(conf), conf)
+    verify_file(d, onnx_name(conf), conf)  # a changed graph is refused before any image is decoded
     plan = plan or plan_int8(d, data, cfg)
     pre = Preprocess(PreprocessConfig.from_dict(conf["preprocess"]))
     t0 = time.perf_counter()
     batches = list(calibration) if calibration is not None else [x for _, x in _arrays(plan.calibration, pre,
                                                                                             pre.cfg.size)]
+    weights, why = resolved_weight_range(cfg)
+    log.info("INT8 weights: %s range (%s)", weights, why)
+    qat_range = _get_qat_range(conf)
+    if qat_range is not None and qat_range != weights:
+        log.warning("%s was made quantisation-aware for %s-range weights, but this export makes %s-range ones (%s); "
+                    "its gate may be lower: pass --weight-range %s, or re-run pneumoscan qat with --weight-range %s",
+                    d, qat_range, weights, why, qat_range, weights)
     with atomic_path(d / INT8_NAME) as tmp:
-        quantize_graph(src, tmp, batches, cfg)
+        g, t8 = quantize_and_gate(d, conf, tmp, batches, plan.val, cfg)
         t_quant = time.perf_counter() - t0
-        g = gate(d, conf, tmp, plan.val, cfg)
         if not g["passed"]:
             raise Int8GateError(gate_message(d, g))
         digest = file_digest(tmp)
@@ -319,12 +381,20 @@ def export_int8(model_dir: str | os.PathLike, data: str | os.PathLike | None = N
         "quantiser": _quantiser_version(cfg.quantiser), "onnxruntime": onnxruntime.__version__, **asdict(cfg),
         "calibrated_on": {"images": int(sum(len(b) for b in batches)), "split": "train", "of": plan.train_images,
                           "source": plan.val.source},
-        "fp32_nodes": "the cam branch (not on the decision path)", "seconds": round(t_quant, 1), "gate": g,
+        "fp32_nodes": "the cam branch (not on the decision path)", "seconds": round(t_quant, 1),  # quantise and gate
+        "weights": weights, "weights_why": why, "exact_without_vnni": weights == "reduced",
+        "ood_threshold": t8, "gate": g,
     }
     atomic_write_json(d / CONFIG_NAME, conf)
     log.info("kept %s: AUC %s vs fp32 %s, %.2f %% identical verdicts", d / INT8_NAME, g["auc_int8"], g["auc_fp32"],
              100 * g["agreement"])
     return g
+
+
+def _get_qat_range(conf: dict) -> str | None:
+    """The weight range a quantisation-aware copy was trained for (None: not such a copy, or an older one)."""
+    r = ((conf.get("qat") or {}).get("config") or {}).get("weight_range")
+    return r if r in ("full", "reduced") else None
 
 
 def _quantiser_version(name: str) -> str:

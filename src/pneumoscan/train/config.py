@@ -309,7 +309,11 @@ class QatConfig:
     lr: float = 5e-5  # peak AdamW learning rate (warm-up over a tenth of the steps, then cosine), from the teacher's weights
     batch_size: int = 32  # images per step and device
     fp32_share: float = 0.5  # share of the steps run without fake quantisation (the fp32 graph follows the teacher too)
+    feature_weight: float = 0.0  # weight of the pooled features' squared distance from the teacher's, in the metric of
+    # the out-of-scope gate (per dimension), beside the KL loss; 0: off (needs a calibrated teacher)
     calibration_images: int = 256  # training images (seeded sample) the ranges are fitted on, as export --int8 fits them
+    weight_range: Literal["auto", "full", "reduced"] = "auto"  # s8 weights emulated as export --int8 --weight-range
+    # makes them: full (-127..127, VNNI CPUs) or reduced (-64..64, exact on any CPU); auto: by this CPU, as export does
     seed: int = 0  # seeds the calibration sample, the batch order and the fp32 steps
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"  # Lightning accelerator
     devices: int | Literal["auto"] = 1  # devices per node ("auto": all of them)
@@ -324,9 +328,11 @@ class QatConfig:
             raise ConfigError(f"learning rate {self.lr} must lie in (0, 1), e.g. 5e-5")
         if not 0 <= self.fp32_share < 1:
             raise ConfigError(f"fp32 share {self.fp32_share} must lie in [0, 1) (e.g. 0.5)")
+        if not 0 <= self.feature_weight < 1e3:
+            raise ConfigError(f"feature weight {self.feature_weight} must lie in [0, 1000) (e.g. 0.02; 0 = off)")
         if self.workers < 0:
             raise ConfigError(f"workers {self.workers} must be 0 or more")
-        _check_choices(self, "accelerator")
+        _check_choices(self, "accelerator", "weight_range")
         if not (self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1)):
             raise ConfigError(f"devices {self.devices!r} must be a positive integer or 'auto'")
 

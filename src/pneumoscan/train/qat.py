@@ -9,7 +9,8 @@ ONNX Runtime will make of it gives the answers the original gives:
    is put exactly where ONNX Runtime's static QDQ quantiser puts its QuantizeLinear nodes: the input,
    every convolution's output after its activation, every residual sum, the pooled features and the
    logits (u8, asymmetric, one min-max range per tensor over the calibration images), and every
-   convolution's and the dense layer's weights (s8, symmetric, one scale per output channel).
+   convolution's and the dense layer's weights (s8, symmetric, one scale per output channel; full
+   or reduced range as the export will make them on this CPU, ``weight_range``).
    ``tests/train/test_qat.py`` checks the count and the outputs against ONNX Runtime's own graph;
 2. the ranges are calibrated on a seeded sample of the training split, as the export's are, and
    re-calibrated at each epoch's start, so the last epoch trains under the ranges export will find;
@@ -49,8 +50,10 @@ from ..errors import ModelError, PneumoscanError
 from ..labels import DEFAULT_THRESHOLD, LABELS, softmax
 from ..nets.checkpoint import ModelBundle, load_model, save_model
 from ..nets.heads import PneumoNet
+from ..nets.modeldir import verify_file
 from ..preprocess import PreprocessConfig
-from ..uncertainty import calibrated_decision, model_calibration
+from ..runtime import WEIGHT_LEVELS, weight_range
+from ..uncertainty import OODScorer, calibrated_decision, model_calibration
 from .augment import BatchInput
 from .callbacks import progress_bar, raise_if_interrupted
 from .config import AugmentConfig, QatConfig
@@ -59,7 +62,6 @@ from .finetune import load_images, warmup_then
 log = logging.getLogger(__name__)
 
 ACT_LEVELS = (0, 255)  # u8 activations (ONNX Runtime's QUInt8)
-WEIGHT_LEVELS = (-127, 127)  # s8 symmetric weights (ONNX Runtime's QInt8, symmetric)
 SUPPORTED_ACTS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Identity)
 KEEP = ("backbone", "timm_name", "weights_source", "preprocess", "labels", "head", "train_prior",
         "manifest_sha256", "data", "train_config", "finetuned")  # teacher fields that hold for the copy
@@ -88,18 +90,20 @@ class FakeQuant(nn.Module):
 
 
 class WeightFakeQuant(nn.Module):
-    """s8 symmetric fake quantisation, one scale per output channel (a parametrisation of ``weight``)."""
+    """s8 symmetric fake quantisation, one scale per output channel (a parametrisation of ``weight``), over
+    ``levels`` (:data:`pneumoscan.runtime.WEIGHT_LEVELS`: full or ONNX Runtime's reduced range)."""
 
-    def __init__(self) -> None:
+    def __init__(self, levels: tuple[int, int]) -> None:
         super().__init__()
         self.enabled = False
+        self.levels = levels
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        scale = (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / WEIGHT_LEVELS[1]).clamp_min(1e-12)
+        scale = (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / self.levels[1]).clamp_min(1e-12)
         zero = torch.zeros_like(scale, dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, *WEIGHT_LEVELS)
+        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, *self.levels)
 
 
 class QuantAct(nn.Module):
@@ -186,8 +190,9 @@ def check_supported(net: nn.Module, source: str) -> None:
 class QuantSim:
     """A copy of ``net`` with batch norm folded and fake quantisation at ONNX Runtime's QDQ points."""
 
-    def __init__(self, net: PneumoNet) -> None:
+    def __init__(self, net: PneumoNet, weights: str = "full") -> None:
         self.net = copy.deepcopy(net).eval()
+        self.weight_range = weights  # "full" or "reduced" (:func:`pneumoscan.runtime.weight_range`)
         self.pairs = _conv_bn_pairs(self.net)
         self.eps: dict[str, float] = {}
         mods = dict(self.net.named_modules())
@@ -208,12 +213,13 @@ class QuantSim:
         self.weights = []
         for m in list(self.net.modules()):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                wq = WeightFakeQuant()
+                wq = WeightFakeQuant(WEIGHT_LEVELS[weights])
                 parametrize.register_parametrization(m, "weight", wq)
                 self.weights.append(wq)
         self.extra = {k: FakeQuant() for k in ("input", "features", "logits")}
+        self.features: torch.Tensor | None = None  # the pooled features of the last forward pass (as quantised)
         self.net.register_forward_pre_hook(lambda _m, a: (self.extra["input"](a[0]),))
-        self.net.backbone.register_forward_hook(lambda _m, _a, out: self.extra["features"](out))
+        self.net.backbone.register_forward_hook(self._features)
         self.net.register_forward_hook(lambda _m, _a, out: self.extra["logits"](out))
         self.sums = []
         for m in self.net.backbone.modules():
@@ -222,6 +228,10 @@ class QuantSim:
                 m.register_forward_hook(lambda _m, _a, out, q=q: q(out))
                 self.sums.append(q)
         self.net.add_module("quant_points", nn.ModuleList([*self.extra.values(), *self.sums]))
+
+    def _features(self, _m, _a, out: torch.Tensor) -> torch.Tensor:
+        self.features = self.extra["features"](out)
+        return self.features
 
     @property
     def activations(self) -> list[FakeQuant]:
@@ -289,8 +299,25 @@ def _batches(inputs: BatchInput, images: torch.Tensor, device: torch.device | No
         yield inputs(images[i:i + batch].to(device), False)
 
 
+class GateMetric(nn.Module):
+    """The coordinates in which the out-of-scope gate measures pooled features: the scorer's PCA, whitened by its
+    precision (:class:`pneumoscan.uncertainty.OODScorer`), so that the squared distance between two feature
+    vectors here is their squared Mahalanobis distance under the gate."""
+
+    def __init__(self, ood: OODScorer) -> None:
+        super().__init__()
+        chol = np.linalg.cholesky(ood.precision)  # precision = L L^T, so |d|^2_P = |d L|^2
+        self.register_buffer("mean", torch.tensor(ood.mean, dtype=torch.float32))
+        self.register_buffer("proj", torch.tensor(ood.components.T @ chol, dtype=torch.float32))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return (f.float() - self.mean) @ self.proj
+
+
 def make_module(sim: QuantSim, cfg: QatConfig, prep: PreprocessConfig, calibration: torch.Tensor,
-                temperature: float, bias: torch.Tensor | None):
+                temperature: float, bias: torch.Tensor | None, metric: GateMetric | None = None):
+    """The Lightning module; batches are (uint8 images, teacher logits) or, with ``metric`` (the out-of-scope
+    gate's, and ``cfg.feature_weight`` > 0), (images, teacher logits, teacher features in that metric)."""
     import lightning.pytorch as pl
 
     class QatModule(pl.LightningModule):
@@ -299,18 +326,21 @@ def make_module(sim: QuantSim, cfg: QatConfig, prep: PreprocessConfig, calibrati
             self.net = sim.net
             self.inputs = BatchInput(prep, AugmentConfig(), batch_intensity=False)
             self.register_buffer("bias", bias if bias is not None else torch.zeros(len(LABELS)), persistent=False)
+            self.metric = metric
 
         def on_train_epoch_start(self) -> None:
             sim.calibrate(_batches(self.inputs, calibration, self.device))
             self.net.eval()  # no batch norm is left; dropout stays off, as for the teacher's outputs
 
         def training_step(self, batch, _):
-            x, teacher = batch
+            x, teacher, *feats = batch
             quantised = random.Random(cfg.seed * 1_000_003 + self.global_step).random() >= cfg.fp32_share
             sim.enable(quantised)  # the same draw on every DDP rank
             log_p = calibrated_log_probs(self.net(self.inputs(x, False)), temperature, self.bias)
             target = calibrated_log_probs(teacher, temperature, self.bias)
             loss = nn.functional.kl_div(log_p, target, reduction="batchmean", log_target=True)
+            if self.metric is not None and feats:  # the gate's squared distance from the teacher's features, per dim
+                loss = loss + cfg.feature_weight * (self.metric(sim.features) - feats[0]).pow(2).mean()
             self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True)
             return loss
 
@@ -329,6 +359,20 @@ def _logits(net: nn.Module, inputs: BatchInput, images: torch.Tensor, batch: int
     return torch.cat([net(x).float().cpu() for x in _batches(inputs, images, next(net.parameters()).device, batch)])
 
 
+@torch.inference_mode()
+def _teacher_outputs(net: PneumoNet, inputs: BatchInput, images: torch.Tensor, metric: GateMetric | None,
+                     batch: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's logits and (with ``metric``) its pooled features in the gate's metric, in one pass."""
+    net.eval()
+    logits, feats = [], []
+    for x in _batches(inputs, images, next(net.parameters()).device, batch):
+        f = net.backbone(x)
+        logits.append(net.head(f).float().cpu())
+        if metric is not None:
+            feats.append(metric(f).cpu())
+    return torch.cat(logits), torch.cat(feats) if metric is not None else None
+
+
 def _agreement(sim: QuantSim, inputs: BatchInput, images: torch.Tensor, teacher: torch.Tensor, conf: dict) -> dict:
     """On ``images``: the share of verdicts the emulated INT8 copy and its fp32 graph keep of the teacher's
     (``teacher``: its logits), their mutual agreement, and the mean KL divergence of each from the teacher."""
@@ -345,6 +389,14 @@ def _agreement(sim: QuantSim, inputs: BatchInput, images: torch.Tensor, teacher:
     out.update({"int8_vs_teacher": float((v["int8"] == ref).mean()), "fp32_vs_teacher": float((v["fp32"] == ref).mean()),
                 "int8_vs_fp32": float((v["int8"] == v["fp32"]).mean())})
     return out
+
+
+def _gate_metric(model_dir: str | os.PathLike, conf: dict) -> GateMetric:
+    """The teacher's out-of-scope metric (:class:`GateMetric`); :class:`ModelError` when it has no learned gate."""
+    if not conf.get("ood"):
+        raise ModelError(f"{model_dir} has no learned out-of-scope gate to distil the features for; run "
+                         "'pneumoscan calibrate' on it first, or pass --feature-weight 0")
+    return GateMetric(OODScorer.load(verify_file(Path(model_dir), conf["ood"]["file"], conf)))
 
 
 def plan(model_dir: str | os.PathLike, data: str | os.PathLike | Manifest | None) -> tuple[ModelBundle, Manifest]:
@@ -368,6 +420,7 @@ def qat(model_dir: str | os.PathLike, out: str | os.PathLike, data: str | os.Pat
     t0 = time.time()
     cfg.check_machine()
     teacher, manifest = plan(model_dir, data)
+    metric = _gate_metric(model_dir, teacher.config) if cfg.feature_weight > 0 else None  # checked before any decoding
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     conf = teacher.config
     prep = PreprocessConfig.from_dict(conf["preprocess"])
@@ -379,18 +432,21 @@ def qat(model_dir: str | os.PathLike, out: str | os.PathLike, data: str | os.Pat
     tr, va = np.flatnonzero(ok[:n]), n + np.flatnonzero(ok[n:])
     cal_idx = tr[calibration_sample(len(tr), cfg.calibration_images, cfg.seed)]
     inputs = BatchInput(prep, AugmentConfig(), batch_intensity=False)
-    t_train = _logits(teacher.net, inputs, images[tr])  # the teacher once, in fp32
+    t_train, f_train = _teacher_outputs(teacher.net, inputs, images[tr], metric)  # the teacher once, in fp32
     t_val = _logits(teacher.net, inputs, images[va])
 
-    sim = QuantSim(teacher.net)
+    weights, why = weight_range(cfg.weight_range)
+    log.info("emulating %s-range INT8 weights (%s)", weights, why)
+    sim = QuantSim(teacher.net, weights)
     cal_images = images[cal_idx]
     sim.calibrate(_batches(inputs, cal_images))
     before = _agreement(sim, inputs, images[va], t_val, conf)
     log.info("before: emulated INT8 keeps %.1f %% of the validation verdicts", 100 * before["int8_vs_teacher"])
 
-    module = make_module(sim, cfg, prep, cal_images, *torch_calibration(conf))
+    module = make_module(sim, cfg, prep, cal_images, *torch_calibration(conf), metric=metric)
     g = torch.Generator().manual_seed(cfg.seed)
-    dl = DataLoader(TensorDataset(images[tr], t_train), batch_size=cfg.batch_size, shuffle=True, generator=g,
+    dataset = TensorDataset(images[tr], t_train, *([f_train] if f_train is not None else []))
+    dl = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=g,
                     drop_last=len(tr) > cfg.batch_size, num_workers=0)
     trainer = pl.Trainer(max_epochs=cfg.epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator,
                          devices=cfg.devices, strategy=cfg.strategy, callbacks=[progress_bar()] if progress else [],
@@ -415,7 +471,8 @@ def qat(model_dir: str | os.PathLike, out: str | os.PathLike, data: str | os.Pat
         "kind": "single",
         "threshold": float(conf.get("threshold", DEFAULT_THRESHOLD)),
         "threshold_method": "the teacher's (not yet chosen on validation)",
-        "qat": {"teacher": {"dir": str(model_dir), "model_id": teacher.model_id}, "config": asdict(cfg),
+        "qat": {"teacher": {"dir": str(model_dir), "model_id": teacher.model_id},
+                "config": {**asdict(cfg), "weight_range": weights}, "weights_why": why,  # the range as resolved here
                 "quantised_tensors": len(sim.activations), "quantised_weights": len(sim.weights),
                 "validation_images": int(len(va)), "calibration_images": int(len(cal_idx)),
                 "before": before, "after": after, "train_seconds": round(time.time() - t0, 1),
