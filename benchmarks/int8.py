@@ -33,10 +33,10 @@ import numpy as np
 
 from pneumoscan.bench import percentiles, time_calls, write_result
 from pneumoscan.export.config import QuantizeConfig
-from pneumoscan.export.int8 import _arrays, plan_int8, quantize_and_gate, resolved_weight_range
+from pneumoscan.export.int8 import _arrays, plan_int8, quantize_and_gate
 from pneumoscan.nets.modeldir import PACKAGE_MODEL, read_config
 from pneumoscan.preprocess import Preprocess, PreprocessConfig
-from pneumoscan.runtime import cpu_count, ort_session
+from pneumoscan.runtime import cpu_count, ort_session, weight_range
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUTPUTS = ["logits", "features"]
@@ -214,7 +214,7 @@ def _int8_dir(model: Path, int8: Path, g: dict, tmp: Path) -> Path:
     conf = read_config(model)
     conf["files"][INT8_NAME] = file_digest(int8)
     conf["onnx"]["int8"] = {"file": INT8_NAME, "source_sha256": conf["files"][conf["onnx"]["file"]],
-                            "exact_without_vnni": resolved_weight_range(QuantizeConfig())[0] == "reduced",
+                            "weights": weight_range(QuantizeConfig().weight_range)[0],
                             "ood_threshold": (g.get("ood_threshold") or {}).get("int8"), "gate": {**g, "passed": True}}
     (d / CONFIG_NAME).unlink()
     atomic_write_json(d / CONFIG_NAME, conf)

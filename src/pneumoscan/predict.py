@@ -108,7 +108,7 @@ def choose_precision(config: dict, requested: str = "auto", flags: frozenset[str
     if vnni:
         return "int8", f"{passed}; the CPU has {vnni}"
     if requested == "int8":
-        if not config["onnx"]["int8"].get("exact_without_vnni", False):
+        if config["onnx"]["int8"].get("weights", "full") != "reduced":  # older exports: full range
             raise ModelError(f"{where}: its INT8 export has full-range weights, which this CPU (none of "
                              f"{', '.join(INT8_FLAGS)}) computes with saturating sums, so its verdicts would not be "
                              "those its gate measured; use --precision fp32, or re-export on this CPU with "
@@ -231,7 +231,7 @@ class Predictor:
             onnx_cfg = read_config(onnx_dir)
             self.precision, self.precision_reason = choose_precision(onnx_cfg, precision, cpu_flags, str(self.model_dir))
             if self.ood is not None:  # INT8 features are noisier: the export mapped the threshold to them
-                self.ood_threshold = ood_threshold(onnx_cfg if self.precision == "int8" else self.config, self.precision)
+                self.ood_threshold = ood_threshold(onnx_cfg, self.precision)
             name = int8_file(onnx_cfg) if self.precision == "int8" else onnx_name(onnx_cfg)
             self.onnx_path = onnx_dir / (name or "model.onnx")
             self._onnx_dir, self._onnx_cfg = onnx_dir, onnx_cfg

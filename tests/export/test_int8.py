@@ -75,8 +75,7 @@ def test_engine_runs_int8_only_on_a_vnni_cpu(quantised, dataset_dir):
     assert "avx512_vnni" in plain.precision_reason  # names the instructions it looked for
     info = read_config(quantised)["onnx"]["int8"]
     assert info["weights"] == weight_range("auto")[0]  # what this CPU computes exactly (the gate measured it)
-    assert info["exact_without_vnni"] == (info["weights"] == "reduced")
-    if info["exact_without_vnni"]:
+    if info["weights"] == "reduced":  # exact on any CPU
         forced = Predictor(quantised, backend="onnx", precision="int8", cpu_flags=NO_VNNI)
         assert forced.precision == "int8" and "no faster" in forced.precision_reason
     else:  # full-range weights saturate in the kernels of a CPU without VNNI: refused, not served
@@ -146,7 +145,7 @@ def test_reexport_drops_the_stale_int8(quantised, tmp_path):
 def _config(passed: bool = True, stale: bool = False, exact: bool = True) -> dict:
     return {"files": {"model.onnx": "a", INT8_NAME: "b"},
             "onnx": {"file": "model.onnx", "int8": {"file": INT8_NAME, "source_sha256": "old" if stale else "a",
-                                                   "exact_without_vnni": exact,
+                                                   "weights": "reduced" if exact else "full",
                                                    "gate": {"passed": passed, "agreement": 0.995, "images": 1000}}}}
 
 
@@ -169,7 +168,7 @@ def test_precision_rule(config, requested, flags, expected):
 
 def test_full_range_int8_is_refused_where_its_sums_saturate():
     for cfg in (_config(exact=False), {**_config(), "onnx": {**_config()["onnx"], "int8": {
-            k: v for k, v in _config()["onnx"]["int8"].items() if k != "exact_without_vnni"}}}):  # older exports: full
+            k: v for k, v in _config()["onnx"]["int8"].items() if k != "weights"}}}):  # older exports: full
         with pytest.raises(ModelError, match=r"full-range weights.*saturating sums.*--precision fp32"):
             choose_precision(cfg, "int8", NO_VNNI)
 
@@ -204,7 +203,8 @@ def gated(exported, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_int8_has_its_own_out_of_scope_threshold_and_the_engine_uses_it(gated):
     from pneumoscan.export.int8 import int8_ood_threshold
-    from pneumoscan.uncertainty import ood_threshold
+    from pneumoscan.runtime import ort_session
+    from pneumoscan.uncertainty import OODScorer, ood_threshold
 
     cfg = read_config(gated)
     t32, t8 = cfg["ood"]["threshold"], cfg["onnx"]["int8"]["ood_threshold"]
@@ -217,7 +217,9 @@ def test_int8_has_its_own_out_of_scope_threshold_and_the_engine_uses_it(gated):
     assert f"{t8:.2f}" in (gated / "MODEL_CARD.md").read_text()  # the card shows INT8's threshold beside fp32's
     # a graph that computes what fp32 computes needs no other threshold
     x = [np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)]
-    assert int8_ood_threshold(gated, cfg, gated / "model.onnx", x) == pytest.approx(t32, rel=1e-9)
+    ood = OODScorer.load(gated / cfg["ood"]["file"])
+    same = ort_session(gated / "model.onnx")
+    assert int8_ood_threshold(ood, same, same, x, t32) == pytest.approx(t32, rel=1e-9)
 
 
 def test_int8_requested_without_a_gated_export_says_what_to_do():

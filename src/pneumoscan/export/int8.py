@@ -170,16 +170,11 @@ def quantize_graph(src: str | os.PathLike, dst: str | os.PathLike, batches: Sequ
     check_calibration_memory(model, sum(len(b) for b in batches), cfg)
     keep = _decision_nodes(model)
     fp32 = [n.name for n in model.graph.node if n.name not in keep]
-    reduced = resolved_weight_range(cfg)[0] == "reduced"
+    reduced = weight_range(cfg.weight_range)[0] == "reduced"
     if cfg.quantiser == "nncf":
         _nncf(model, dst, batches, fp32, reduced)
     else:
         _onnxruntime(src, dst, batches, fp32, cfg, reduced)
-
-
-def resolved_weight_range(cfg: QuantizeConfig, flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """(weight range, why) of the graph ``cfg`` makes on this CPU (``flags``: its instruction set unless given)."""
-    return weight_range(cfg.weight_range, flags)
 
 
 def _nncf(model, dst: str | os.PathLike, batches: Sequence[np.ndarray], fp32: list[str], reduced: bool) -> None:
@@ -252,36 +247,32 @@ def _verdicts(p: np.ndarray, feats: np.ndarray | None, conf: dict, ood: OODScore
     return k
 
 
-def int8_ood_threshold(model_dir: Path, conf: dict, int8_path: str | os.PathLike,
-                       batches: Sequence[np.ndarray]) -> float | None:
-    """The out-of-scope threshold for INT8 features: fp32's ``t`` as ``sqrt(t^2 + mean(s8^2 - s32^2))``, the
-    scores ``s`` of both graphs on ``batches`` (the calibration images: training split, never the gate's).
-    Quantisation noise adds to every squared Mahalanobis distance (on the shipped soup the INT8 scores of the
-    validation images lay 1.2 above fp32's on average), so fp32's threshold would flag three times as many
-    images; None for a model without the learned gate."""
-    if not conf.get("ood") or not batches:
-        return None
-    ood = OODScorer.load(verify_file(model_dir, conf["ood"]["file"], conf))
-    fp32 = ort_session(verify_file(model_dir, onnx_name(conf), conf), threads=cpu_count())
-    int8 = ort_session(int8_path, threads=cpu_count())
-    if FEATURES not in [o.name for o in fp32.get_outputs()]:
-        return None
+def int8_ood_threshold(ood: OODScorer, fp32, int8, batches: Sequence[np.ndarray], threshold: float) -> float:
+    """The out-of-scope threshold for INT8 features: fp32's ``threshold`` t as ``sqrt(t^2 + mean(s8^2 - s32^2))``,
+    the scores ``s`` of the fp32 and INT8 sessions on ``batches`` (the calibration images: training split, never
+    the gate's). Quantisation noise adds to every squared Mahalanobis distance (on the shipped soup the INT8 scores
+    of the validation images lay 1.2 above fp32's on average), so fp32's threshold would flag three times as many
+    images."""
     s32 = np.concatenate([ood.score(fp32.run([FEATURES], {"input": x})[0]) for x in batches])
     s8 = np.concatenate([ood.score(int8.run([FEATURES], {"input": x})[0]) for x in batches])
-    t = ood_threshold(conf)
-    return float(np.sqrt(max(t * t + float(np.mean(s8 ** 2 - s32 ** 2)), 0.0)))
+    return float(np.sqrt(max(threshold * threshold + float(np.mean(s8 ** 2 - s32 ** 2)), 0.0)))
 
 
 def gate(model_dir: Path, conf: dict, int8_path: str | os.PathLike, val: EvalSet,
-         cfg: QuantizeConfig = QuantizeConfig(), int8_threshold: float | None = None) -> dict:
+         cfg: QuantizeConfig = QuantizeConfig(), calibration: Sequence[np.ndarray] = ()) -> dict:
     """The fp32 and INT8 graphs side by side on the validation split: AUCs, verdict agreement, passed.
-    ``int8_threshold``: the out-of-scope threshold for INT8 features (:func:`int8_ood_threshold`; fp32's if None)."""
+    With ``calibration`` (the batches the graph was calibrated on) and a learned out-of-scope gate, INT8's
+    verdicts use INT8's own threshold (:func:`int8_ood_threshold`, recorded as ``ood_threshold["int8"]``);
+    else fp32's."""
     pre = Preprocess(PreprocessConfig.from_dict(conf["preprocess"]))
     size = int(conf["preprocess"]["size"])
     fp32 = ort_session(verify_file(model_dir, onnx_name(conf), conf), threads=cpu_count())
     int8 = ort_session(int8_path, threads=cpu_count())
     outs = [o.name for o in fp32.get_outputs() if o.name in DECISION_OUTPUTS]
     ood = OODScorer.load(verify_file(model_dir, conf["ood"]["file"], conf)) if conf.get("ood") else None
+    t32 = t8 = ood_threshold(conf)
+    if ood is not None and FEATURES in outs and len(calibration):
+        t8 = int8_ood_threshold(ood, fp32, int8, calibration, t32)
     got: dict[str, list] = {"idx": [], "p32": [], "p8": [], "f32": [], "f8": []}
     for idx, x in _arrays(val.paths, pre, size):
         a, b = fp32.run(outs, {"input": x}), int8.run(outs, {"input": x})
@@ -299,8 +290,6 @@ def gate(model_dir: Path, conf: dict, int8_path: str | os.PathLike, val: EvalSet
     f8 = np.concatenate(got["f8"]) if got["f8"] else None
     ypn = (y != 0).astype(int)
     auc32, auc8 = _safe_auc(ypn, pneumonia_score(p32)), _safe_auc(ypn, pneumonia_score(p8))
-    t32 = ood_threshold(conf)
-    t8 = t32 if int8_threshold is None else int8_threshold
     v32, v8 = _verdicts(p32, f32, conf, ood, t32), _verdicts(p8, f8, conf, ood, t8)
     same = v32 == v8
     drop = auc32 - auc8 if np.isfinite(auc32) and np.isfinite(auc8) else None
@@ -323,11 +312,12 @@ def gate(model_dir: Path, conf: dict, int8_path: str | os.PathLike, val: EvalSet
 
 def quantize_and_gate(model_dir: Path, conf: dict, dst: str | os.PathLike, batches: Sequence[np.ndarray], val: EvalSet,
                       cfg: QuantizeConfig = QuantizeConfig()) -> tuple[dict, float | None]:
-    """Write the INT8 graph of the model's fp32 export to ``dst`` (calibrated on ``batches``), map the out-of-scope
-    threshold to it and run the gate on ``val``: (the gate's figures, INT8's threshold). Writes nothing else."""
+    """Write the INT8 graph of the model's fp32 export to ``dst`` (calibrated on ``batches``) and run the gate on
+    ``val``, with INT8's own out-of-scope threshold: (the gate's figures, that threshold or None). Writes nothing
+    else."""
     quantize_graph(verify_file(model_dir, onnx_name(conf), conf), dst, batches, cfg)
-    t8 = int8_ood_threshold(model_dir, conf, dst, batches)
-    return gate(model_dir, conf, dst, val, cfg, t8), t8
+    g = gate(model_dir, conf, dst, val, cfg, calibration=batches)
+    return g, (g.get("ood_threshold") or {}).get("int8")
 
 
 def gate_message(model_dir: Path, g: dict) -> str:
@@ -361,7 +351,7 @@ def export_int8(model_dir: str | os.PathLike, data: str | os.PathLike | None = N
     t0 = time.perf_counter()
     batches = list(calibration) if calibration is not None else [x for _, x in _arrays(plan.calibration, pre,
                                                                                             pre.cfg.size)]
-    weights, why = resolved_weight_range(cfg)
+    weights, why = weight_range(cfg.weight_range)
     log.info("INT8 weights: %s range (%s)", weights, why)
     qat_range = _get_qat_range(conf)
     if qat_range is not None and qat_range != weights:
@@ -382,7 +372,7 @@ def export_int8(model_dir: str | os.PathLike, data: str | os.PathLike | None = N
         "calibrated_on": {"images": int(sum(len(b) for b in batches)), "split": "train", "of": plan.train_images,
                           "source": plan.val.source},
         "fp32_nodes": "the cam branch (not on the decision path)", "seconds": round(t_quant, 1),  # quantise and gate
-        "weights": weights, "weights_why": why, "exact_without_vnni": weights == "reduced",
+        "weights": weights, "weights_why": why,  # reduced: exact on any CPU (see pneumoscan.runtime.weight_range)
         "ood_threshold": t8, "gate": g,
     }
     atomic_write_json(d / CONFIG_NAME, conf)

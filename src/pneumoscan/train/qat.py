@@ -191,8 +191,7 @@ class QuantSim:
     """A copy of ``net`` with batch norm folded and fake quantisation at ONNX Runtime's QDQ points."""
 
     def __init__(self, net: PneumoNet, weights: str = "full") -> None:
-        self.net = copy.deepcopy(net).eval()
-        self.weight_range = weights  # "full" or "reduced" (:func:`pneumoscan.runtime.weight_range`)
+        self.net = copy.deepcopy(net).eval()  # weights: "full" or "reduced" (:func:`pneumoscan.runtime.weight_range`)
         self.pairs = _conv_bn_pairs(self.net)
         self.eps: dict[str, float] = {}
         mods = dict(self.net.named_modules())
