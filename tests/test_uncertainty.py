@@ -122,3 +122,79 @@ def test_ood_scorer_flags_far_features_and_lets_in_distribution_through(tmp_path
     path.write_bytes(scorer.to_bytes())
     again = OODScorer.load(path)
     assert again.score(far[:5]) == pytest.approx(scorer.score(far[:5]), rel=1e-4)  # float32 on disk
+
+
+# --- the INT8 guard: which answers of a noisier graph must be checked by the exact one ---
+
+from pneumoscan.export.int8 import _verdicts  # noqa: E402
+from pneumoscan.uncertainty import GUARD_BOUNDARIES, Int8Guard, boundary_distances  # noqa: E402
+
+
+def _guard_conf(method: str = "lac") -> dict:
+    return {"threshold": 0.6, "calibration": {"temperature": 0.5, "bias": [0.2, -0.1, 0.0]},
+            "conformal": {"method": method, "qhat": 0.7 if method == "lac" else 0.93}}
+
+
+class _Scorer:  # the OOD scorer's interface: a score per row (here: the first feature)
+    def score(self, f):
+        return np.asarray(f)[:, 0]
+
+
+def _distances(p, f, conf, t):
+    c = conf["conformal"]
+    return boundary_distances(temperature_scale(p, 0.5, [0.2, -0.1, 0.0]), conf["threshold"], c["qhat"], c["method"],
+                              f[:, 0], t)
+
+
+def test_boundary_distances_have_the_sign_of_the_verdict():
+    rng = np.random.default_rng(0)
+    p = _softmax(rng.normal(size=(2000, 3)) * 2)
+    s = rng.uniform(5, 15, 2000)
+    d = boundary_distances(p, 0.6, 0.7, "lac", s, 10.0)
+    assert d.shape == (2000, len(GUARD_BOUNDARIES))
+    assert ((d[:, 0] > 0) == (1 - p[:, 0] >= 0.6)).all()
+    assert ((d[:, 1] > 0) == (p[:, 1] > p[:, 2])).all()
+    assert ((d[:, 2] > 0) == (p[:, 0] >= 0.3)).all() and ((d[:, 3] > 0) == (p[:, 1:].max(1) >= 0.3)).all()
+    assert ((d[:, 4] > 0) == (s > 10.0)).all()
+    assert np.isnan(boundary_distances(p, 0.6)[:, 2:]).all()  # no sets, no gate: nothing to guard there
+
+
+@pytest.mark.parametrize("method", ["lac", "aps"])
+def test_the_guard_keeps_every_verdict_when_the_error_stays_within_its_margins(method):
+    """INT8 = fp32 + noise; margins fitted as the largest error (quantile 1) on the same images: every image the
+    guard leaves to INT8 must get fp32's verdict (class, "uncertain: refer", out of scope), and the guard must
+    still leave most images to INT8."""
+    rng = np.random.default_rng(1)
+    conf = _guard_conf(method)
+    z32 = rng.normal(size=(4000, 3)) * 1.5
+    f32 = rng.uniform(0, 20, (4000, 1))
+    p32, p8 = _softmax(z32), _softmax(z32 + rng.normal(scale=0.05, size=z32.shape))
+    f8 = np.sqrt(f32 ** 2 + 1.0 + rng.normal(scale=0.5, size=f32.shape).clip(-0.9, None))
+    t32 = 12.0
+    t8 = float(np.sqrt(t32 ** 2 + np.mean(f8 ** 2 - f32 ** 2)))
+    d32, d8 = _distances(p32, f32, conf, t32), _distances(p8, f8, conf, t8)
+    guard = Int8Guard.fit(d32, d8, 1.0, min_scope=t8 ** 2 - t32 ** 2)
+    redo = guard.needs_fp32(d8)
+    v32 = _verdicts(p32, f32, conf, _Scorer(), t32, sets=True)
+    v8 = _verdicts(p8, f8, conf, _Scorer(), t32, sets=True)  # the guard's scope margin covers fp32's threshold
+    assert (v8[~redo] == v32[~redo]).all()
+    assert (v8 != v32).sum() > 10  # INT8 alone would have changed verdicts: the guard had work to do
+    assert 0.02 < redo.mean() < 0.5
+
+
+def test_the_guard_sends_back_only_what_a_boundary_is_near():
+    g = Int8Guard((1.0, 1.0, 1.0, 1.0, 4.0))
+    far = [-5.0, 3.0, -5.0, 5.0, -20.0]
+    rows = np.array([far,
+                     [0.5, 3.0, -5.0, 5.0, -20.0],    # near the pneumonia threshold
+                     [-5.0, 0.1, -5.0, 5.0, -20.0],   # bacterial vs viral undecided, but clearly normal
+                     [5.0, 0.1, -5.0, 5.0, -20.0],    # bacterial vs viral undecided in a pneumonia
+                     [-5.0, 3.0, 0.5, 5.0, -20.0],    # near a set edge that makes "uncertain: refer"
+                     [-5.0, 3.0, -5.0, 5.0, 2.0],     # near the out-of-scope threshold
+                     [0.0, 0.0, 0.0, 0.0, 30.0]])     # clearly out of scope: no class is shown
+    assert g.needs_fp32(rows).tolist() == [False, True, False, True, True, True, False]
+    nan = Int8Guard((1.0, 1.0, float("nan"), float("nan"), float("nan")))
+    assert nan.needs_fp32(np.array([[-5.0, 3.0, 0.1, 0.1, 0.1]])).tolist() == [False]  # unguarded boundaries
+    assert Int8Guard.from_dict(g.to_dict()) == g and nan.to_dict()["scope"] is None
+    fitted = Int8Guard.fit(np.zeros((100, 5)), np.tile(np.arange(100.0)[:, None], (1, 5)), 0.9, min_scope=95.0)
+    assert fitted.margins[0] == pytest.approx(89.1) and fitted.margins[4] == 95.0

@@ -52,7 +52,17 @@ from .nets.modeldir import (
 from .preprocess import Preprocess, PreprocessConfig
 from .runtime import INT8_FLAGS, cpu_count, cpu_flags, int8_ready, ort_session  # noqa: F401  (cpu_count: web layer)
 from .scope import check_scope, upright_profile  # the image checks of the out-of-scope gate
-from .uncertainty import UNCERTAIN, OODScorer, model_calibration, ood_threshold, prediction_sets, set_verdict, temperature_scale  # noqa: F401
+from .uncertainty import (  # noqa: F401
+    UNCERTAIN,
+    Int8Guard,
+    OODScorer,
+    boundary_distances,
+    model_calibration,
+    ood_threshold,
+    prediction_sets,
+    set_verdict,
+    temperature_scale,
+)
 
 if TYPE_CHECKING:  # torch loads only for the torch backend: ONNX serving stays light
     import torch
@@ -215,7 +225,11 @@ class Predictor:
         self.precision_reason = "PyTorch backend"  # why that precision was chosen
         self._threads = threads
         self._varying = varying_batches  # batches of many sizes (the service): no per-size memory plans
-        self._fp32_session = None  # with INT8: the fp32 graph, for Grad-CAM maps (made when first needed)
+        self._fp32_session = None  # with INT8: the fp32 graph, for Grad-CAM maps and the guard's images
+        self._guard: Int8Guard | None = None  # with INT8: which images fp32 answers (the export's margins)
+        self._int8_ood_threshold: float | None = None  # the out-of-scope threshold on INT8 features (the guard's)
+        self._rechecks = [0, 0]  # images INT8 answered, and of them sent back to fp32 by the guard
+        self._rechecks_lock = threading.Lock()
         if backend == "torch":
             from .nets.checkpoint import load_model
 
@@ -230,12 +244,19 @@ class Predictor:
             onnx_dir = self._exported_copy() if fresh else self.model_dir
             onnx_cfg = read_config(onnx_dir)
             self.precision, self.precision_reason = choose_precision(onnx_cfg, precision, cpu_flags, str(self.model_dir))
+            if self.precision == "int8":
+                self._guard = int8_guard(onnx_cfg)
             if self.ood is not None:  # INT8 features are noisier: the export mapped the threshold to them
-                self.ood_threshold = ood_threshold(onnx_cfg, self.precision)
+                self._int8_ood_threshold = ood_threshold(onnx_cfg, self.precision)
+                # with the guard, fp32 answers near the threshold and INT8 far from it: fp32's threshold decides
+                self.ood_threshold = ood_threshold(onnx_cfg, "fp32" if self._guard else self.precision)
             name = int8_file(onnx_cfg) if self.precision == "int8" else onnx_name(onnx_cfg)
             self.onnx_path = onnx_dir / (name or "model.onnx")
             self._onnx_dir, self._onnx_cfg = onnx_dir, onnx_cfg
             self._session = _onnx_session(onnx_dir, onnx_cfg, threads, name, varying_batches)
+            if self._guard is not None:
+                self._fp32_session = _onnx_session(onnx_dir, onnx_cfg, threads, None, varying_batches)
+                self.precision_reason += "; images near a decision boundary are run again in fp32 (the INT8 guard)"
             log.info("%s: %s graph (%s)", self.model_dir, self.precision.upper(), self.precision_reason)
             self.outputs = [o.name for o in self._session.get_outputs()]
             if self.ood is not None and FEATURES_OUTPUT not in self.outputs:
@@ -301,11 +322,15 @@ class Predictor:
         Features come from the same pass (the export's ``features`` output, or the torch graph)."""
         feats = None
         if self._session is not None:
-            x = np.asarray(batch.numpy() if hasattr(batch, "numpy") else batch, np.float32)
-            want = self.outputs[:1] + ([FEATURES_OUTPUT] if features and FEATURES_OUTPUT in self.outputs else [])
-            out = self._session.run(want, {"input": x.astype(np.float32, copy=False)})
-            p = softmax(out[0])
+            x = np.asarray(batch.numpy() if hasattr(batch, "numpy") else batch, np.float32).astype(np.float32, copy=False)
+            gated = features or (self._guard is not None and self.ood is not None)  # the guard reads the score too
+            want = self.outputs[:1] + ([FEATURES_OUTPUT] if gated and FEATURES_OUTPUT in self.outputs else [])
+            out = self._session.run(want, {"input": x})
+            p = self._adjust(softmax(out[0]))
             feats = out[1] if len(out) > 1 else None
+            if self._guard is not None:
+                p, feats = self._recheck(x, p, feats, want)
+            return p, feats if features else None
         else:
             import torch
 
@@ -319,6 +344,30 @@ class Predictor:
                     logits = self.net(x)
                 p = logits.float().softmax(-1).cpu().numpy()
         return self._adjust(p), feats
+
+    def _recheck(self, x: np.ndarray, p: np.ndarray, feats: np.ndarray | None,
+                 want: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """INT8's answers, with fp32's for the rows the guard sends back (near a boundary of the verdict)."""
+        scores = self.ood.score(feats) if self.ood is not None and feats is not None else None
+        redo = self._guard.needs_fp32(boundary_distances(p, self.threshold, self.qhat, self.conformal_method, scores,
+                                                         self._int8_ood_threshold))
+        with self._rechecks_lock:
+            self._rechecks[0] += len(p)
+            self._rechecks[1] += int(redo.sum())
+        if redo.any():
+            out = self._fp32_session.run(want, {"input": x[redo]})
+            p = p.copy()
+            p[redo] = self._adjust(softmax(out[0]))
+            if feats is not None:
+                feats = feats.copy()
+                feats[redo] = out[1]
+        return p, feats
+
+    @property
+    def rechecked(self) -> dict[str, int]:
+        """How many images INT8 answered, and how many of them the guard sent back to fp32, so far."""
+        with self._rechecks_lock:
+            return {"images": self._rechecks[0], "fp32": self._rechecks[1]}
 
     def probabilities(self, batch: "np.ndarray | torch.Tensor") -> np.ndarray:
         """Calibrated class probabilities for a normalised float batch (N, 3, S, S)."""
@@ -497,6 +546,12 @@ def _export_in_child(model_dir: Path) -> None:
         last = (err.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
         raise ModelError(f"the ONNX export failed: {last[:300]}")
     log.info("exported %s in a child process in %.1f s", model_dir, time.perf_counter() - t0)
+
+
+def int8_guard(config: dict) -> Int8Guard | None:
+    """The guard an INT8 export recorded (None: an export made before it, or with ``--guard-quantile 0``)."""
+    g = ((config.get("onnx") or {}).get("int8") or {}).get("guard")
+    return Int8Guard.from_dict(g["margins"]) if g else None
 
 
 def stop_exports() -> None:

@@ -160,3 +160,82 @@ class OODScorer:
         return cls(mean=t["mean"].astype(np.float64), components=t["components"].astype(np.float64),
                    class_means=t["class_means"].astype(np.float64), precision=t["precision"].astype(np.float64),
                    upright=t["upright"].astype(np.float64) if "upright" in t else None)
+
+
+GUARD_BOUNDARIES = ("pneumonia", "subtype", "refer_1", "refer_2", "scope")
+"""The boundaries a served verdict crosses, in :func:`boundary_distances`' columns: the pneumonia threshold,
+bacterial against viral, two that decide whether a conformal set makes "uncertain: refer" (LAC: normal's edge,
+the more probable pneumonia's edge; APS: the second class's edge, the ranking's closest tie), and the
+out-of-scope threshold."""
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, float), 1e-12, 1.0 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def boundary_distances(probs: np.ndarray, threshold: float, qhat: float | None = None, method: str = "lac",
+                       scores: np.ndarray | None = None, ood_threshold: float | None = None) -> np.ndarray:
+    """Signed distance of each row of calibrated ``probs`` to each of :data:`GUARD_BOUNDARIES` (columns), in units
+    where a graph's numerical error is about even across images: log-odds for the class boundaries, the squared
+    out-of-scope score (``scores`` against ``ood_threshold``) for the gate (INT8 noise adds to squared distances).
+    Positive: pneumonia, bacterial, in the set, out of scope. NaN where the model has no such boundary (no
+    conformal sets, no learned gate; an APS set has one edge, the second class joining it)."""
+    p = np.asarray(probs, float)
+    d = np.full((len(p), len(GUARD_BOUNDARIES)), np.nan)
+    d[:, 0] = _logit(1.0 - p[:, NORMAL]) - _logit(np.array(threshold))
+    d[:, 1] = np.log(np.clip(p[:, BACTERIAL], 1e-12, None)) - np.log(np.clip(p[:, VIRAL], 1e-12, None))
+    if qhat is not None and 0.0 < qhat < 1.0:
+        if method == "lac":  # a class is in the set when its probability reaches 1 - qhat
+            edge = _logit(np.array(1.0 - qhat))
+            d[:, 2] = _logit(p[:, NORMAL]) - edge
+            d[:, 3] = _logit(np.maximum(p[:, BACTERIAL], p[:, VIRAL])) - edge
+        else:  # aps: the second most probable class is in the set while the top two's mass stays within qhat,
+            # and which classes are first and second is the ranking's (its closest tie, unsigned)
+            top = np.log(np.clip(np.sort(p, axis=1)[:, ::-1], 1e-12, None))
+            d[:, 2] = _logit(np.array(qhat)) - _logit(np.exp(top[:, :2]).sum(axis=1))
+            d[:, 3] = np.minimum(top[:, 0] - top[:, 1], top[:, 1] - top[:, 2])
+    if scores is not None and ood_threshold is not None:
+        d[:, 4] = np.asarray(scores, float) ** 2 - float(ood_threshold) ** 2
+    return d
+
+
+@dataclass(frozen=True)
+class Int8Guard:
+    """Which INT8 answers to check in fp32: those of images whose INT8 outputs lie within ``margins`` of a
+    boundary of the verdict (:func:`boundary_distances`), the margins being a high quantile of INT8's error on
+    each boundary's distance over the calibration images. Far from every boundary, INT8's error cannot change
+    the verdict; near one, the image is run again in fp32 and fp32 answers."""
+
+    margins: tuple[float, ...]  # one per GUARD_BOUNDARIES; NaN: that boundary is not guarded
+
+    @classmethod
+    def fit(cls, d32: np.ndarray, d8: np.ndarray, quantile: float, min_scope: float = 0.0) -> "Int8Guard":
+        """Margins from the distances of the same images under fp32 (``d32``) and INT8 (``d8``); the scope margin
+        is at least ``min_scope`` (the gap between the two graphs' thresholds, so that an image INT8 decides alone
+        gets the same decision from fp32's threshold)."""
+        err = np.abs(np.asarray(d8, float) - np.asarray(d32, float))
+        m = np.full(err.shape[1], np.nan)
+        for j in range(err.shape[1]):
+            e = err[:, j][np.isfinite(err[:, j])]
+            if len(e):
+                m[j] = float(np.quantile(e, quantile))
+        if np.isfinite(m[-1]):
+            m[-1] = max(m[-1], float(min_scope))
+        return cls(tuple(float(v) for v in m))
+
+    def needs_fp32(self, d: np.ndarray) -> np.ndarray:
+        """Rows of INT8 distances ``d`` whose verdict INT8 cannot be trusted with."""
+        m = np.asarray(self.margins, float)
+        near = np.abs(d) < m  # NaN margins or distances compare False: not guarded
+        pneumonia, subtype, refer_n, refer_p, scope = (near[:, j] for j in range(len(GUARD_BOUNDARIES)))
+        out = np.nan_to_num(d[:, 4], nan=-np.inf) >= np.nan_to_num(m[4], nan=np.inf)  # clearly stopped: no class
+        maybe_pneumonia = np.nan_to_num(d[:, 0], nan=np.inf) > -m[0]
+        return scope | (~out & (pneumonia | (subtype & maybe_pneumonia) | refer_n | refer_p))
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {k: (v if np.isfinite(v) else None) for k, v in zip(GUARD_BOUNDARIES, self.margins)}
+
+    @classmethod
+    def from_dict(cls, margins: dict) -> "Int8Guard":
+        return cls(tuple(float("nan") if margins.get(k) is None else float(margins[k]) for k in GUARD_BOUNDARIES))

@@ -128,6 +128,7 @@ def test_missing_data_is_one_line_before_the_export(tiny_model_dir, tmp_path, ca
     ({"calibration": "mean"}, "--calibration 'mean'"),
     ({"min_agreement": 1.5}, "--min-agreement 1.5"),
     ({"quantiser": "tensorrt"}, "--quantiser 'tensorrt'"),
+    ({"guard_quantile": 1.5}, "--guard-quantile 1.5"),
 ])
 def test_bad_settings_name_the_value(kw, message):
     with pytest.raises(ModelError, match=message):
@@ -211,15 +212,51 @@ def test_int8_has_its_own_out_of_scope_threshold_and_the_engine_uses_it(gated):
     assert t8 is not None and t8 != t32
     assert cfg["onnx"]["int8"]["gate"]["ood_threshold"] == {"fp32": t32, "int8": t8}
     assert ood_threshold(cfg, "int8") == t8 and ood_threshold(cfg, "fp32") == ood_threshold(cfg) == t32
-    assert Predictor(gated, backend="onnx", cpu_flags=VNNI).ood_threshold == t8
+    guarded = Predictor(gated, backend="onnx", cpu_flags=VNNI)  # the guard reads INT8's threshold; fp32's decides
+    assert guarded._int8_ood_threshold == t8 and guarded.ood_threshold == t32
     assert Predictor(gated, backend="onnx", cpu_flags=NO_VNNI).ood_threshold == t32
     assert Predictor(gated, backend="torch").ood_threshold == t32
     assert f"{t8:.2f}" in (gated / "MODEL_CARD.md").read_text()  # the card shows INT8's threshold beside fp32's
     # a graph that computes what fp32 computes needs no other threshold
-    x = [np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)]
+    x = np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)
     ood = OODScorer.load(gated / cfg["ood"]["file"])
-    same = ort_session(gated / "model.onnx")
-    assert int8_ood_threshold(ood, same, same, x, t32) == pytest.approx(t32, rel=1e-9)
+    s = ood.score(ort_session(gated / "model.onnx").run(["features"], {"input": x})[0])
+    assert int8_ood_threshold(s, s, t32) == pytest.approx(t32, rel=1e-9)
+    assert int8_ood_threshold(s, np.sqrt(s ** 2 + 3.0), t32) == pytest.approx(np.sqrt(t32 ** 2 + 3.0))
+
+
+@pytest.fixture(scope="module")
+def unguarded(gated, tmp_path_factory) -> Path:
+    """The same model exported with --int8 --guard-quantile 0: INT8 answers every image alone."""
+    d = shutil.copytree(gated, tmp_path_factory.mktemp("int8raw") / "tiny")
+    assert main(["-q", "export", "--model", str(d), "--int8", "--min-agreement", "0.5", "--guard-quantile", "0"]) == 0
+    return d
+
+
+@pytest.mark.slow
+def test_the_served_int8_path_is_the_one_the_gate_measured(gated, unguarded, dataset_dir):
+    """The guard's margins are recorded; the predictor sends back to fp32 exactly the images the gate counted and
+    gives exactly the verdicts the gate counted as identical; without the guard, INT8 answers alone."""
+    info = read_config(gated)["onnx"]["int8"]
+    g = info["gate"]
+    assert info["guard"]["quantile"] == 0.9 and info["guard"]["margins"] == g["guard"]["margins"]
+    assert set(g["int8_alone"]) >= {"agreement", "class_agreement", "auc_int8"}
+    val = _val(gated)
+    fast = Predictor(gated, backend="onnx", cpu_flags=VNNI)
+    exact = Predictor(gated, backend="onnx", precision="fp32")
+    a, _ = fast.predict_files(val.paths, batch_size=7)
+    b, _ = exact.predict_files(val.paths)
+    assert sum(x.verdict == y.verdict for x, y in zip(a, b)) == g["identical_verdicts"]
+    assert fast.rechecked == {"images": len(val.paths), "fp32": g["guard"]["fp32_images"]}
+    assert "guard" in fast.precision_reason
+    raw_info = read_config(unguarded)["onnx"]["int8"]
+    assert raw_info["guard"] is None and "guard" not in raw_info["gate"]
+    assert raw_info["gate"]["agreement"] == g["int8_alone"]["agreement"]  # the same graph, alone
+    raw = Predictor(unguarded, backend="onnx", cpu_flags=VNNI)
+    assert raw.ood_threshold == raw_info["ood_threshold"] and "guard" not in raw.precision_reason
+    c, _ = raw.predict_files(val.paths)
+    assert sum(x.verdict == y.verdict for x, y in zip(c, b)) == raw_info["gate"]["identical_verdicts"]
+    assert raw.rechecked == {"images": 0, "fp32": 0}
 
 
 def test_int8_requested_without_a_gated_export_says_what_to_do():
@@ -275,3 +312,30 @@ def test_memory_available_is_this_machine_s():
     from pneumoscan.runtime import memory_available
 
     assert 0 < memory_available() <= psutil.virtual_memory().total
+
+
+def _with_margins(src: Path, dst: Path, margin: float) -> Path:
+    d = shutil.copytree(src, dst)
+    cfg = read_config(d)
+    cfg["onnx"]["int8"]["guard"]["margins"] = {k: margin for k in cfg["onnx"]["int8"]["guard"]["margins"]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.slow
+def test_the_guard_answers_with_fp32_where_it_sends_images_back(gated, unguarded, tmp_path, dataset_dir):
+    files = sorted(str(p) for p in Path(dataset_dir).rglob("*.jpeg"))
+    exact = Predictor(gated, backend="onnx", precision="fp32")
+    every = Predictor(_with_margins(gated, tmp_path / "every", 1e9), backend="onnx", cpu_flags=VNNI)
+    none = Predictor(_with_margins(gated, tmp_path / "none", 0.0), backend="onnx", cpu_flags=VNNI)
+    raw = Predictor(unguarded, backend="onnx", cpu_flags=VNNI)
+    b, _ = exact.predict_files(files)
+    a, _ = every.predict_files(files, batch_size=5)
+    assert every.precision == "int8" and every.rechecked == {"images": len(files), "fp32": len(files)}
+    assert [x.to_dict() for x in a] == [x.to_dict() for x in b]  # fp32's answers, scores and verdicts, to the bit
+    c, _ = none.predict_files(files)
+    d, _ = raw.predict_files(files)
+    assert none.rechecked == {"images": len(files), "fp32": 0}
+    assert [x.probabilities for x in c] == [x.probabilities for x in d]  # INT8's own answers
+    assert max(abs(x.probabilities[k] - y.probabilities[k]) for x, y in zip(c, b) if x.in_scope and y.in_scope
+               for k in x.probabilities) > 0  # and those are not fp32's

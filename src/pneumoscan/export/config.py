@@ -48,6 +48,8 @@ class QuantizeConfig:
     # CPU) or -64..64 (reduced: exact on any CPU); auto: full with VNNI, reduced without
     max_auc_drop: float = 0.003  # gate: normal-vs-pneumonia AUC on the validation split may fall this far below fp32's
     min_agreement: float = 0.99  # gate: share of validation images whose verdict must equal fp32's
+    guard_quantile: float = 0.9  # images whose INT8 outputs lie within this quantile of INT8's error (on the
+    # calibration images) of a decision boundary are run again in fp32; 0: INT8 answers every image alone
     seed: int = 0  # seed of the calibration sample
 
     def __post_init__(self) -> None:
@@ -61,6 +63,8 @@ class QuantizeConfig:
             raise ModelError(f"--calibration {self.calibration!r} is unknown; use one of {', '.join(CALIBRATIONS)}")
         if not 90.0 < self.percentile <= 100.0:
             raise ModelError(f"--percentile {self.percentile} must lie in (90, 100] (e.g. 99.999)")
+        if not 0.0 <= self.guard_quantile <= 1.0:
+            raise ModelError(f"--guard-quantile {self.guard_quantile} must lie in [0, 1] (default 0.9; 0: no guard)")
         if not 0.0 <= self.max_auc_drop < 1.0 or not 0.0 < self.min_agreement <= 1.0:
             raise ModelError(f"--max-auc-drop {self.max_auc_drop} must lie in [0, 1) and --min-agreement "
                              f"{self.min_agreement} in (0, 1] (defaults 0.003 and 0.99)")

@@ -15,16 +15,23 @@
    convolutions into integer kernels (11 of 49 on Lite0) and runs the rest as fp32 convolutions of
    dequantised tensors, slower than fp32 (0.4x); ONNX Runtime's own graph runs 2.3x fp32
    (``benchmarks/int8.py``, README);
-3. the gate runs the fp32 and the INT8 graphs on the model's validation split: the normal-vs-
-   pneumonia AUC may fall at most ``max_auc_drop`` below fp32's and at least ``min_agreement`` of
-   the verdicts (the decided class, and in/out of scope where the model has the learned gate)
-   must be identical. The out-of-scope gate's threshold is mapped to INT8 first: quantisation noise
-   adds to the squared feature distances, so INT8 would flag more images at fp32's threshold; the
-   mean increase, measured on the calibration images (training split), is added
-   (:func:`int8_ood_threshold`). Only then is the file kept (written atomically), its SHA-256 put in
-   ``config.json["files"]`` and the gate's figures in ``config.json["onnx"]["int8"]``; a model that
-   fails gets :class:`Int8GateError` (one line with the figures) and nothing is written. A model that
-   fails can be made quantisation-aware first (``pneumoscan qat``, :mod:`pneumoscan.train.qat`: a copy
+3. the guard is fitted on the calibration images (:class:`~pneumoscan.uncertainty.Int8Guard`): for each
+   boundary a verdict can cross (the pneumonia threshold, bacterial against viral, the edges of the
+   conformal set that make "uncertain: refer", the out-of-scope threshold) the ``guard_quantile``
+   quantile of INT8's error on the image's distance to it. The predictor runs INT8 and sends back to
+   the fp32 graph the images that lie within those margins of a boundary: far from every boundary
+   INT8's error cannot change the verdict, near one fp32 answers. The out-of-scope gate's threshold
+   is mapped to INT8 for that: quantisation noise adds to the squared feature distances, so INT8
+   scores lie higher; the mean increase on the calibration images is added (:func:`int8_ood_threshold`);
+4. the gate runs the fp32 graph and the served path (the INT8 graph with its guard) on the model's
+   validation split: the normal-vs-pneumonia AUC may fall at most ``max_auc_drop`` below fp32's and
+   at least ``min_agreement`` of the verdicts (the class, "uncertain: refer", or out of scope) must
+   be identical; INT8 alone and the share of images the guard sends to fp32 are recorded beside
+   it. Only then is the file kept (written atomically), its SHA-256 put in
+   ``config.json["files"]`` and the gate's figures and the guard's margins in
+   ``config.json["onnx"]["int8"]``; a model that fails gets :class:`Int8GateError` (one line with the
+   figures) and nothing is written. A model whose guard sends too many images to fp32 to gain speed
+   can be made quantisation-aware first (``pneumoscan qat``, :mod:`pneumoscan.train.qat`: a copy
    distilled from it under this quantiser's scheme, emulated) and exported again.
 
 Torch-free: it reads the exported graph, never the PyTorch weights (NNCF is imported only when chosen).
@@ -45,12 +52,23 @@ from ..data.imaging import load_xray
 from ..data.splits import EvalSet, calibration_sample, check_present, load_manifest, sample_path, validation_set
 from ..errors import ImageError, ModelError
 from ..io import atomic_path, atomic_write_json, file_digest
-from ..labels import pneumonia_score, softmax
+from ..labels import DEFAULT_THRESHOLD, LABELS, pneumonia_score, softmax
 from ..metrics import _safe_auc
 from ..nets.modeldir import CONFIG_NAME, INT8_NAME, has_onnx, int8_file, onnx_name, read_config, verify_file  # noqa: F401
 from ..preprocess import Preprocess, PreprocessConfig
 from ..runtime import INT8_FLAGS, cpu_count, int8_ready, memory_available, ort_session, weight_range
-from ..uncertainty import OODScorer, calibrated_decision, ood_threshold
+from ..uncertainty import (
+    UNCERTAIN,
+    Int8Guard,
+    OODScorer,
+    boundary_distances,
+    calibrated_decision,
+    model_calibration,
+    ood_threshold,
+    prediction_sets,
+    set_verdict,
+    temperature_scale,
+)
 from .config import QuantizeConfig
 
 log = logging.getLogger(__name__)
@@ -239,40 +257,76 @@ def _quantize_static(prepared: Path, dst, reader, fp32: list[str], method, cfg: 
 
 
 def _verdicts(p: np.ndarray, feats: np.ndarray | None, conf: dict, ood: OODScorer | None,
-              threshold: float | None) -> np.ndarray:
-    """What a user would be told per image: the decided class index, or -1 when the learned gate stops it."""
+              threshold: float | None, sets: bool = False) -> np.ndarray:
+    """What a user would be told per image: the decided class index, or -1 when the learned gate stops it; with
+    ``sets`` and conformal sets, :data:`REFER` for "uncertain: refer"."""
     k = calibrated_decision(p, conf)
+    qhat = (conf.get("conformal") or {}).get("qhat")
+    if sets and qhat is not None:
+        psets = prediction_sets(temperature_scale(p, *model_calibration(conf)), qhat, conf["conformal"].get("method", "lac"))
+        refer = np.array([set_verdict(LABELS[i], s) == UNCERTAIN for i, s in zip(k, psets)], bool)
+        k = np.where(refer, REFER, k)
     if ood is not None and feats is not None:
         k = np.where(ood.score(feats) > threshold, -1, k)
     return k
 
 
-def int8_ood_threshold(ood: OODScorer, fp32, int8, batches: Sequence[np.ndarray], threshold: float) -> float:
+REFER = len(LABELS)  # the verdict code of "uncertain: refer" in _verdicts
+
+
+def _distances(p: np.ndarray, feats: np.ndarray | None, conf: dict, ood: OODScorer | None,
+               threshold: float | None) -> np.ndarray:
+    """:func:`boundary_distances` of raw probabilities ``p`` under the model's calibration, threshold and sets."""
+    c = conf.get("conformal") or {}
+    return boundary_distances(temperature_scale(p, *model_calibration(conf)), float(conf.get("threshold", DEFAULT_THRESHOLD)),
+                              c.get("qhat"), c.get("method", "lac"),
+                              None if ood is None or feats is None else ood.score(feats), threshold)
+
+
+def int8_ood_threshold(s32: np.ndarray, s8: np.ndarray, threshold: float) -> float:
     """The out-of-scope threshold for INT8 features: fp32's ``threshold`` t as ``sqrt(t^2 + mean(s8^2 - s32^2))``,
-    the scores ``s`` of the fp32 and INT8 sessions on ``batches`` (the calibration images: training split, never
-    the gate's). Quantisation noise adds to every squared Mahalanobis distance (on the shipped soup the INT8 scores
-    of the validation images lay 1.2 above fp32's on average), so fp32's threshold would flag three times as many
-    images."""
-    s32 = np.concatenate([ood.score(fp32.run([FEATURES], {"input": x})[0]) for x in batches])
-    s8 = np.concatenate([ood.score(int8.run([FEATURES], {"input": x})[0]) for x in batches])
-    return float(np.sqrt(max(threshold * threshold + float(np.mean(s8 ** 2 - s32 ** 2)), 0.0)))
+    ``s32`` and ``s8`` the scores of the same images (the calibration images: training split, never the gate's)
+    under fp32 and INT8. Quantisation noise adds to every squared Mahalanobis distance (on the shipped soup the
+    INT8 scores of the validation images lay 1.2 above fp32's on average), so fp32's threshold would flag three
+    times as many images."""
+    shift = float(np.mean(np.asarray(s8, float) ** 2 - np.asarray(s32, float) ** 2))
+    return float(np.sqrt(max(threshold * threshold + shift, 0.0)))
+
+
+def _run(session, outs: list[str], batches: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities, features or None) of ``session`` on ``batches``."""
+    got = [session.run(outs, {"input": x}) for x in batches]
+    p = np.concatenate([softmax(g[0]) for g in got])
+    return p, (np.concatenate([g[1] for g in got]) if len(outs) > 1 else None)
 
 
 def gate(model_dir: Path, conf: dict, int8_path: str | os.PathLike, val: EvalSet,
          cfg: QuantizeConfig = QuantizeConfig(), calibration: Sequence[np.ndarray] = ()) -> dict:
-    """The fp32 and INT8 graphs side by side on the validation split: AUCs, verdict agreement, passed.
-    With ``calibration`` (the batches the graph was calibrated on) and a learned out-of-scope gate, INT8's
-    verdicts use INT8's own threshold (:func:`int8_ood_threshold`, recorded as ``ood_threshold["int8"]``);
-    else fp32's."""
+    """The fp32 and the served INT8 path side by side on the validation split: AUCs, verdict agreement, passed.
+
+    With ``calibration`` (the batches the graph was calibrated on): a learned out-of-scope gate gets INT8's own
+    threshold (:func:`int8_ood_threshold`, recorded as ``ood_threshold["int8"]``), and with ``cfg.guard_quantile``
+    the :class:`~pneumoscan.uncertainty.Int8Guard` is fitted there (``guard``: its margins) and the served path
+    is measured: INT8, and fp32 for the images the guard sends back (``guard.fp32_share``); INT8 alone is
+    recorded beside it (``int8_alone``). Verdicts are what a user is told: the class, "uncertain: refer" where
+    the model has conformal sets, or out of scope (``agreement``); ``class_agreement`` leaves the sets out."""
     pre = Preprocess(PreprocessConfig.from_dict(conf["preprocess"]))
     size = int(conf["preprocess"]["size"])
     fp32 = ort_session(verify_file(model_dir, onnx_name(conf), conf), threads=cpu_count())
     int8 = ort_session(int8_path, threads=cpu_count())
     outs = [o.name for o in fp32.get_outputs() if o.name in DECISION_OUTPUTS]
     ood = OODScorer.load(verify_file(model_dir, conf["ood"]["file"], conf)) if conf.get("ood") else None
+    with_features = ood is not None and FEATURES in outs
     t32 = t8 = ood_threshold(conf)
-    if ood is not None and FEATURES in outs and len(calibration):
-        t8 = int8_ood_threshold(ood, fp32, int8, calibration, t32)
+    guard = None
+    if len(calibration):
+        c32, c8 = _run(fp32, outs, calibration), _run(int8, outs, calibration)
+        if with_features:
+            t8 = int8_ood_threshold(ood.score(c32[1]), ood.score(c8[1]), t32)
+        if cfg.guard_quantile > 0:
+            gap = t8 * t8 - t32 * t32 if with_features else 0.0
+            guard = Int8Guard.fit(_distances(*c32, conf, ood if with_features else None, t32),
+                                  _distances(*c8, conf, ood if with_features else None, t8), cfg.guard_quantile, gap)
     got: dict[str, list] = {"idx": [], "p32": [], "p8": [], "f32": [], "f8": []}
     for idx, x in _arrays(val.paths, pre, size):
         a, b = fp32.run(outs, {"input": x}), int8.run(outs, {"input": x})
@@ -288,24 +342,40 @@ def gate(model_dir: Path, conf: dict, int8_path: str | os.PathLike, val: EvalSet
     p32, p8 = np.concatenate(got["p32"]), np.concatenate(got["p8"])
     f32 = np.concatenate(got["f32"]) if got["f32"] else None
     f8 = np.concatenate(got["f8"]) if got["f8"] else None
+    scorer = ood if with_features else None
+    redo = np.zeros(len(y), bool)
+    if guard is not None:  # what the predictor serves: fp32's answer where INT8's lies near a boundary
+        redo = guard.needs_fp32(_distances(p8, f8, conf, scorer, t8))
+    ps = np.where(redo[:, None], p32, p8)
+    fs = None if f8 is None else np.where(redo[:, None], f32, f8)
+    ts = t8 if guard is None else t32  # the guard's scope margin covers the gap between the two thresholds
     ypn = (y != 0).astype(int)
-    auc32, auc8 = _safe_auc(ypn, pneumonia_score(p32)), _safe_auc(ypn, pneumonia_score(p8))
-    v32, v8 = _verdicts(p32, f32, conf, ood, t32), _verdicts(p8, f8, conf, ood, t8)
-    same = v32 == v8
-    drop = auc32 - auc8 if np.isfinite(auc32) and np.isfinite(auc8) else None
+
+    def figures(p, f, t) -> dict:
+        auc32, auc8 = _safe_auc(ypn, pneumonia_score(p32)), _safe_auc(ypn, pneumonia_score(p))
+        v32, v = _verdicts(p32, f32, conf, scorer, t32, sets=True), _verdicts(p, f, conf, scorer, t, sets=True)
+        c32, c = _verdicts(p32, f32, conf, scorer, t32), _verdicts(p, f, conf, scorer, t)
+        drop = auc32 - auc8 if np.isfinite(auc32) and np.isfinite(auc8) else None
+        return {"auc_fp32": auc32 if np.isfinite(auc32) else None, "auc_int8": auc8 if np.isfinite(auc8) else None,
+                "auc_drop": drop, "identical_verdicts": int((v32 == v).sum()), "agreement": float((v32 == v).mean()),
+                "class_agreement": float((c32 == c).mean()),  # the class and the scope, sets left out
+                "pneumonia_agreement": float(((c32 > 0) == (c > 0)).mean()),  # normal vs pneumonia only (context)
+                "same_class": float((p32.argmax(1) == p.argmax(1)).mean()),
+                "max_abs_prob_diff": float(np.abs(p32 - p).max()), "mean_abs_prob_diff": float(np.abs(p32 - p).mean()),
+                **({"out_of_scope": {"fp32": int((c32 < 0).sum()), "int8": int((c < 0).sum())}} if scorer else {})}
+
     out = {"images": int(len(y)), "source": val.source, "split": val.split, "matches_model": val.matches_model,
-           "auc_fp32": auc32 if np.isfinite(auc32) else None, "auc_int8": auc8 if np.isfinite(auc8) else None,
-           "auc_drop": drop, "max_auc_drop": cfg.max_auc_drop, "identical_verdicts": int(same.sum()),
-           "agreement": float(same.mean()), "min_agreement": cfg.min_agreement,
-           "same_class": float((p32.argmax(1) == p8.argmax(1)).mean()),
-           "pneumonia_agreement": float(((v32 > 0) == (v8 > 0)).mean()),  # normal vs pneumonia only (context)
-           "max_abs_prob_diff": float(np.abs(p32 - p8).max()), "mean_abs_prob_diff": float(np.abs(p32 - p8).mean()),
+           **figures(ps, fs, ts), "max_auc_drop": cfg.max_auc_drop, "min_agreement": cfg.min_agreement,
            "instruction_set": int8_ready() or f"none of {', '.join(INT8_FLAGS)}"}  # what computed the INT8 figures
-    if ood is not None and f32 is not None:
+    if guard is not None:
+        out["guard"] = {"quantile": cfg.guard_quantile, "margins": guard.to_dict(), "fp32_share": float(redo.mean()),
+                        "fp32_images": int(redo.sum())}
+        out["int8_alone"] = figures(p8, f8, t8)
+    if scorer is not None:
         out["ood_threshold"] = {"fp32": t32, "int8": t8}
-        out["out_of_scope"] = {"fp32": int((v32 < 0).sum()), "int8": int((v8 < 0).sum())}
     if f32 is not None:
         out["features_mean_rel_error"] = float((np.abs(f8 - f32).sum(1) / np.maximum(np.abs(f32).sum(1), 1e-12)).mean())
+    drop = out["auc_drop"]
     out["passed"] = bool(out["agreement"] >= cfg.min_agreement and (drop is None or drop <= cfg.max_auc_drop))
     return out
 
@@ -325,10 +395,12 @@ def gate_message(model_dir: Path, g: dict) -> str:
     auc = ("AUC not computable (one class)" if g["auc_drop"] is None else
            f"normal-vs-pneumonia AUC {g['auc_int8']:.4f} vs fp32 {g['auc_fp32']:.4f} (drop {g['auc_drop']:+.4f}, "
            f"allowed {g['max_auc_drop']:g})")
+    guard = (f" with {g['guard']['fp32_share']:.1%} of the images run again in fp32 (--guard-quantile "
+             f"{g['guard']['quantile']:g})" if "guard" in g else "")
     return (f"INT8 copy of {model_dir} failed the validation gate: {auc}, identical verdicts "
-            f"{g['agreement']:.1%} of {g['images']} (needed {g['min_agreement']:.0%}); nothing was written, the fp32 "
-            "export is unchanged (try --calibration percentile, or a quantisation-aware copy: "
-            "pneumoscan qat MODEL_DIR --out DIR)")
+            f"{g['agreement']:.1%} of {g['images']}{guard} (needed {g['min_agreement']:.0%}); nothing was written, the "
+            "fp32 export is unchanged (try a higher --guard-quantile, --calibration percentile, or a quantisation-aware "
+            "copy: pneumoscan qat MODEL_DIR --out DIR)")
 
 
 def export_int8(model_dir: str | os.PathLike, data: str | os.PathLike | None = None,
@@ -374,6 +446,8 @@ def export_int8(model_dir: str | os.PathLike, data: str | os.PathLike | None = N
         "fp32_nodes": "the cam branch (not on the decision path)", "seconds": round(t_quant, 1),  # quantise and gate
         "weights": weights, "weights_why": why,  # reduced: exact on any CPU (see pneumoscan.runtime.weight_range)
         "ood_threshold": t8, "gate": g,
+        # the predictor runs again in fp32 the images whose INT8 outputs lie within these margins of a boundary
+        "guard": {"quantile": cfg.guard_quantile, "margins": g["guard"]["margins"]} if "guard" in g else None,
     }
     atomic_write_json(d / CONFIG_NAME, conf)
     log.info("kept %s: AUC %s vs fp32 %s, %.2f %% identical verdicts", d / INT8_NAME, g["auc_int8"], g["auc_fp32"],
