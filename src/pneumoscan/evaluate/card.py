@@ -531,12 +531,22 @@ def _int8(cfg: dict) -> dict | None:
     if g.get("ood_threshold"):
         t, n = g["ood_threshold"], g.get("out_of_scope") or {}
         rows.append(["out-of-scope threshold (images stopped)", f"{t['fp32']:.2f} ({_txt(n.get('fp32'))})",
-                     f"{t['int8']:.2f} ({_txt(n.get('int8'))})", "INT8's mapped on training images"])
+                     f"{t['int8']:.2f} ({_txt(n.get('int8'))})",
+                     "INT8's mapped on training images" + ("; the guard reads it, fp32's decides" if g.get("guard") else "")])
+    served = "identical verdicts"
+    guard = []
+    if g.get("guard"):
+        served += " (INT8 with its guard, as served)"
+        alone = g["int8_alone"]
+        guard = [["identical verdicts of INT8 alone", "", f"{alone['agreement']:.1%} ({alone['identical_verdicts']} of "
+                  f"{g['images']})", "context"],
+                 [f"images the guard ran again in fp32 (margins: {g['guard']['quantile']:g} quantile of INT8's error on "
+                  "the calibration images)", "", f"{g['guard']['fp32_share']:.1%} ({g['guard']['fp32_images']})", ""]]
     return {"file": info["file"], "how": f"{info.get('quantiser', NOT_RECORDED)}, {weights}, calibrated on "
                                          f"{_get(info, 'calibrated_on', 'images', default='?')} training images{measured}",
             "rows": [*rows,
-                     ["identical verdicts", "", f"{g['agreement']:.1%} ({g['identical_verdicts']} of {g['images']})",
-                      f">= {g['min_agreement']:.0%}"],
+                     [served, "", f"{g['agreement']:.1%} ({g['identical_verdicts']} of {g['images']})",
+                      f">= {g['min_agreement']:.0%}"], *guard,
                      ["max / mean probability difference", "", f"{g['max_abs_prob_diff']:.3f} / "
                                                                  f"{g['mean_abs_prob_diff']:.4f}", ""]]}
 
