@@ -19,6 +19,7 @@ pneumonia class. Decoder notes (an unusable DICOM window) are ``warnings``. An O
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -57,6 +58,7 @@ from .uncertainty import (  # noqa: F401
     Int8Guard,
     OODScorer,
     boundary_distances,
+    decision_settings,
     model_calibration,
     ood_threshold,
     prediction_sets,
@@ -113,6 +115,14 @@ def choose_precision(config: dict, requested: str = "auto", flags: frozenset[str
             raise ModelError(f"{where} has no INT8 export that passed its validation gate; make one with "
                              f"'pneumoscan export --int8 --model DIR --data TRAINING_FOLDER' or use --precision fp32")
         return "fp32", "no INT8 export that passed its validation gate"
+    recorded = config["onnx"]["int8"].get("decision")  # None: an export made before it was recorded
+    if recorded is not None and recorded != json.loads(json.dumps(decision_settings(config))):
+        stale = ("its INT8 export was gated before the model's calibration, threshold or out-of-scope gate last "
+                 "changed, so its gate and guard no longer hold")
+        if requested == "int8":
+            raise ModelError(f"{where}: {stale}; re-export it with 'pneumoscan export --int8 --model DIR --data "
+                             "TRAINING_FOLDER' or use --precision fp32")
+        return "fp32", stale
     g = config["onnx"]["int8"]["gate"]
     passed = f"INT8 export passed its gate ({g['agreement']:.1%} identical verdicts on {g['images']} validation images)"
     if vnni:

@@ -57,6 +57,15 @@ def calibrated_decision(probs: np.ndarray, config: dict) -> np.ndarray:
                   float(config.get("threshold", DEFAULT_THRESHOLD)))
 
 
+def decision_settings(config: dict) -> dict:
+    """What a verdict depends on besides the network: the calibration, the threshold, the conformal quantile and
+    the out-of-scope threshold. An INT8 export records them; its gate and guard hold only while they are unchanged."""
+    c, o = config.get("conformal") or {}, config.get("ood") or {}
+    cal = config.get("calibration") or {}
+    return {"temperature": cal.get("temperature"), "bias": cal.get("bias"), "threshold": config.get("threshold"),
+            "qhat": c.get("qhat"), "conformal": c.get("method"), "ood_threshold": o.get("threshold")}
+
+
 def ood_threshold(config: dict, precision: str = "fp32") -> float | None:
     """The threshold of a model's learned out-of-scope score for the graph that runs (None: the model has no
     such gate): with ``precision`` "int8", the INT8 export's own when it recorded one (its features are noisier,

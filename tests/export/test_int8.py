@@ -339,3 +339,15 @@ def test_the_guard_answers_with_fp32_where_it_sends_images_back(gated, unguarded
     assert [x.probabilities for x in c] == [x.probabilities for x in d]  # INT8's own answers
     assert max(abs(x.probabilities[k] - y.probabilities[k]) for x, y in zip(c, b) if x.in_scope and y.in_scope
                for k in x.probabilities) > 0  # and those are not fp32's
+
+
+@pytest.mark.slow
+def test_recalibrating_voids_the_int8_gate_and_guard(gated, tmp_path):
+    cfg = read_config(gated)
+    assert cfg["onnx"]["int8"]["decision"]["temperature"] == cfg["calibration"]["temperature"]
+    assert choose_precision(cfg, "auto", VNNI)[0] == "int8"
+    cfg["calibration"]["temperature"] *= 2  # what 'pneumoscan calibrate' does after the export: new margins needed
+    precision, why = choose_precision(cfg, "auto", VNNI)
+    assert precision == "fp32" and "re-export" not in why and "no longer hold" in why
+    with pytest.raises(ModelError, match="no longer hold.*pneumoscan export --int8"):
+        choose_precision(cfg, "int8", VNNI)

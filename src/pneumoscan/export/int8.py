@@ -63,6 +63,7 @@ from ..uncertainty import (
     OODScorer,
     boundary_distances,
     calibrated_decision,
+    decision_settings,
     model_calibration,
     ood_threshold,
     prediction_sets,
@@ -448,6 +449,7 @@ def export_int8(model_dir: str | os.PathLike, data: str | os.PathLike | None = N
         "ood_threshold": t8, "gate": g,
         # the predictor runs again in fp32 the images whose INT8 outputs lie within these margins of a boundary
         "guard": {"quantile": cfg.guard_quantile, "margins": g["guard"]["margins"]} if "guard" in g else None,
+        "decision": decision_settings(conf),  # the gate and the guard hold for these (re-calibrating voids them)
     }
     atomic_write_json(d / CONFIG_NAME, conf)
     log.info("kept %s: AUC %s vs fp32 %s, %.2f %% identical verdicts", d / INT8_NAME, g["auc_int8"], g["auc_fp32"],
