@@ -61,4 +61,6 @@ def run(args) -> int:
 def _gate_line(g: dict) -> str:
     auc = ("AUC not computable (one class)" if g["auc_drop"] is None
            else f"normal-vs-pneumonia AUC {g['auc_int8']:.4f} vs fp32 {g['auc_fp32']:.4f}")
-    return f"{auc}, identical verdicts {g['agreement']:.1%} of {g['images']} validation images"
+    guard = (f" ({g['guard']['fp32_share']:.1%} of them run again in fp32 by the guard; INT8 alone "
+             f"{g['int8_alone']['agreement']:.1%})" if g.get("guard") else "")
+    return f"{auc}, identical verdicts {g['agreement']:.1%} of {g['images']} validation images{guard}"
