@@ -376,8 +376,12 @@ class Predictor:
         return p, feats
 
     @property
-    def rechecked(self) -> dict[str, int]:
-        """How many images INT8 answered, and how many of them the guard sent back to fp32, so far."""
+    def rechecked(self) -> dict[str, int] | None:
+        """How many images INT8 answered, and how many of them the guard sent back to fp32, so far (None: no guard
+        runs). A share that rises above the export's (``config.json["onnx"]["int8"]["gate"]["guard"]``) says the
+        inputs lie nearer the decision boundaries than the validation images did."""
+        if self._guard is None:
+            return None
         with self._rechecks_lock:
             return {"images": self._rechecks[0], "fp32": self._rechecks[1]}
 

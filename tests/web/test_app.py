@@ -814,3 +814,31 @@ def test_the_service_explains_without_torch(model_dir, tmp_path, kind):
     assert out["predict"] == 200 and out["predict_after"] == 200 and out["info"] == "ready"
     assert out["explain"] == [200, "image/png"] and out["torch"] == [], out
     assert out["explain_first"] == (200 if kind == "cam-export" else 503)  # 503 + Retry-After while re-exporting
+
+
+@pytest.mark.slow
+def test_a_guarded_int8_model_is_served_and_its_guard_counted(model_dir, tmp_path):
+    """The service runs a model whose INT8 export has a guard: /api/info says so and counts the images the guard
+    sent back to fp32; each answer is fp32's verdict where it was sent back."""
+    import shutil
+
+    from pneumoscan.cli import main
+    from pneumoscan.predict import Predictor
+
+    d = shutil.copytree(model_dir, tmp_path / "int8")
+    assert main(["-q", "calibrate", "--model", str(d), "--pca-dim", "4"]) == 0
+    assert main(["-q", "export", "--model", str(d), "--int8", "--min-agreement", "0.5"]) == 0
+    exact = Predictor(d, backend="onnx", precision="fp32")
+    with serve(d, precision="int8") as c:
+        before = c.get("/api/info").json()
+        assert before["precision"] == "int8" and "guard" in before["precision_reason"]
+        assert before["int8_guard"]["images"] >= 1  # the warm-up's predictions count too
+        bodies = [jpeg(seed=s) for s in range(4)]
+        got = [post(c, b).json() for b in bodies]
+        info = c.get("/api/info").json()
+        assert info["int8_guard"]["images"] == before["int8_guard"]["images"] + 4
+        assert 0 <= info["int8_guard"]["fp32"] <= info["int8_guard"]["images"]
+        want = [exact.predict_bytes(b).verdict for b in bodies]
+        assert sum(g["verdict"] == w for g, w in zip(got, want)) >= 3  # the tiny random net: most verdicts agree
+    with serve(model_dir) as c:
+        assert c.get("/api/info").json()["int8_guard"] is None  # no INT8 export: nothing to count

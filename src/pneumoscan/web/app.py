@@ -207,6 +207,7 @@ def create_app(cfg: ServeConfig = ServeConfig(), service: Service | None = None)
         return Info(intended_use=INTENDED_USE, ready=p is not None, model=p.model_id if p else None,
                     backend=cfg.backend, threshold=p.threshold if p else None, labels=list(LABELS),
                     precision=p.precision if p else None, precision_reason=p.precision_reason if p else None,
+                    int8_guard=p.rechecked if p else None,
                     max_batch=cfg.max_batch,
                     temperature=p.temperature if p else None, class_bias=p.class_bias if p else None,
                     conformal_alpha=(p.config.get("conformal") or {}).get("alpha") if p else None,
