@@ -19,7 +19,6 @@ pneumonia class. Decoder notes (an unusable DICOM window) are ``warnings``. An O
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -58,6 +57,7 @@ from .uncertainty import (  # noqa: F401
     Int8Guard,
     OODScorer,
     boundary_distances,
+    decided_sets,
     decision_settings,
     model_calibration,
     ood_threshold,
@@ -116,7 +116,7 @@ def choose_precision(config: dict, requested: str = "auto", flags: frozenset[str
                              f"'pneumoscan export --int8 --model DIR --data TRAINING_FOLDER' or use --precision fp32")
         return "fp32", "no INT8 export that passed its validation gate"
     recorded = config["onnx"]["int8"].get("decision")  # None: an export made before it was recorded
-    if recorded is not None and recorded != json.loads(json.dumps(decision_settings(config))):
+    if recorded is not None and recorded != decision_settings(config):
         stale = ("its INT8 export was gated before the model's calibration, threshold or out-of-scope gate last "
                  "changed, so its gate and guard no longer hold")
         if requested == "int8":
@@ -334,7 +334,7 @@ class Predictor:
         Features come from the same pass (the export's ``features`` output, or the torch graph)."""
         feats = None
         if self._session is not None:
-            x = np.asarray(batch.numpy() if hasattr(batch, "numpy") else batch, np.float32).astype(np.float32, copy=False)
+            x = np.asarray(batch.numpy() if hasattr(batch, "numpy") else batch, np.float32)
             gated = features or (self._guard is not None and self.ood is not None)  # the guard reads the score too
             want = self.outputs[:1] + ([FEATURES_OUTPUT] if gated and FEATURES_OUTPUT in self.outputs else [])
             out = self._session.run(want, {"input": x})
@@ -426,9 +426,7 @@ class Predictor:
     def prediction_sets(self, probs: np.ndarray) -> list[list[str]]:
         """Conformal prediction sets (LABELS order) of calibrated probabilities; the decided class is
         always in its set (the threshold rule may pick a class APS would not have reached)."""
-        decided = decide(probs, self.threshold)
-        sets = prediction_sets(probs, self.qhat, self.conformal_method)
-        return [[lab for lab in self.labels if lab in s or lab == self.labels[k]] for s, k in zip(sets, decided)]
+        return decided_sets(probs, self.threshold, self.qhat, self.conformal_method)
 
     def screen(self, x: XRay) -> tuple[list[str], list[str]]:
         """(reasons the image checks and the upside-down check stop ``x``, decoder notes that are only warnings)."""

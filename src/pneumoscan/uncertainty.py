@@ -124,6 +124,13 @@ def prediction_sets(probs: np.ndarray, qhat: float, method: str = "lac") -> list
     return out
 
 
+def decided_sets(probs: np.ndarray, threshold: float, qhat: float, method: str = "lac") -> list[list[str]]:
+    """The sets a user is shown: conformal sets (LABELS order) of calibrated probabilities with the class the
+    threshold rule decides always in its set (the rule may pick a class the set would not have reached)."""
+    sets = prediction_sets(probs, qhat, method)
+    return [[lab for lab in LABELS if lab in s or lab == LABELS[k]] for s, k in zip(sets, decide(probs, threshold))]
+
+
 def set_verdict(label: str, pset: list[str]) -> str:
     """The label, or :data:`UNCERTAIN` when the set holds normal and a kind of pneumonia."""
     if LABELS[NORMAL] in pset and (LABELS[BACTERIAL] in pset or LABELS[VIRAL] in pset):

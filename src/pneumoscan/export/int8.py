@@ -63,10 +63,10 @@ from ..uncertainty import (
     OODScorer,
     boundary_distances,
     calibrated_decision,
+    decided_sets,
     decision_settings,
     model_calibration,
     ood_threshold,
-    prediction_sets,
     set_verdict,
     temperature_scale,
 )
@@ -263,8 +263,9 @@ def _verdicts(p: np.ndarray, feats: np.ndarray | None, conf: dict, ood: OODScore
     ``sets`` and conformal sets, :data:`REFER` for "uncertain: refer"."""
     k = calibrated_decision(p, conf)
     qhat = (conf.get("conformal") or {}).get("qhat")
-    if sets and qhat is not None:
-        psets = prediction_sets(temperature_scale(p, *model_calibration(conf)), qhat, conf["conformal"].get("method", "lac"))
+    if sets and qhat is not None:  # the sets the predictor shows (the decided class always in its set)
+        psets = decided_sets(temperature_scale(p, *model_calibration(conf)), float(conf.get("threshold", DEFAULT_THRESHOLD)),
+                             qhat, conf["conformal"].get("method", "lac"))
         refer = np.array([set_verdict(LABELS[i], s) == UNCERTAIN for i, s in zip(k, psets)], bool)
         k = np.where(refer, REFER, k)
     if ood is not None and feats is not None:
@@ -316,34 +317,25 @@ def gate(model_dir: Path, conf: dict, int8_path: str | os.PathLike, val: EvalSet
     fp32 = ort_session(verify_file(model_dir, onnx_name(conf), conf), threads=cpu_count())
     int8 = ort_session(int8_path, threads=cpu_count())
     outs = [o.name for o in fp32.get_outputs() if o.name in DECISION_OUTPUTS]
-    ood = OODScorer.load(verify_file(model_dir, conf["ood"]["file"], conf)) if conf.get("ood") else None
-    with_features = ood is not None and FEATURES in outs
+    # the learned out-of-scope gate, where the model has one and the graph gives its features
+    scorer = (OODScorer.load(verify_file(model_dir, conf["ood"]["file"], conf))
+              if conf.get("ood") and FEATURES in outs else None)
     t32 = t8 = ood_threshold(conf)
     guard = None
     if len(calibration):
         c32, c8 = _run(fp32, outs, calibration), _run(int8, outs, calibration)
-        if with_features:
-            t8 = int8_ood_threshold(ood.score(c32[1]), ood.score(c8[1]), t32)
+        if scorer is not None:
+            t8 = int8_ood_threshold(scorer.score(c32[1]), scorer.score(c8[1]), t32)
         if cfg.guard_quantile > 0:
-            gap = t8 * t8 - t32 * t32 if with_features else 0.0
-            guard = Int8Guard.fit(_distances(*c32, conf, ood if with_features else None, t32),
-                                  _distances(*c8, conf, ood if with_features else None, t8), cfg.guard_quantile, gap)
-    got: dict[str, list] = {"idx": [], "p32": [], "p8": [], "f32": [], "f8": []}
-    for idx, x in _arrays(val.paths, pre, size):
-        a, b = fp32.run(outs, {"input": x}), int8.run(outs, {"input": x})
-        got["idx"].append(idx)
-        got["p32"].append(softmax(a[0]))
-        got["p8"].append(softmax(b[0]))
-        if len(outs) > 1:
-            got["f32"].append(a[1])
-            got["f8"].append(b[1])
-    if not got["idx"]:
+            gap = t8 * t8 - t32 * t32 if scorer is not None else 0.0
+            guard = Int8Guard.fit(_distances(*c32, conf, scorer, t32), _distances(*c8, conf, scorer, t8),
+                                  cfg.guard_quantile, gap)
+    parts = [(idx, _run(fp32, outs, [x]), _run(int8, outs, [x])) for idx, x in _arrays(val.paths, pre, size)]
+    if not parts:
         raise ModelError(f"none of the {len(val)} validation images of {val.source} could be decoded")
-    y = val.y[np.concatenate(got["idx"])]
-    p32, p8 = np.concatenate(got["p32"]), np.concatenate(got["p8"])
-    f32 = np.concatenate(got["f32"]) if got["f32"] else None
-    f8 = np.concatenate(got["f8"]) if got["f8"] else None
-    scorer = ood if with_features else None
+    y = val.y[np.concatenate([i for i, _, _ in parts])]
+    p32, p8 = (np.concatenate([part[k][0] for part in parts]) for k in (1, 2))
+    f32, f8 = ((np.concatenate([part[k][1] for part in parts]) if len(outs) > 1 else None) for k in (1, 2))
     redo = np.zeros(len(y), bool)
     if guard is not None:  # what the predictor serves: fp32's answer where INT8's lies near a boundary
         redo = guard.needs_fp32(_distances(p8, f8, conf, scorer, t8))
@@ -351,11 +343,12 @@ def gate(model_dir: Path, conf: dict, int8_path: str | os.PathLike, val: EvalSet
     fs = None if f8 is None else np.where(redo[:, None], f32, f8)
     ts = t8 if guard is None else t32  # the guard's scope margin covers the gap between the two thresholds
     ypn = (y != 0).astype(int)
+    auc32 = _safe_auc(ypn, pneumonia_score(p32))
+    v32, c32 = _verdicts(p32, f32, conf, scorer, t32, sets=True), _verdicts(p32, f32, conf, scorer, t32)  # fp32's, once
 
     def figures(p, f, t) -> dict:
-        auc32, auc8 = _safe_auc(ypn, pneumonia_score(p32)), _safe_auc(ypn, pneumonia_score(p))
-        v32, v = _verdicts(p32, f32, conf, scorer, t32, sets=True), _verdicts(p, f, conf, scorer, t, sets=True)
-        c32, c = _verdicts(p32, f32, conf, scorer, t32), _verdicts(p, f, conf, scorer, t)
+        auc8 = _safe_auc(ypn, pneumonia_score(p))
+        v, c = _verdicts(p, f, conf, scorer, t, sets=True), _verdicts(p, f, conf, scorer, t)
         drop = auc32 - auc8 if np.isfinite(auc32) and np.isfinite(auc8) else None
         return {"auc_fp32": auc32 if np.isfinite(auc32) else None, "auc_int8": auc8 if np.isfinite(auc8) else None,
                 "auc_drop": drop, "identical_verdicts": int((v32 == v).sum()), "agreement": float((v32 == v).mean()),
