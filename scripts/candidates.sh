@@ -9,7 +9,8 @@ R=${2:-runs/candidates}
 P="${PNEUMOSCAN:-pneumoscan} -q"
 mkdir -p "$R"
 M=$R/manifest.csv
-step() { local name=$1; shift; [ -f "$R/$name/config.json" ] && { echo "skip $name"; return; }; echo "run $name"; "$@"; }
+step() { local name=$1; shift; [ -f "$R/$name/config.json" ] || [ -f "$R/$name/pretrain.json" ] && { echo "skip $name"; return; }
+        echo "run $name"; "$@"; }
 [ -f "$M" ] || $P data index "$DATA" --out "$M" --seed 0
 AUG="--blur 1.0 --noise 0.02 --erase 0.25"   # noise and blur before CLAHE, random erasing
 LPFT="--intensity clahe --lr 2e-4 --head-lr-mult 1 --layer-decay 0.8 --freeze-bn --warmup-epochs 0.5 --batch-size 32"
@@ -32,5 +33,14 @@ step ens-lp-lite012 $P ensemble "$R/lp-clahe-224" "$R/lp-lite1-clahe-224" "$R/lp
 step lp-clahe-128 $P train "$M" --out "$R/lp-clahe-128" --intensity clahe --size 128
 step lpft-gce-drop-128 $P finetune "$M" --out "$R/lpft-gce-drop-128" --size 128 $LPFT $AUG --epochs 8 --seed 0 \
   --init-from "$R/lp-clahe-128" --loss gce --drop-noisy 0.05 --mixup 0.2
-# 6. the shipped default (candidates/soup-shipped) and the ensemble of its members (candidates/shipped-calibrated)
-#    are made by scripts/make_default_model.sh (fine-tuned on a GPU: about 50 s per member on one H200)
+# 6. self-supervised features: SimCLR on the training X-rays (a GPU job: 132 s for 60 epochs on one H200),
+#    then a linear probe on them and LP-FT from that probe with the recipe above (SSL=0 skips these three)
+if [ "${SSL:-1}" = 1 ]; then
+  step ssl-160 $P pretrain "$M" --out "$R/ssl-160" --size 160 --intensity clahe --epochs 60
+  step ssl-lp-clahe-160 $P train "$M" --out "$R/ssl-lp-clahe-160" --weights "$R/ssl-160/backbone.safetensors" \
+    --size 160 --intensity clahe
+  step ssl-lpft-clahe-160 $P finetune "$M" --out "$R/ssl-lpft-clahe-160" --size 160 $LPFT $AUG --epochs 6 --seed 0 \
+    --init-from "$R/ssl-lp-clahe-160"
+fi
+# 7. the shipped default (candidates/soup-shipped) is made by scripts/make_default_model.sh (fine-tuned on a GPU:
+#    about 50 s per member on one H200)

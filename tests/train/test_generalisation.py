@@ -199,13 +199,17 @@ def test_the_soup_command_refuses_a_soup_that_falls_and_writes_nothing(lpft, tmp
     assert not out.exists() and not list(tmp_path.glob(".s.tmp*"))
 
 
+def _pretrain(dataset_dir, out, epochs: int, *extra: str) -> int:
+    pytest.importorskip("lightly")
+    return main(["-q", "pretrain", str(dataset_dir), "--out", str(out), "--backbone", "test_efficientnet",
+                 "--no-pretrained", "--size", "48", "--batch-size", "8", "--epochs", str(epochs), "--workers", "0",
+                 "--accelerator", "cpu", *extra])
+
+
 @pytest.mark.slow
 def test_pretrain_writes_a_backbone_that_train_takes_as_weights(dataset_dir, tmp_path, capsys):
-    pytest.importorskip("lightly")
     out = tmp_path / "ssl"
-    rc = main(["-q", "pretrain", str(dataset_dir), "--out", str(out), "--backbone", "test_efficientnet",
-               "--no-pretrained", "--size", "48", "--batch-size", "8", "--epochs", "2", "--workers", "0",
-               "--accelerator", "cpu"])
+    rc = _pretrain(dataset_dir, out, 2)
     assert rc == 0, capsys.readouterr().err
     info = json.loads((out / "pretrain.json").read_text())
     assert info["steps"] >= 2 and len(info["epoch_losses"]) == 2 and all(np.isfinite(info["epoch_losses"]))
@@ -221,3 +225,15 @@ def test_pretrain_writes_a_backbone_that_train_takes_as_weights(dataset_dir, tmp
                  "--weights", str(out / "backbone.safetensors"), "--epochs", "3", "--workers", "0",
                  "--cache", str(tmp_path / "c")]) == 0
     assert json.loads((probe / "config.json").read_text())["weights_source"] == wid
+
+
+@pytest.mark.slow
+def test_pretrain_stops_at_its_time_limit_and_keeps_the_weights(dataset_dir, tmp_path, capsys):
+    out = tmp_path / "ssl"
+    rc = _pretrain(dataset_dir, out, 20, "--max-minutes", "0.00001")  # 0.6 ms: the timer ends it after one step
+    assert rc == 0, capsys.readouterr().err
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["stopped_by_time"] is True and info["epochs_done"] < 20 and info["steps"] >= 1
+    assert (out / "backbone.safetensors").is_file()
+    assert main(["-q", "pretrain", str(dataset_dir), "--out", str(tmp_path / "x"), "--max-minutes", "0"]) == 2
+    assert "max minutes 0.0 must be positive" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -86,7 +86,8 @@ def write_result(name: str, figures: dict, out_dir: str | os.PathLike | None = N
 
     out = Path(out_dir) if out_dir else default_results_dir()
     doc = {"benchmark": name, "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "command": "pneumoscan bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+           "command": "pneumoscan bench " + " ".join(sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv[1:]
+                                                     else sys.argv[1:]),
            "machine": machine_info(), **figures}
     path = out / f"{name}.json"
     out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ class BenchConfig:
     cold_only: bool = False  # pipeline: skip the cached re-run
     pretrained: bool = True  # False: random backbone weights (timing only; for tests)
     compile: bool = False  # gpu: also torch.compile the bf16 network
+    gpu_images: int = 20480  # gpu: images per end-to-end extraction run (the data's files copied to this many)
 
     def __post_init__(self) -> None:
         from ..errors import ConfigError
@@ -59,7 +60,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     """Run the chosen benchmarks, print one line each; the JSON paths go to the log."""
     from ..cli.flags import build
-    from . import summary
+    from . import shared_data_dir, summary
 
     cfg = build(BenchConfig, args)
     counts = list(cfg.memory_scan) if cfg.memory_scan else None
@@ -84,8 +85,10 @@ def run(args) -> int:
                                out_dir=args.out)
         elif name == "gpu":
             from .gpu import run as bench
+            data = (shared_data_dir() if args.data == "shared" else args.data) or None
             line, path = bench(backbones[0], cfg.size[0], workers=cfg.workers, pretrained=pretrained,
-                               compile=cfg.compile, out_dir=args.out)
+                               compile=cfg.compile, out_dir=args.out, images=cfg.gpu_images, data=data,
+                               repeats=min(cfg.repeats, 2))
         else:
             line, path = "summary", None
         print(line, flush=True)

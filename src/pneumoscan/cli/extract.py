@@ -37,7 +37,8 @@ def run(args) -> int:
     t = time.perf_counter()
     feats, ok, info = extract_features(m.samples, tc.backbone, size=tc.size, intensity=tc.intensity,
                                        weights=tc.weights, pretrained=tc.pretrained, cache_dir=ext.cache,
-                                       batch_size=ext.batch_size, workers=ext.workers, engine=ext.engine,
+                                       batch_size=ext.batch_size, workers=ext.workers, engine=ext.engine, decode=ext.decode,
+                                       device=ext.device,
                                        progress=progress_enabled())
     dt = time.perf_counter() - t
     print(f"{tc.backbone}: {len(m)} images, {info['cached']} from cache, {info['computed']} computed, "

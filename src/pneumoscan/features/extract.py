@@ -19,11 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data.imaging import load_xray
-from ..errors import ImageError
+from ..errors import ImageError, PneumoscanError
 from ..nets.backbones import DEFAULT_BACKBONE, create_backbone, default_preprocess
 from ..preprocess import Preprocess, PreprocessConfig
 from ..runtime import cpu_count
+from . import gpu_decode
 from .cache import FeatureCache, default_cache_dir
+from .config import CPU_BATCH, DECODERS, GPU_BATCH, GPU_MAX_WORKERS
 from .engines import make_engine
 
 log = logging.getLogger(__name__)
@@ -80,13 +82,14 @@ def extract_features(
     weights: str | None = None,
     pretrained: bool = True,
     cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int | None = None,
     device: str = "cpu",
     progress: bool = True,
     net: torch.nn.Module | None = None,
     weights_id: str | None = None,
     engine: str | None = None,
+    decode: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Features for ``samples`` (cached). Returns (features [n, d], ok mask [n], info).
 
@@ -95,7 +98,19 @@ def extract_features(
     ONNX Runtime on a CPU when there are at least ``ONNX_MIN_IMAGES`` images to compute or the
     backbone was exported before, PyTorch otherwise. Both give the same features within 1e-4.
     ``workers=None`` picks the measured best: decode in-process with ONNX Runtime, else 2 workers.
+    ``device`` "auto" is the first CUDA device when there is one, else the CPU. ``decode`` is "cpu"
+    (worker processes; on a GPU, the cores less two, at most ``GPU_MAX_WORKERS``) or "gpu" (nvJPEG,
+    :mod:`~pneumoscan.features.gpu_decode`; ``workers`` then counts file-reading threads).
+    ``batch_size=None`` is ``CPU_BATCH`` on a CPU and ``GPU_BATCH`` on a GPU.
     """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if decode not in DECODERS:
+        raise PneumoscanError(f"decode {decode!r} is unknown; use one of {', '.join(DECODERS)}")
+    on_gpu = decode == "gpu"
+    if on_gpu and not gpu_decode.available(device):
+        raise PneumoscanError(f"decode 'gpu' needs a CUDA device and torchvision's nvJPEG decoder (extracting on "
+                              f"{device}); use --decode cpu or --device cuda")
     prep = default_preprocess(backbone, size, intensity)
     if net is None:
         net, weights_id = create_backbone(backbone, pretrained=pretrained, weights=weights)
@@ -112,7 +127,10 @@ def extract_features(
             if todo:
                 run = make_engine(net, prep, cache.root, device, engine, len(todo))
                 info["engine"] = run.name
-                _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers, progress)
+                if batch_size is None:
+                    batch_size = GPU_BATCH if run.device.type == "cuda" else CPU_BATCH
+                info["batch_size"] = batch_size
+                _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers, progress, on_gpu)
     dim = next(iter(cached.values())).shape[0] if cached else 0
     feats = np.zeros((len(samples), dim), np.float32)
     ok = np.zeros(len(samples), bool)
@@ -129,19 +147,33 @@ def _todo(samples, cached: dict) -> list[int]:
     return [i for i, s in enumerate(samples) if s.sha1 not in cached and seen.setdefault(s.sha1, i) == i]
 
 
-def _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers, progress) -> None:
+def _batches(samples, todo, run, prep, batch_size, workers, info, on_gpu):
+    """(indices into ``todo``, uint8 batch, failures) from CPU decoding workers or from nvJPEG."""
+    paths = [samples[i].path for i in todo]
+    if on_gpu:
+        threads = workers if workers is not None else min(8, max(2, cpu_count()))
+        info["workers"], info["decode"] = threads, "gpu"
+        dec = gpu_decode.GpuDecoder(prep, run.device, paths)
+        for items in gpu_decode.read_batches(paths, batch_size, threads):
+            yield dec(items)
+        info["decoded_on_gpu"], info["decoded_on_cpu"] = dec.on_gpu, dec.on_cpu
+        return
+    pin = run.device.type == "cuda"
     if workers is None:
         # measured (bench extract --compare): with ONNX Runtime, decoding in-process costs the least
-        # CPU per image (decode is ~2 ms of ~50); extra processes only contend with its threads
-        workers = 0 if run.name == "onnx" else min(2, cpu_count())
-    info["workers"] = workers
-    pin = run.device.type == "cuda"
-    ds = ImageFiles([samples[i].path for i in todo], prep)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=pin,
-                        worker_init_fn=_worker_init if workers else None,
-                        persistent_workers=False, prefetch_factor=2 if workers else None)
+        # CPU per image (decode is ~2 ms of ~50); extra processes only contend with its threads.
+        # On a GPU (bench gpu) decoding is the bottleneck: every core but two decodes.
+        workers = (max(2, min(GPU_MAX_WORKERS, cpu_count() - 2)) if pin
+                   else 0 if run.name == "onnx" else min(2, cpu_count()))
+    info["workers"], info["decode"] = workers, "cpu"
+    yield from DataLoader(ImageFiles(paths, prep), batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                          pin_memory=pin, worker_init_fn=_worker_init if workers else None,
+                          persistent_workers=False, prefetch_factor=2 if workers else None)
+
+
+def _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers, progress, on_gpu=False) -> None:
     bar = tqdm(total=len(todo), desc=f"extract {info['backbone']}@{prep.size}", unit="img", disable=not progress)
-    for idx, xs, bad in loader:
+    for idx, xs, bad in _batches(samples, todo, run, prep, batch_size, workers, info, on_gpu):
         for j, err in bad:
             info["failed"].append((samples[todo[j]].path, err))
             log.warning("skipped %s", err)

@@ -287,10 +287,13 @@ class PretrainConfig:
     devices: int | Literal["auto"] = 1  # devices per node
     precision: Literal[PRECISIONS] = "auto"  # auto: bf16-mixed on a GPU, 32-true on a CPU
     max_steps: int = -1  # stop after this many steps (smoke tests); -1 = no limit
+    max_minutes: float | None = None  # stop after this long and keep the weights reached (a lent GPU's budget)
     workers: int = 2  # decoding worker processes
 
     def __post_init__(self) -> None:
         get_spec(self.backbone)
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"max minutes {self.max_minutes} must be positive")
         if self.size is not None:
             PreprocessConfig(size=self.size)
         if self.epochs < 1 or self.batch_size < 2:

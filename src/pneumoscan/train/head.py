@@ -128,7 +128,8 @@ def split_features(manifest: Manifest, cfg: TrainConfig, extract: ExtractConfig 
     net, weights_id = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, seed=cfg.seed)
     feats, ok, info = extract_features(samples, cfg.backbone, size=cfg.size, intensity=cfg.intensity,
                                        cache_dir=extract.cache, progress=progress, net=net, weights_id=weights_id,
-                                       batch_size=extract.batch_size, workers=extract.workers, engine=extract.engine)
+                                       batch_size=extract.batch_size, workers=extract.workers, engine=extract.engine,
+                                       device=extract.device, decode=extract.decode)
     y = np.array([s.target for s in samples])
     split = np.array([s.split for s in samples])
     tr, va = ok & (split == "train"), ok & (split == "val")

@@ -109,6 +109,7 @@ def pretrain(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Pr
     loader = DataLoader(TensorDataset(images), batch_size=min(cfg.batch_size, len(images)), shuffle=True,
                         drop_last=True, generator=g, num_workers=0)
     trainer = pl.Trainer(max_epochs=cfg.epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator,
+                         max_time=None if cfg.max_minutes is None else {"seconds": cfg.max_minutes * 60},
                          devices=cfg.devices, precision=_precision(cfg), logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
                          callbacks=[progress_bar()] if progress else [])
@@ -125,6 +126,8 @@ def pretrain(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Pr
                                                                                  "augment": asdict(cfg.augment)},
         "preprocess": prep.to_dict(), "images": int(len(images)), "failed_to_decode": len(failed),
         "manifest_sha256": manifest.digest(), "epoch_losses": module.losses, "steps": int(trainer.global_step),
+        "epochs_done": int(trainer.current_epoch), "stopped_by_time": int(trainer.current_epoch) < cfg.epochs
+        and cfg.max_minutes is not None and cfg.max_steps < 0,
         "seconds": round(time.time() - t0, 1), "hardware": hardware(), "command": command,
         "weights_sha256": file_digest(out / WEIGHTS_FILE)})
     log.info("pretrained backbone written to %s (final loss %s)", out / WEIGHTS_FILE,

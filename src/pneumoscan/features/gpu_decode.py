@@ -1,0 +1,162 @@
+"""JPEG decoding on the GPU for feature extraction: files read by threads, decoded in batches by nvJPEG.
+
+On a GPU the backbone runs at 16,000-24,000 images/s (H200, ``pneumoscan bench gpu``) and CPU
+decoding workers cannot feed it. Here the CPU only reads the files' bytes (a thread pool: reading
+releases the GIL), ``torchvision.io.decode_jpeg(..., device="cuda")`` (nvJPEG) decodes a whole batch
+to the grey (luma) plane on the device, and the resize and the intensity step follow there, so a
+uint8 (N, S, S) batch is ready for :meth:`~pneumoscan.features.engines.TorchEngine.encode` without
+leaving the device. Files nvJPEG does not take (PNG, DICOM, EXIF-rotated or broken JPEGs) go through
+the CPU decoder :func:`~pneumoscan.data.imaging.load_xray` one by one, which gives broken files the
+same one-line error as on a CPU.
+
+The pixels are those of the CPU path up to the two IDCTs' rounding (measured in
+``benchmarks/results/gpu.json``: ``decode_agreement``); files more than twice the input side are
+decoded whole and area-averaged instead of decoded at a reduced DCT scale first, so they can differ
+by a few grey levels.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..data.imaging import load_xray
+from ..errors import ImageError
+from ..preprocess import Preprocess, PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+EXIF_SCAN = 65536  # bytes searched for an EXIF block (an orientation there is applied by the CPU decoder)
+
+
+def available(device) -> bool:
+    """Whether nvJPEG decoding can run on ``device`` (a CUDA device and torchvision's GPU decoder)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _read(path: str) -> tuple[bytes | None, str]:
+    try:
+        return Path(path).read_bytes(), ""
+    except OSError as e:
+        return None, f"{path}: cannot be read ({e.strerror or e}); check that the file exists and is readable"
+
+
+def read_batches(paths: Sequence[str], batch_size: int, threads: int, ahead: int = 4) -> Iterator[list]:
+    """Batches of ``(index, bytes or None, error)``, read by ``threads`` threads, ``ahead`` batches in flight."""
+    starts = iter(range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="pneumoscan-read") as pool:
+        pending: deque = deque()
+
+        def submit() -> bool:
+            s = next(starts, None)
+            if s is None:
+                return False
+            idx = range(s, min(s + batch_size, len(paths)))
+            pending.append((idx, [pool.submit(_read, paths[i]) for i in idx]))
+            return True
+
+        for _ in range(ahead):
+            submit()
+        while pending:
+            idx, futs = pending.popleft()
+            submit()
+            yield [(i, *f.result()) for i, f in zip(idx, futs)]
+
+
+class GpuDecoder:
+    """Bytes of a batch -> (indices, uint8 (N, S, S) on ``device``, failures as (index, error))."""
+
+    def __init__(self, prep: PreprocessConfig, device, paths: Sequence[str]) -> None:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        self.prep, self.device, self.paths = prep, torch.device(device), paths
+        self._decode, self._gray = decode_jpeg, ImageReadMode.GRAY
+        self._pre = Preprocess(prep)
+        self._areas: dict[int, torch.Tensor] = {}
+        self.on_gpu = 0  # images nvJPEG decoded
+        self.on_cpu = 0  # images the CPU decoder took instead
+
+    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor, list]:
+        bad = [(i, err) for i, data, err in items if data is None]
+        jpeg = [(i, d) for i, d, _ in items if d is not None and d[:3] == JPEG_MAGIC and b"Exif" not in d[:EXIF_SCAN]]
+        taken = {i for i, _ in jpeg}
+        cpu = [(i, d) for i, d, _ in items if d is not None and i not in taken]
+        images: dict[int, torch.Tensor] = {}
+        for i, img in self._gpu(jpeg, cpu):
+            images[i] = img
+        for i, d in cpu:
+            try:
+                images[i] = self._cpu(i, d)
+            except ImageError as e:
+                bad.append((i, str(e)))
+        order = sorted(images)
+        s = self.prep.size
+        x = torch.stack([images[i] for i in order]) if order else torch.empty(0, s, s, dtype=torch.uint8)
+        if self.prep.intensity != "none" and len(order):  # CLAHE / equalisation: OpenCV, as everywhere else
+            x = torch.from_numpy(self._pre.intensity_batch(x.cpu().numpy())).to(self.device)
+        return torch.tensor(order, dtype=torch.long), x, bad
+
+    def _gpu(self, jpeg: list, cpu: list):
+        """nvJPEG on the whole batch; a batch it refuses is retried file by file, and a file it
+        refuses goes to the CPU decoder (which names what is wrong with it)."""
+        if not jpeg:
+            return
+        datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for _, d in jpeg]
+        try:
+            out = self._decode(datas, mode=self._gray, device=self.device)
+        except RuntimeError:
+            out = []
+            for (i, d), t in zip(jpeg, datas):
+                try:
+                    out.append(self._decode(t, mode=self._gray, device=self.device))
+                except RuntimeError:
+                    out.append(None)
+        for (i, d), img in zip(jpeg, out):
+            if img is None:
+                cpu.append((i, d))
+            else:
+                self.on_gpu += 1
+                yield i, self._resize(img)
+
+    def _resize(self, img: torch.Tensor) -> torch.Tensor:
+        """(1, H, W) uint8 -> (S, S) uint8. Shrinking is OpenCV's INTER_AREA as two matrix products (the
+        same pixels as the CPU path on same-size files); enlarging is bilinear (INTER_LINEAR's rule)."""
+        s = self.prep.size
+        h, w = img.shape[-2:]
+        if (h, w) == (s, s):
+            return img[0]
+        x = img[0].float()
+        if h >= s and w >= s:
+            x = self._area(h) @ x @ self._area(w).T
+        else:
+            x = torch.nn.functional.interpolate(x[None, None], size=(s, s), mode="bilinear", align_corners=False)[0, 0]
+        return x.round_().clamp_(0, 255).to(torch.uint8)
+
+    def _area(self, n: int) -> torch.Tensor:
+        """(S, n) weights of area resampling from n to S pixels: each output averages the input it covers."""
+        a = self._areas.get(n)
+        if a is None:
+            s = self.prep.size
+            edges = torch.arange(s + 1, dtype=torch.float64) * (n / s)
+            j = torch.arange(n, dtype=torch.float64)
+            overlap = (torch.minimum(edges[1:, None], j + 1) - torch.maximum(edges[:-1, None], j)).clamp_(min=0)
+            a = self._areas[n] = (overlap / (n / s)).float().to(self.device)
+        return a
+
+    def _cpu(self, i: int, data: bytes) -> torch.Tensor:
+        self.on_cpu += 1
+        x = load_xray(data, name=self.paths[i], size_hint=self.prep.size, colour=False)
+        px = self._pre.resize_only(x.pixels)
+        return torch.from_numpy(np.ascontiguousarray(px)).to(self.device)
