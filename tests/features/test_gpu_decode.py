@@ -99,6 +99,9 @@ def test_gpu_decode_without_a_gpu_is_refused_before_any_work(tmp_path, monkeypat
         extract_features(m.samples, "test_efficientnet", size=32, cache_dir=tmp_path / "c", decode="nvjpeg")
     with pytest.raises(PneumoscanError, match="device 'gpu0' is unknown"):
         ExtractConfig(device="gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PneumoscanError, match="device 'cuda:1': this machine has 0 CUDA device"):
+        extract_features(m.samples, "test_efficientnet", size=32, cache_dir=tmp_path / "c", device="cuda:1")
 
 
 def test_bench_copies_are_distinct_files_with_the_same_pixels(tmp_path):

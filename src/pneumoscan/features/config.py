@@ -24,9 +24,9 @@ class ExtractConfig:
     floating-point rounding: on a GPU, cuDNN's convolutions run in TF32 by default)."""
 
     cache: str | None = None  # feature cache folder (default ~/.cache/pneumoscan/features, or $PNEUMOSCAN_CACHE)
-    batch_size: int | None = None  # images decoded and run per batch (default: CPU_BATCH, or GPU_BATCH on a GPU)
+    batch_size: int | None = None  # images decoded and run per batch (default: 64 on a CPU, 256 on a GPU)
     workers: int | None = None  # decoding workers (default: in-process with ONNX Runtime, 2 with PyTorch on a CPU,
-    #                             cores - 2 up to GPU_MAX_WORKERS on a GPU; with --decode gpu: reading threads)
+    #                             cores - 2, at most 14, on a GPU; with --decode gpu: file-reading threads)
     engine: Literal["auto", "torch", "onnx"] = "auto"  # auto: ONNX Runtime on a CPU for 128+ images, else PyTorch
     device: str = "auto"  # where the backbone runs: auto (the first CUDA device when there is one), cpu, cuda, cuda:N
     decode: Literal["cpu", "gpu"] = "cpu"  # JPEG decoding: CPU worker processes, or nvJPEG on the CUDA device

@@ -105,6 +105,10 @@ def extract_features(
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (torch.device(device).index or 0) >= n:
+            raise PneumoscanError(f"device {device!r}: this machine has {n} CUDA device(s); use --device auto or cpu")
     if decode not in DECODERS:
         raise PneumoscanError(f"decode {decode!r} is unknown; use one of {', '.join(DECODERS)}")
     on_gpu = decode == "gpu"
