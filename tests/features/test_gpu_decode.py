@@ -51,6 +51,29 @@ def test_pixels_equal_the_cpu_workers_path(tmp_path, size, intensity):
     assert int(diff.max()) <= (1 if size > 64 else 0)
 
 
+def test_rotated_cmyk_and_oversized_jpegs_go_to_the_cpu_decoder(tmp_path, monkeypatch):
+    a = np.zeros((40, 60), np.uint8)
+    a[:, :20] = 200  # a bright left band: rotation moves it
+    rotated = tmp_path / "rotated.jpeg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(a).save(rotated, exif=exif)
+    cmyk = tmp_path / "cmyk.jpeg"
+    Image.fromarray(a).convert("CMYK").save(cmyk)
+    plain = tmp_path / "plain.jpeg"
+    Image.fromarray(a).save(plain)
+    paths = [str(rotated), str(cmyk), str(plain)]
+    prep = PreprocessConfig(size=40)
+    idx, x, bad, dec = _decode_all(paths, prep)
+    assert not bad and dec.on_cpu == 2 and dec.on_gpu == 1
+    ref = torch.stack([ImageFiles(paths, prep)[i][1] for i in range(3)])
+    assert torch.equal(x, ref)  # the CPU path's pixels: rotation applied, CMYK converted
+    assert int(x[0, :8].float().mean()) > 150 and int(x[0, -8:].float().mean()) < 50  # turned: the band is on top
+    monkeypatch.setattr(gpu_decode, "DEFAULT_MAX_PIXELS", 1000)  # 40 x 60 is now "oversized" for nvJPEG
+    _, x2, bad2, dec2 = _decode_all([str(plain)], prep)
+    assert dec2.on_cpu == 1 and dec2.on_gpu == 0 and not bad2 and torch.equal(x2[0], ref[2])
+
+
 def test_other_files_go_to_the_cpu_decoder_and_failures_are_listed(tmp_path):
     paths = [s.path for s in make_images(tmp_path, 3, px=48)]
     png = tmp_path / "film.png"

@@ -5,8 +5,8 @@ decoding workers cannot feed it. Here the CPU only reads the files' bytes (a thr
 releases the GIL), ``torchvision.io.decode_jpeg(..., device="cuda")`` (nvJPEG) decodes a whole batch
 to the grey (luma) plane on the device, and the resize and the intensity step follow there, so a
 uint8 (N, S, S) batch is ready for :meth:`~pneumoscan.features.engines.TorchEngine.encode` without
-leaving the device. Files nvJPEG does not take (PNG, DICOM, EXIF-rotated or broken JPEGs) go through
-the CPU decoder :func:`~pneumoscan.data.imaging.load_xray` one by one, which gives broken files the
+leaving the device. Files nvJPEG should not take (PNG, DICOM, CMYK, EXIF-rotated, oversized or broken
+JPEGs: the reading threads check each header) go through the CPU decoder :func:`~pneumoscan.data.imaging.load_xray` one by one, which gives broken files the
 same one-line error as on a CPU.
 
 The pixels are those of the CPU path up to the two IDCTs' rounding (measured in
@@ -16,6 +16,7 @@ by a few grey levels.
 """
 from __future__ import annotations
 
+import io
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -24,15 +25,16 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-from ..data.imaging import load_xray
+from ..data.imaging import DEFAULT_MAX_PIXELS, load_xray
 from ..errors import ImageError
 from ..preprocess import Preprocess, PreprocessConfig
 
 log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-EXIF_SCAN = 65536  # bytes searched for an EXIF block (an orientation there is applied by the CPU decoder)
+ORIENTATION = 0x0112  # EXIF tag: a rotated film goes to the CPU decoder, which applies it
 
 
 def available(device) -> bool:
@@ -46,15 +48,27 @@ def available(device) -> bool:
     return True
 
 
-def _read(path: str) -> tuple[bytes | None, str]:
+def _read(path: str) -> tuple[bytes | None, str, bool]:
+    """The file's bytes, an error, and whether nvJPEG may take it: a baseline or progressive grey or
+    RGB JPEG, upright (no EXIF rotation) and within the pixel limit; the header is read, not decoded."""
     try:
-        return Path(path).read_bytes(), ""
+        data = Path(path).read_bytes()
     except OSError as e:
-        return None, f"{path}: cannot be read ({e.strerror or e}); check that the file exists and is readable"
+        return None, f"{path}: cannot be read ({e.strerror or e}); check that the file exists and is readable", False
+    if data[:3] != JPEG_MAGIC:
+        return data, "", False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            upright = im.getexif().get(ORIENTATION, 1) == 1
+            return data, "", im.mode in ("L", "RGB") and 0 < w * h <= DEFAULT_MAX_PIXELS and upright
+    except Exception:  # a broken header: the CPU decoder names what is wrong
+        return data, "", False
 
 
 def read_batches(paths: Sequence[str], batch_size: int, threads: int, ahead: int = 4) -> Iterator[list]:
-    """Batches of ``(index, bytes or None, error)``, read by ``threads`` threads, ``ahead`` batches in flight."""
+    """Batches of ``(index, bytes or None, error, for nvJPEG)``, read by ``threads`` threads, ``ahead`` batches
+    in flight."""
     starts = iter(range(0, len(paths), batch_size))
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="pneumoscan-read") as pool:
         pending: deque = deque()
@@ -72,7 +86,7 @@ def read_batches(paths: Sequence[str], batch_size: int, threads: int, ahead: int
         while pending:
             idx, futs = pending.popleft()
             submit()
-            yield [(i, *f.result()) for i, f in zip(idx, futs)]
+            yield [(i, *f.result()) for i, f in zip(idx, futs)]  # (index, bytes or None, error, nvJPEG may take it)
 
 
 class GpuDecoder:
@@ -89,10 +103,9 @@ class GpuDecoder:
         self.on_cpu = 0  # images the CPU decoder took instead
 
     def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor, list]:
-        bad = [(i, err) for i, data, err in items if data is None]
-        jpeg = [(i, d) for i, d, _ in items if d is not None and d[:3] == JPEG_MAGIC and b"Exif" not in d[:EXIF_SCAN]]
-        taken = {i for i, _ in jpeg}
-        cpu = [(i, d) for i, d, _ in items if d is not None and i not in taken]
+        bad = [(i, err) for i, data, err, _ in items if data is None]
+        jpeg = [(i, d) for i, d, _, gpu in items if d is not None and gpu]
+        cpu = [(i, d) for i, d, _, gpu in items if d is not None and not gpu]
         images: dict[int, torch.Tensor] = {}
         for i, img in self._gpu(jpeg, cpu):
             images[i] = img
