@@ -72,19 +72,25 @@ def test_changed_and_added_files_are_recomputed(data, tmp_path):
     assert len(m2) == 13 and net.images == 2 and info["computed"] == 2 and info["cached"] == 11 and ok.all()
 
 
-def test_interrupted_run_resumes(data, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_interrupted_run_resumes(data, tmp_path, monkeypatch, overlap):
+    if overlap:  # the GPU path's writer thread, run on the CPU: features come back as unfinished tensors
+        import pneumoscan.features.engines as engines
+
+        monkeypatch.setattr(engines, "CPU_CHUNK", 0)
     m = index_dataset(data, val_fraction=0.25)
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        _extract(m.samples, tmp_path / "c", Counting(fail_after=1), batch_size=4)
+        _extract(m.samples, tmp_path / "c", Counting(fail_after=1), batch_size=4, overlap=overlap)
     cache = FeatureCache.for_key(tmp_path / "c", "test_efficientnet", "random-seed0",
                                  default_preprocess("test_efficientnet", SIZE))
     assert len(list(cache.root.glob("part-*.safetensors"))) == 1 and len(cache.load()) == 4
     assert not list(cache.root.glob("*.tmp"))  # shards are written atomically
     net = Counting()
-    f, ok, info = _extract(m.samples, tmp_path / "c", net, batch_size=4)
+    f, ok, info = _extract(m.samples, tmp_path / "c", net, batch_size=4, overlap=overlap)
     assert info["cached"] == 4 and info["computed"] == 8 and net.images == 8 and ok.all()
-    full, _, _ = _extract(m.samples, tmp_path / "fresh", Counting(), batch_size=4)
-    np.testing.assert_allclose(f, full, rtol=1e-5, atol=1e-6)  # resumed = computed in one go
+    assert info["overlap"] is overlap and len(list(cache.root.glob("part-*.safetensors"))) == 3
+    full, _, _ = _extract(m.samples, tmp_path / "fresh", Counting(), batch_size=4, overlap=False)
+    np.testing.assert_allclose(f, full, rtol=1e-5, atol=1e-6)  # resumed (and overlapped) = computed in one go
 
 
 def test_undecodable_file_is_listed_not_fatal(data, tmp_path):

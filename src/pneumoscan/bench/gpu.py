@@ -136,26 +136,30 @@ def run(backbone: str = "efficientnet_lite0", size: int | None = None, batches=(
             res["decode_agreement"] = decode_agreement(samples[:1024], fp32, prep)
         except Exception as e:  # recorded, and the timings still run
             res["decode_agreement"] = {"error": f"{type(e).__name__}: {e}"}
-        variants = [("gpu", min(8, cores), 256), ("gpu", min(8, cores), 512),
-                    ("cpu", max(1, min(14, cores - 2)), 256), ("cpu", max(1, min(14, cores - 2)), 512)]
+        threads, procs = min(8, cores), max(1, min(14, cores - 2))
+        # (decode, workers, batch, overlap): the defaults, then one change at a time
+        variants = [("cpu", procs, 256, True), ("cpu", procs, 256, False), ("cpu", procs, 512, True),
+                    ("gpu", threads, 256, True), ("gpu", threads, 512, True)]
         if workers is not None:
-            variants = [(d, workers, b) for d, _, b in variants]
+            variants = [(d, workers, b, o) for d, _, b, o in variants]
         runs = []
-        for decode, w, b in variants:
+        for decode, w, b, overlap in variants:
             rates = []
             try:
                 for r in range(repeats):
                     t = time.perf_counter()
                     feats, ok, info = extract_features(samples, backbone, size=prep.size, net=fp32, weights_id=wid,
-                                                       cache_dir=Path(tmp) / f"cache-{decode}-{b}-{r}", device="cuda",
-                                                       workers=w, batch_size=b, decode=decode, progress=False)
+                                                       cache_dir=Path(tmp) / f"cache-{decode}-{b}-{overlap}-{r}",
+                                                       device="cuda", workers=w, batch_size=b, decode=decode,
+                                                       overlap=overlap, progress=False)
                     dt = time.perf_counter() - t
                     rates.append(round(int(ok.sum()) / dt, 1))
             except Exception as e:  # one variant failing must not lose the others' figures
-                runs.append({"decode": decode, "workers": w, "batch_size": b, "error": f"{type(e).__name__}: {e}"})
+                runs.append({"decode": decode, "workers": w, "batch_size": b, "overlap": overlap,
+                             "error": f"{type(e).__name__}: {e}"})
                 log.warning("extract %s", runs[-1])
                 continue
-            runs.append({"decode": decode, "workers": w, "batch_size": b, "images": int(ok.sum()),
+            runs.append({"decode": decode, "workers": w, "batch_size": b, "overlap": overlap, "images": int(ok.sum()),
                          "images_per_s": round(statistics.median(rates), 1), "runs": rates, "engine": info["engine"],
                          "decoded_on_gpu": info.get("decoded_on_gpu"), "decoded_on_cpu": info.get("decoded_on_cpu")})
             log.info("extract %s", runs[-1])
@@ -163,7 +167,8 @@ def run(backbone: str = "efficientnet_lite0", size: int | None = None, batches=(
     res["extract_variants"] = runs
     res["extract_end_to_end"] = {**best, "ratio_to_fp32_forward":
                                  round(best["images_per_s"] / next(iter(res["forward_fp32_tf32"].values())), 3)}
-    w = f"{best['decode']} decode, {best['workers']} {'threads' if best['decode'] == 'gpu' else 'workers'}"
+    w = (f"{best['decode']} decode, {best['workers']} {'threads' if best['decode'] == 'gpu' else 'workers'}"
+         f"{', overlapped' if best.get('overlap') else ''}")
     res["compiled"] = compile
     path = write_result("gpu", res, out_dir)
     line = (f"gpu {res['gpu_name']} {backbone}@{prep.size}: bf16 channels_last forward "

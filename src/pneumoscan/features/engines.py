@@ -49,6 +49,15 @@ class TorchEngine:
         pinned, async) and is normalised there."""
         return self(normalize_batch(batch_u8.to(self.device, non_blocking=True), prep))
 
+    def encode_async(self, batch_u8: torch.Tensor, prep: PreprocessConfig) -> torch.Tensor:
+        """As :meth:`encode`, but the features stay on the device, still being computed: whoever
+        copies them back waits for them (a writer thread, while this thread queues the next batch)."""
+        if self.chunk:  # a CPU: nothing runs ahead
+            return torch.from_numpy(self.encode(batch_u8, prep))
+        x = normalize_batch(batch_u8.to(self.device, non_blocking=True), prep)
+        with torch.inference_mode():
+            return self.net(x.contiguous(memory_format=torch.channels_last))
+
 
 class OnnxEngine:
     """The backbone in ONNX Runtime (all graph optimisations, one intra-op thread per core)."""
@@ -73,6 +82,8 @@ class OnnxEngine:
         a, pre = batch_u8.numpy(), Preprocess(prep)
         return np.concatenate([self.session.run(None, {self.input: pre.normalize_np(a[i:i + CPU_CHUNK])})[0]
                                for i in range(0, len(a), CPU_CHUNK)])
+
+    encode_async = encode  # ONNX Runtime returns finished arrays
 
 
 def net_digest(net: torch.nn.Module) -> str:

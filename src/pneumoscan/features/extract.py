@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -25,7 +27,7 @@ from ..preprocess import Preprocess, PreprocessConfig
 from ..runtime import cpu_count
 from . import gpu_decode
 from .cache import FeatureCache, default_cache_dir
-from .config import CPU_BATCH, DECODERS, GPU_BATCH, GPU_MAX_WORKERS
+from .config import CPU_BATCH, DECODERS, GPU_BATCH, GPU_MAX_WORKERS, OVERLAP_DEPTH
 from .engines import make_engine
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ def extract_features(
     weights_id: str | None = None,
     engine: str | None = None,
     decode: str = "cpu",
+    overlap: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Features for ``samples`` (cached). Returns (features [n, d], ok mask [n], info).
 
@@ -101,7 +104,9 @@ def extract_features(
     ``device`` "auto" is the first CUDA device when there is one, else the CPU. ``decode`` is "cpu"
     (worker processes; on a GPU, the cores less two, at most ``GPU_MAX_WORKERS``) or "gpu" (nvJPEG,
     :mod:`~pneumoscan.features.gpu_decode`; ``workers`` then counts file-reading threads).
-    ``batch_size=None`` is ``CPU_BATCH`` on a CPU and ``GPU_BATCH`` on a GPU.
+    ``batch_size=None`` is ``CPU_BATCH`` on a CPU and ``GPU_BATCH`` on a GPU. ``overlap`` (default: on a
+    GPU) hands each batch's features to a writer thread, so the next batch runs while they are copied
+    back and written.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -134,7 +139,10 @@ def extract_features(
                 if batch_size is None:
                     batch_size = GPU_BATCH if run.device.type == "cuda" else CPU_BATCH
                 info["batch_size"] = batch_size
-                _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers, progress, on_gpu)
+                if overlap is None:
+                    overlap = run.device.type == "cuda"
+                _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers, progress, on_gpu,
+                         overlap)
     dim = next(iter(cached.values())).shape[0] if cached else 0
     feats = np.zeros((len(samples), dim), np.float32)
     ok = np.zeros(len(samples), bool)
@@ -175,17 +183,42 @@ def _batches(samples, todo, run, prep, batch_size, workers, info, on_gpu):
                           persistent_workers=False, prefetch_factor=2 if workers else None)
 
 
-def _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers, progress, on_gpu=False) -> None:
+def _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers, progress, on_gpu=False,
+             overlap=False) -> None:
+    """Run the batches and write one atomic cache shard per batch. With ``overlap`` (on a GPU) the copy
+    back and the shard of a batch happen in a writer thread while the next batch is decoded and run,
+    at most ``OVERLAP_DEPTH`` batches behind; an interruption then loses those, never a half shard."""
     bar = tqdm(total=len(todo), desc=f"extract {info['backbone']}@{prep.size}", unit="img", disable=not progress)
-    for idx, xs, bad in _batches(samples, todo, run, prep, batch_size, workers, info, on_gpu):
-        for j, err in bad:
-            info["failed"].append((samples[todo[j]].path, err))
-            log.warning("skipped %s", err)
-        if len(idx):
-            f = run.encode(xs, prep)
-            keys = [samples[todo[int(j)]].sha1 for j in idx]
-            cache.add(keys, f)  # one atomic shard per batch: an interruption loses one batch at most
-            cached.update(zip(keys, f))
-            info["computed"] += len(keys)
-        bar.update(len(idx) + len(bad))
-    bar.close()
+    writer = ThreadPoolExecutor(1, thread_name_prefix="pneumoscan-cache") if overlap else None
+    pending: deque = deque()
+    info["overlap"] = bool(overlap)
+
+    def store(keys, out):
+        f = out if isinstance(out, np.ndarray) else out.float().cpu().numpy()
+        cache.add(keys, f)  # one atomic shard per batch
+        return keys, f
+
+    def done(keys, f) -> None:
+        cached.update(zip(keys, f))
+        info["computed"] += len(keys)
+
+    try:
+        for idx, xs, bad in _batches(samples, todo, run, prep, batch_size, workers, info, on_gpu):
+            for j, err in bad:
+                info["failed"].append((samples[todo[j]].path, err))
+                log.warning("skipped %s", err)
+            if len(idx):
+                keys = [samples[todo[int(j)]].sha1 for j in idx]
+                if writer is None:
+                    done(*store(keys, run.encode(xs, prep)))
+                else:
+                    pending.append(writer.submit(store, keys, run.encode_async(xs, prep)))
+                    while len(pending) > OVERLAP_DEPTH:
+                        done(*pending.popleft().result())
+            bar.update(len(idx) + len(bad))
+        while pending:
+            done(*pending.popleft().result())
+    finally:
+        if writer is not None:
+            writer.shutdown(wait=True)  # shards already handed over are finished, never left half written
+        bar.close()
