@@ -139,3 +139,22 @@ def test_bench_copies_are_distinct_files_with_the_same_pixels(tmp_path):
     idx, x, bad, dec = _decode_all([c.path for c in copies], PreprocessConfig(size=40))
     assert not bad and dec.on_gpu == 7
     assert isinstance(copies[0], Sample)
+
+
+def test_the_gpu_benchmark_pieces_run_on_the_cpu(tmp_path, monkeypatch):
+    """What `bench gpu` runs on a lent GPU, run here on the CPU, so that a device call cannot fail on it."""
+    from pneumoscan.bench.gpu import decode_agreement, time_variants
+
+    samples = distinct_copies(make_images(tmp_path / "src", 4, px=40), tmp_path / "copies", 12)
+    net, _ = create_backbone("test_efficientnet", pretrained=False, seed=0)
+    prep = PreprocessConfig(size=32)
+    agree = decode_agreement(samples, net.eval(), prep, device="cpu")
+    assert agree["images"] == 12 and agree["decoded_on_gpu"] == 12 and agree["pixels_max_abs_diff"] == 0
+    assert agree["feature_rel_diff_max"] == 0.0
+    monkeypatch.setattr(gpu_decode, "available", lambda device: True)
+    runs = time_variants(samples, "test_efficientnet", prep, net, "random-seed0",
+                         [("cpu", 0, 4, True), ("gpu", 2, 8, False), ("jpeg2000", 0, 4, False)], 2, tmp_path,
+                         device="cpu")
+    assert [r["decode"] for r in runs] == ["cpu", "gpu", "jpeg2000"]
+    assert all(r["images"] == 12 and r["images_per_s"] > 0 and len(r["runs"]) == 2 for r in runs[:2])
+    assert runs[1]["decoded_on_gpu"] == 12 and "unknown" in runs[2]["error"]

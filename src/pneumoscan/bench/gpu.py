@@ -63,8 +63,9 @@ def distinct_copies(samples, folder: Path, n: int) -> list[Sample]:
     return out
 
 
-def decode_agreement(samples, net, prep) -> dict:
-    """nvJPEG + device resize against the CPU decoder on the same files: pixels and features."""
+def decode_agreement(samples, net, prep, device: str = "cuda") -> dict:
+    """nvJPEG + device resize against the CPU decoder on the same files: pixels and features (``device``
+    "cpu" runs the same comparison with torchvision's CPU decoder, for the tests)."""
     import numpy as np
     import torch
 
@@ -73,18 +74,47 @@ def decode_agreement(samples, net, prep) -> dict:
     from ..preprocess import normalize_batch
 
     paths = [s.path for s in samples]
-    dec = GpuDecoder(prep, "cuda", paths)
+    dec = GpuDecoder(prep, device, paths)
     gpu = torch.cat([dec(items)[1] for items in read_batches(paths, 256, 8)]).cpu()
     ds = ImageFiles(paths, prep)
     cpu = torch.stack([ds[i][1] for i in range(len(paths))])
     diff = (gpu.int() - cpu.int()).abs()
     with torch.inference_mode():
-        fg, fc = (torch.cat([net(normalize_batch(x[i:i + 256].cuda(), prep)).float().cpu()
+        fg, fc = (torch.cat([net(normalize_batch(x[i:i + 256].to(device), prep)).float().cpu()
                              for i in range(0, len(x), 256)]) for x in (gpu, cpu))
     rel = ((fg - fc).norm(dim=1) / fc.norm(dim=1).clamp_min(1e-12)).numpy()
     return {"images": len(paths), "pixels_max_abs_diff": int(diff.max()),
             "pixels_differing": float((diff > 0).float().mean()), "decoded_on_gpu": dec.on_gpu,
             "feature_rel_diff_max": float(rel.max()), "feature_rel_diff_mean": float(np.mean(rel))}
+
+
+def time_variants(samples, backbone: str, prep, net, wid: str, variants, repeats: int, tmp: Path,
+                  device: str = "cuda") -> list[dict]:
+    """End-to-end extraction of ``samples`` per (decode, workers, batch, overlap) variant, each run on a
+    fresh cache; the median images/s of ``repeats`` runs. A variant that fails is recorded, not fatal."""
+    from ..features.extract import extract_features
+
+    runs = []
+    for decode, w, b, overlap in variants:
+        rates = []
+        try:
+            for r in range(repeats):
+                t = time.perf_counter()
+                feats, ok, info = extract_features(samples, backbone, size=prep.size, net=net, weights_id=wid,
+                                                   cache_dir=tmp / f"cache-{decode}-{w}-{b}-{overlap}-{r}",
+                                                   device=device, workers=w, batch_size=b, decode=decode,
+                                                   overlap=overlap, progress=False)
+                rates.append(round(int(ok.sum()) / (time.perf_counter() - t), 1))
+        except Exception as e:  # one variant failing must not lose the others' figures
+            runs.append({"decode": decode, "workers": w, "batch_size": b, "overlap": overlap,
+                         "error": f"{type(e).__name__}: {e}"})
+            log.warning("extract %s", runs[-1])
+            continue
+        runs.append({"decode": decode, "workers": w, "batch_size": b, "overlap": overlap, "images": int(ok.sum()),
+                     "images_per_s": round(statistics.median(rates), 1), "runs": rates, "engine": info["engine"],
+                     "decoded_on_gpu": info.get("decoded_on_gpu"), "decoded_on_cpu": info.get("decoded_on_cpu")})
+        log.info("extract %s", runs[-1])
+    return runs
 
 
 def run(backbone: str = "efficientnet_lite0", size: int | None = None, batches=(256, 512, 1024),
@@ -95,7 +125,6 @@ def run(backbone: str = "efficientnet_lite0", size: int | None = None, batches=(
 
     if not torch.cuda.is_available():
         return "gpu: skipped (no CUDA device)", None
-    from ..features.extract import extract_features
     from ..nets.backbones import default_preprocess
     from ..runtime import cpu_count
 
@@ -142,27 +171,7 @@ def run(backbone: str = "efficientnet_lite0", size: int | None = None, batches=(
                     ("gpu", threads, 256, True), ("gpu", threads, 512, True)]
         if workers is not None:
             variants = [(d, workers, b, o) for d, _, b, o in variants]
-        runs = []
-        for decode, w, b, overlap in variants:
-            rates = []
-            try:
-                for r in range(repeats):
-                    t = time.perf_counter()
-                    feats, ok, info = extract_features(samples, backbone, size=prep.size, net=fp32, weights_id=wid,
-                                                       cache_dir=Path(tmp) / f"cache-{decode}-{b}-{overlap}-{r}",
-                                                       device="cuda", workers=w, batch_size=b, decode=decode,
-                                                       overlap=overlap, progress=False)
-                    dt = time.perf_counter() - t
-                    rates.append(round(int(ok.sum()) / dt, 1))
-            except Exception as e:  # one variant failing must not lose the others' figures
-                runs.append({"decode": decode, "workers": w, "batch_size": b, "overlap": overlap,
-                             "error": f"{type(e).__name__}: {e}"})
-                log.warning("extract %s", runs[-1])
-                continue
-            runs.append({"decode": decode, "workers": w, "batch_size": b, "overlap": overlap, "images": int(ok.sum()),
-                         "images_per_s": round(statistics.median(rates), 1), "runs": rates, "engine": info["engine"],
-                         "decoded_on_gpu": info.get("decoded_on_gpu"), "decoded_on_cpu": info.get("decoded_on_cpu")})
-            log.info("extract %s", runs[-1])
+        runs = time_variants(samples, backbone, prep, fp32, wid, variants, repeats, Path(tmp))
     best = max(runs, key=lambda r: r.get("images_per_s", 0.0))
     res["extract_variants"] = runs
     res["extract_end_to_end"] = {**best, "ratio_to_fp32_forward":
