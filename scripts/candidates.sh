@@ -34,13 +34,17 @@ step lp-clahe-128 $P train "$M" --out "$R/lp-clahe-128" --intensity clahe --size
 step lpft-gce-drop-128 $P finetune "$M" --out "$R/lpft-gce-drop-128" --size 128 $LPFT $AUG --epochs 8 --seed 0 \
   --init-from "$R/lp-clahe-128" --loss gce --drop-noisy 0.05 --mixup 0.2
 # 6. self-supervised features: SimCLR on the training X-rays (a GPU job: 132 s for 60 epochs on one H200),
-#    then a linear probe on them and LP-FT from that probe with the recipe above (SSL=0 skips these three)
+#    then a linear probe on them, LP-FT from that probe with the recipe above (3 seeds) and their uniform soup
+#    (SSL=0 skips these)
 if [ "${SSL:-1}" = 1 ]; then
   step ssl-160 $P pretrain "$M" --out "$R/ssl-160" --size 160 --intensity clahe --epochs 60
   step ssl-lp-clahe-160 $P train "$M" --out "$R/ssl-lp-clahe-160" --weights "$R/ssl-160/backbone.safetensors" \
     --size 160 --intensity clahe
-  step ssl-lpft-clahe-160 $P finetune "$M" --out "$R/ssl-lpft-clahe-160" --size 160 $LPFT $AUG --epochs 6 --seed 0 \
-    --init-from "$R/ssl-lp-clahe-160"
+  for s in 0 1 2; do
+    step ssl-lpft-clahe-160-s$s $P finetune "$M" --out "$R/ssl-lpft-clahe-160-s$s" --size 160 $LPFT $AUG --epochs 6 \
+      --seed $s --init-from "$R/ssl-lp-clahe-160"
+  done
+  step soup-ssl-lpft-clahe-160 $P soup "$R"/ssl-lpft-clahe-160-s{0,1,2} --out "$R/soup-ssl-lpft-clahe-160"
 fi
 # 7. the shipped default (candidates/soup-shipped) is made by scripts/make_default_model.sh (fine-tuned on a GPU:
 #    about 50 s per member on one H200)
