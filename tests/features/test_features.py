@@ -73,11 +73,8 @@ def test_changed_and_added_files_are_recomputed(data, tmp_path):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_interrupted_run_resumes(data, tmp_path, monkeypatch, overlap):
-    if overlap:  # the GPU path's writer thread, run on the CPU: features come back as unfinished tensors
-        import pneumoscan.features.engines as engines
-
-        monkeypatch.setattr(engines, "CPU_CHUNK", 0)
+def test_interrupted_run_resumes(data, tmp_path, overlap):
+    # overlap: the GPU path's writer thread, run on the CPU (features handed over as tensors)
     m = index_dataset(data, val_fraction=0.25)
     with pytest.raises(RuntimeError, match="simulated interruption"):
         _extract(m.samples, tmp_path / "c", Counting(fail_after=1), batch_size=4, overlap=overlap)

@@ -125,8 +125,8 @@ def run(backbone: str = "efficientnet_lite0", size: int | None = None, batches=(
 
     if not torch.cuda.is_available():
         return "gpu: skipped (no CUDA device)", None
+    from ..features.extract import default_workers
     from ..nets.backbones import default_preprocess
-    from ..runtime import cpu_count
 
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -152,7 +152,6 @@ def run(backbone: str = "efficientnet_lite0", size: int | None = None, batches=(
     res["latency_bf16_batch1"] = percentiles(time_calls(one, 200, 20))
     # end to end through the real extraction path (fp32 features, as cached), decode included
     fp32 = net.float().cuda().eval()
-    cores = cpu_count()
     with tempfile.TemporaryDirectory(prefix="pneumoscan-bench-gpu-") as tmp:
         t = time.perf_counter()
         real = dataset_samples(data) if data else []
@@ -165,7 +164,7 @@ def run(backbone: str = "efficientnet_lite0", size: int | None = None, batches=(
             res["decode_agreement"] = decode_agreement(samples[:1024], fp32, prep)
         except Exception as e:  # recorded, and the timings still run
             res["decode_agreement"] = {"error": f"{type(e).__name__}: {e}"}
-        threads, procs = min(8, cores), max(1, min(14, cores - 2))
+        threads, procs = default_workers("cuda", "torch", "gpu"), default_workers("cuda", "torch", "cpu")
         # (decode, workers, batch, overlap): the defaults, then one change at a time
         variants = [("cpu", procs, 256, True), ("cpu", procs, 256, False), ("cpu", procs, 512, True),
                     ("gpu", threads, 256, True), ("gpu", threads, 512, True)]

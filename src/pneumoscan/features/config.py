@@ -15,6 +15,7 @@ DECODERS = ("cpu", "gpu")
 CPU_BATCH = 64  # images per batch on a CPU (ONNX Runtime runs it in chunks of 16)
 GPU_BATCH = 256  # images per batch on a GPU (256 and 512 tie on an H200)
 GPU_MAX_WORKERS = 14  # decoding workers on a GPU machine: its cores less two, at most this many
+GPU_READ_THREADS = 8  # with --decode gpu: file-reading threads (at most this many, at least 2)
 OVERLAP_DEPTH = 2  # on a GPU: batches whose copy back and cache shard may still be in flight
 ONNX_MIN_IMAGES = 128  # "auto" exports only for at least this many images (export costs seconds)
 

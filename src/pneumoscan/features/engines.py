@@ -39,24 +39,25 @@ class TorchEngine:
         self.chunk = CPU_CHUNK if self.device.type == "cpu" else None
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
+        return self.forward(x).cpu().numpy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 features of a normalised batch, left where they were computed (on a GPU, possibly
+        still being computed: whoever copies them back waits for them)."""
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             parts = x.split(self.chunk) if self.chunk else (x,)
-            return torch.cat([self.net(p).float() for p in parts]).cpu().numpy()
+            return torch.cat([self.net(p).float() for p in parts])
 
     def encode(self, batch_u8: torch.Tensor, prep: PreprocessConfig) -> np.ndarray:
         """Features of a uint8 (N, S, S) batch: on a GPU the uint8 batch travels (4x fewer bytes,
         pinned, async) and is normalised there."""
-        return self(normalize_batch(batch_u8.to(self.device, non_blocking=True), prep))
+        return self.encode_async(batch_u8, prep).cpu().numpy()
 
     def encode_async(self, batch_u8: torch.Tensor, prep: PreprocessConfig) -> torch.Tensor:
-        """As :meth:`encode`, but the features stay on the device, still being computed: whoever
-        copies them back waits for them (a writer thread, while this thread queues the next batch)."""
-        if self.chunk:  # a CPU: nothing runs ahead
-            return torch.from_numpy(self.encode(batch_u8, prep))
-        x = normalize_batch(batch_u8.to(self.device, non_blocking=True), prep)
-        with torch.inference_mode():
-            return self.net(x.contiguous(memory_format=torch.channels_last))
+        """As :meth:`encode`, without waiting: the features stay on the device (a writer thread copies
+        them back while this thread queues the next batch)."""
+        return self.forward(normalize_batch(batch_u8.to(self.device, non_blocking=True), prep))
 
 
 class OnnxEngine:

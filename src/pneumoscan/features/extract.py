@@ -27,7 +27,7 @@ from ..preprocess import Preprocess, PreprocessConfig
 from ..runtime import cpu_count
 from . import gpu_decode
 from .cache import FeatureCache, default_cache_dir
-from .config import CPU_BATCH, DECODERS, GPU_BATCH, GPU_MAX_WORKERS, OVERLAP_DEPTH
+from .config import CPU_BATCH, DECODERS, GPU_BATCH, GPU_MAX_WORKERS, GPU_READ_THREADS, OVERLAP_DEPTH
 from .engines import make_engine
 
 log = logging.getLogger(__name__)
@@ -159,27 +159,31 @@ def _todo(samples, cached: dict) -> list[int]:
     return [i for i, s in enumerate(samples) if s.sha1 not in cached and seen.setdefault(s.sha1, i) == i]
 
 
+def default_workers(device_type: str, engine: str, decode: str) -> int:
+    """Decoding worker processes (with ``decode`` "gpu": file-reading threads) when none are given."""
+    if decode == "gpu":
+        return min(GPU_READ_THREADS, max(2, cpu_count()))
+    if device_type == "cuda":  # measured (bench gpu): decoding is the bottleneck, every core but two decodes
+        return max(2, min(GPU_MAX_WORKERS, cpu_count() - 2))
+    # measured (bench extract --compare): with ONNX Runtime, decoding in-process costs the least
+    # CPU per image (decode is ~2 ms of ~50); extra processes only contend with its threads
+    return 0 if engine == "onnx" else min(2, cpu_count())
+
+
 def _batches(samples, todo, run, prep, batch_size, workers, info, on_gpu):
     """(indices into ``todo``, uint8 batch, failures) from CPU decoding workers or from nvJPEG."""
     paths = [samples[i].path for i in todo]
-    if on_gpu:
-        threads = workers if workers is not None else min(8, max(2, cpu_count()))
-        info["workers"], info["decode"] = threads, "gpu"
+    if workers is None:
+        workers = default_workers(run.device.type, run.name, "gpu" if on_gpu else "cpu")
+    info["workers"], info["decode"] = workers, "gpu" if on_gpu else "cpu"
+    if on_gpu:  # workers: file-reading threads
         dec = gpu_decode.GpuDecoder(prep, run.device, paths)
-        for items in gpu_decode.read_batches(paths, batch_size, threads):
+        for items in gpu_decode.read_batches(paths, batch_size, workers):
             yield dec(items)
         info["decoded_on_gpu"], info["decoded_on_cpu"] = dec.on_gpu, dec.on_cpu
         return
-    pin = run.device.type == "cuda"
-    if workers is None:
-        # measured (bench extract --compare): with ONNX Runtime, decoding in-process costs the least
-        # CPU per image (decode is ~2 ms of ~50); extra processes only contend with its threads.
-        # On a GPU (bench gpu) decoding is the bottleneck: every core but two decodes.
-        workers = (max(2, min(GPU_MAX_WORKERS, cpu_count() - 2)) if pin
-                   else 0 if run.name == "onnx" else min(2, cpu_count()))
-    info["workers"], info["decode"] = workers, "cpu"
     yield from DataLoader(ImageFiles(paths, prep), batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                          pin_memory=pin, worker_init_fn=_worker_init if workers else None,
+                          pin_memory=run.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
                           persistent_workers=False, prefetch_factor=2 if workers else None)
 
 

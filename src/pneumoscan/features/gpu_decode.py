@@ -75,13 +75,11 @@ def read_batches(paths: Sequence[str], batch_size: int, threads: int, ahead: int
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="pneumoscan-read") as pool:
         pending: deque = deque()
 
-        def submit() -> bool:
+        def submit() -> None:
             s = next(starts, None)
-            if s is None:
-                return False
-            idx = range(s, min(s + batch_size, len(paths)))
-            pending.append((idx, [pool.submit(_read, paths[i]) for i in idx]))
-            return True
+            if s is not None:
+                idx = range(s, min(s + batch_size, len(paths)))
+                pending.append((idx, [pool.submit(_read, paths[i]) for i in idx]))
 
         for _ in range(ahead):
             submit()
@@ -107,10 +105,8 @@ class GpuDecoder:
     def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor, list]:
         bad = [(i, err) for i, data, err, _ in items if data is None]
         jpeg = [(i, d) for i, d, _, gpu in items if d is not None and gpu]
-        cpu = [(i, d) for i, d, _, gpu in items if d is not None and not gpu]
-        images: dict[int, torch.Tensor] = {}
-        for i, img in self._gpu(jpeg, cpu):
-            images[i] = img
+        images, refused = self._gpu(jpeg)
+        cpu = [(i, d) for i, d, _, gpu in items if d is not None and not gpu] + refused
         for i, d in cpu:
             try:
                 images[i] = self._cpu(i, d)
@@ -123,27 +119,24 @@ class GpuDecoder:
             x = torch.from_numpy(self._pre.intensity_batch(x.cpu().numpy())).to(self.device)
         return torch.tensor(order, dtype=torch.long), x, bad
 
-    def _gpu(self, jpeg: list, cpu: list):
-        """nvJPEG on the whole batch; a batch it refuses is retried file by file, and a file it
-        refuses goes to the CPU decoder (which names what is wrong with it)."""
+    def _gpu(self, jpeg: list) -> tuple[dict[int, torch.Tensor], list]:
+        """nvJPEG on the whole batch: the resized images by index, and the files it refused (for the CPU
+        decoder, which names what is wrong with them); a batch it refuses is retried file by file."""
         if not jpeg:
-            return
+            return {}, []
         datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for _, d in jpeg]
         try:
             out = self._decode(datas, mode=self._gray, device=self.device)
         except RuntimeError:
             out = []
-            for (i, d), t in zip(jpeg, datas):
+            for t in datas:
                 try:
                     out.append(self._decode(t, mode=self._gray, device=self.device))
                 except RuntimeError:
                     out.append(None)
-        for (i, d), img in zip(jpeg, out):
-            if img is None:
-                cpu.append((i, d))
-            else:
-                self.on_gpu += 1
-                yield i, self._resize(img)
+        images = {i: self._resize(img) for (i, _), img in zip(jpeg, out) if img is not None}
+        self.on_gpu += len(images)
+        return images, [(i, d) for (i, d), img in zip(jpeg, out) if img is None]
 
     def _resize(self, img: torch.Tensor) -> torch.Tensor:
         """(1, H, W) uint8 -> (S, S) uint8. Shrinking is OpenCV's INTER_AREA as two matrix products (the
