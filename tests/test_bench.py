@@ -2,6 +2,7 @@
 ONNX Runtime extraction engine that the suite justified (same features as PyTorch)."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -113,6 +114,27 @@ def test_cli_gpu_skips_cleanly_and_summary(tmp_path, capsys):
     assert not (tmp_path / "gpu.json").exists()
     summary = (tmp_path / "SUMMARY.md").read_text()
     assert "p50 9.0 ms" in summary and "| yes |" in summary
+
+
+@pytest.mark.parametrize("argv, extract_repeats, gpu_repeats", [([], 3, 2), (["--repeats", "5"], 5, 5)])
+def test_cli_repeats_reach_each_benchmark(argv, extract_repeats, gpu_repeats, tmp_path, monkeypatch):
+    # --repeats is honoured by every benchmark that repeats runs; without it each keeps its own default
+    import pneumoscan.bench.extract as bx
+    import pneumoscan.bench.gpu as bg
+
+    seen = {}
+
+    def fake(name, default):
+        def run(*a, repeats=default, **kw):
+            seen[name] = repeats
+            return name, None
+        return run
+
+    monkeypatch.setattr(bx, "run", fake("extract", inspect.signature(bx.run).parameters["repeats"].default))
+    monkeypatch.setattr(bg, "run", fake("gpu", inspect.signature(bg.run).parameters["repeats"].default))
+    for which in ("extract", "gpu"):
+        assert main(["bench", which, "--out", str(tmp_path), *argv]) == 0
+    assert seen == {"extract": extract_repeats, "gpu": gpu_repeats}
 
 
 def test_summary_reads_the_memory_scan_and_the_newest_explain_result(tmp_path):

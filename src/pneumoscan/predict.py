@@ -400,13 +400,15 @@ class Predictor:
         return self.pre(x.pixels)
 
     def result(self, path: str, p: np.ndarray, reasons: Sequence[str] = (), warnings: Sequence[str] = (),
-               features: np.ndarray | None = None) -> Prediction:
+               features: np.ndarray | None = None, score: float | None = None) -> Prediction:
         """The gate and the decision for one image's calibrated probabilities ``p``: ``reasons`` from the
-        image checks, the out-of-distribution score from its pooled ``features``."""
+        image checks, the out-of-distribution ``score`` (a batch's scores come from one call of ``ood.score``) or
+        the pooled ``features`` it is computed from."""
         reasons = list(reasons)
-        score = None
-        if self.ood is not None and features is not None:
-            score = float(self.ood.score(features[None])[0])
+        if score is None and features is not None and self.ood is not None:
+            score = self.ood.score(features[None])[0]
+        if score is not None:
+            score = float(score)
             if score > self.ood_threshold:
                 reasons.append(f"its features are unlike the training X-rays (out-of-distribution score {score:.2f} "
                                f"> {self.ood_threshold:.2f})")
@@ -482,6 +484,8 @@ class Predictor:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
+        size = self.prep_cfg.size
+        buf = np.empty((min(batch_size, len(paths)), 3, size, size), np.float32)  # every batch's input, in turn
         try:
             for start in range(0, len(paths), batch_size):
                 chunk = paths[start:start + batch_size]
@@ -492,11 +496,12 @@ class Predictor:
                     except ImageError as e:
                         errors.append((str(p), str(e)))
                         continue
-                    xs.append(self.pre.array(x.pixels))
+                    xs.append(self.pre.resize(x.pixels))
                     names.append(str(p))
                     screens.append(self.screen(x))
-                if xs:
-                    probs, feats = self.forward(np.stack(xs), features=features)
+                if xs:  # normalised once per batch, from uint8, into the same buffer each time
+                    probs, feats = self.forward(self.pre.normalize_np(np.stack(xs), out=buf[:len(xs)]),
+                                                features=features)
                     yield names, probs, feats, screens
                 bar.update(len(chunk))
         finally:
@@ -508,8 +513,9 @@ class Predictor:
         preds: list[Prediction] = []
         errors: list[tuple[str, str]] = []
         for names, probs, feats, screens in self._batches(paths, batch_size, progress, errors, self.ood is not None):
-            for i, (n, (reasons, warns)) in enumerate(zip(names, screens)):
-                preds.append(self.result(n, probs[i], reasons, warns, None if feats is None else feats[i]))
+            scores = self.ood.score(feats) if self.ood is not None and feats is not None else [None] * len(names)
+            for n, pr, (reasons, warns), score in zip(names, probs, screens, scores):
+                preds.append(self.result(n, pr, reasons, warns, score=score))
         return preds, errors
 
     def arrays(self, paths: Sequence[str | os.PathLike], batch_size: int = 32, progress: bool = False,

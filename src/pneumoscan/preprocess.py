@@ -94,10 +94,16 @@ class Preprocess:
             return batch
         return np.stack([self.intensity(np.ascontiguousarray(b)) for b in batch])
 
-    def normalize_np(self, resized: np.ndarray) -> np.ndarray:
+    def normalize_np(self, resized: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 ``size x size`` -> normalised float32 array (3, size, size) of identical channels;
-        a uint8 batch (N, size, size) -> (N, 3, size, size)."""
-        return np.ascontiguousarray((resized.astype(np.float32)[..., None, :, :] - self._mean) * self._inv_std)
+        a uint8 batch (N, size, size) -> (N, 3, size, size). ``out``: a float32 array of that shape to
+        write into (a batch buffer used again: a new 38 MB batch costs its page faults every time)."""
+        x = resized.astype(np.float32)[..., None, :, :]
+        if out is None:
+            return np.ascontiguousarray((x - self._mean) * self._inv_std)
+        np.subtract(x, self._mean, out=out)
+        out *= self._inv_std
+        return out
 
     def normalize(self, resized: np.ndarray) -> "torch.Tensor":
         """As :meth:`normalize_np`, as a torch tensor."""

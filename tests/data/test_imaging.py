@@ -181,6 +181,42 @@ def test_tinted_jpeg_luma_decode_within_a_few_levels():
     assert diff.max() <= 6 and (diff > 0).mean() < 0.05  # noisier than a film: real films 4 levels, 0.2 %
 
 
+def rgb_reference(data: bytes, size_hint: int | None) -> tuple[np.ndarray, float]:
+    """What the served decoder promises for a colour-mode JPEG: libjpeg's RGB, its grey conversion, the
+    colourfulness by its definition, EXIF orientation applied."""
+    from PIL import ImageOps
+
+    im = Image.open(io.BytesIO(data))
+    if size_hint:
+        im.draft("RGB", (size_hint, size_hint))
+    im = ImageOps.exif_transpose(im)
+    g = np.asarray(im.convert("L"))
+    return g, float(np.abs(np.asarray(im).astype(np.int16) - g[..., None]).mean())
+
+
+@pytest.mark.parametrize("size_hint", [None, 64])
+@pytest.mark.parametrize("tint", [0.0, 0.08, 0.5])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_served_rgb_jpeg_decode_equals_libjpeg_rgb(size_hint, tint, orientation, monkeypatch):
+    # the served path decodes Y, Cb, Cr unconverted and uses Y where the chroma is exactly 128, else
+    # decodes again as RGB: pixels and colourfulness must be those of the RGB decode in every case
+    import pneumoscan.data.imaging as imaging
+
+    g = film().astype(float)
+    rgb = np.clip(np.stack([g * (1 + tint), g, g * (1 - tint)], -1), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    d = encode(Image.fromarray(rgb), "JPEG", exif=exif.tobytes())
+    reopened = []
+    real = imaging._reopen_rgb
+    monkeypatch.setattr(imaging, "_reopen_rgb", lambda *a: reopened.append(1) or real(*a))
+    x = load_xray(d, size_hint=size_hint)
+    want, colour = rgb_reference(d, size_hint)
+    assert x.mode == "RGB" and x.pixels.shape == want.shape and np.array_equal(x.pixels, want)
+    assert x.colorfulness == pytest.approx(colour, abs=1e-9)
+    assert bool(reopened) == (tint > 0)  # a grey film is decoded once
+
+
 def test_large_jpeg_drafted_but_size_reported():
     im = Image.fromarray(np.tile(np.linspace(0, 255, 1200).astype(np.uint8), (1000, 1)))
     x = load_xray(encode(im, "JPEG"), size_hint=224)

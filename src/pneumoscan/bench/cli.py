@@ -25,7 +25,8 @@ class BenchConfig:
     compare: bool = False  # extract: time every engine x workers variant
     workers: int | None = None  # decoding workers (default: the pipeline's choice)
     batch_size: int = 64  # extraction batch size
-    repeats: int = 3  # extract: runs per variant, the median reported
+    repeats: int | None = None  # extract, gpu: runs per variant, the median reported (none: each benchmark's
+    # own default, 3 for extract, 2 for gpu, whose runs spend lent device time)
     memory_scan: tuple[int, ...] | None = None  # extract: also the peak memory at these image counts, e.g. 256,1024,5216
     iters: int = 200  # latency: timed calls per variant
     limit: int | None = None  # pipeline: use every k-th image, this many in all
@@ -37,7 +38,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         from ..errors import ConfigError
 
-        if self.images < 1 or self.iters < 1 or self.repeats < 1 or (self.limit is not None and self.limit < 2):
+        if self.images < 1 or self.iters < 1 or (self.repeats is not None and self.repeats < 1) or (self.limit is not None and self.limit < 2):
             raise ConfigError("--images, --iters and --repeats must be at least 1, --limit at least 2")
         if self.memory_scan is not None and min(self.memory_scan) < 1:
             raise ConfigError(f"--memory-scan {self.memory_scan}: give image counts like 256,1024,5216")
@@ -67,12 +68,13 @@ def run(args) -> int:
     which = ["extract", "latency", "gpu"] if args.which == "all" else [args.which]
     pretrained = cfg.pretrained
     backbones = list(cfg.backbone)
+    repeats = {} if cfg.repeats is None else {"repeats": cfg.repeats}
     for name in which:
         if name == "extract":
             from .extract import run as bench
             line, path = bench(backbones, list(cfg.size), cfg.images, args.data, cfg.image_px,
                                cfg.compare, cfg.batch_size, cfg.workers, pretrained, out_dir=args.out,
-                               repeats=cfg.repeats, memory_counts=counts)
+                               memory_counts=counts, **repeats)
         elif name == "latency":
             from .latency import run as bench
             line, path = bench(args.model, backbones[0], cfg.iters, pretrained=pretrained, out_dir=args.out)
@@ -87,8 +89,7 @@ def run(args) -> int:
             from .gpu import run as bench
             data = (shared_data_dir() if args.data == "shared" else args.data) or None
             line, path = bench(backbones[0], cfg.size[0], workers=cfg.workers, pretrained=pretrained,
-                               compile=cfg.compile, out_dir=args.out, images=cfg.gpu_images, data=data,
-                               repeats=min(cfg.repeats, 2))
+                               compile=cfg.compile, out_dir=args.out, images=cfg.gpu_images, data=data, **repeats)
         else:
             line, path = "summary", None
         print(line, flush=True)
