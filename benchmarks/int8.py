@@ -8,7 +8,9 @@ For a model directory with an fp32 export (default: a copy of the shipped model,
 2. times, alternating between variants in each of ``--repeats`` rounds (a drift of the machine hits all):
    - eager PyTorch (channels_last, ``inference_mode``) of the same network: baseline 1;
    - ONNX Runtime's bare forward of the fp32 graph (``logits`` + ``features``): baseline 2;
-   - the INT8 graphs in ONNX Runtime; the fp32 and both INT8 graphs in OpenVINO's CPU runtime;
+   - the INT8 graphs in ONNX Runtime; the fp32 and both INT8 graphs in OpenVINO's CPU runtime, and the fp32 graph
+     computed in bfloat16 by OpenVINO where the CPU has the instructions (with its class agreement with ONNX
+     Runtime's fp32 on the validation split);
    - end to end, as pneumoscan extracts (JPEG files -> decode -> preprocess -> forward, ``Predictor.arrays``),
      fp32 and INT8 (ONNX Runtime's quantiser, the export's default);
    all at batch ``--batch`` on ``--threads`` threads, images/s, median over rounds;
@@ -69,15 +71,22 @@ def ort_runner(path: Path, threads: int, parallel: bool = False):
     return lambda x: s.run(names, {"input": x})
 
 
-def openvino_runner(path: Path, threads: int):
+def openvino_runner(path: Path, threads: int, precision: str = "f32"):
+    """OpenVINO's CPU runtime on ``path``; ``precision`` "bf16" lets it compute in bfloat16 where the CPU has
+    the instructions (AVX-512 BF16, AMX), "f32" keeps fp32 arithmetic."""
     import openvino as ov
 
     core = ov.Core()
     compiled = core.compile_model(core.read_model(str(path)), "CPU",
-                                  {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+                                  {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                                   "INFERENCE_PRECISION_HINT": precision})
     request = compiled.create_infer_request()
     outs = [o for o in compiled.outputs if o.get_any_name() in OUTPUTS]
-    return lambda x: [request.infer({"input": x})[o] for o in outs]
+
+    def run(x):
+        res = request.infer({"input": x})  # one inference, every output (not one inference per output)
+        return [res[o] for o in outs]
+    return run
 
 
 def torch_runner(model: Path, threads: int):
@@ -92,6 +101,23 @@ def torch_runner(model: Path, threads: int):
         with torch.inference_mode():
             return net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
     return run
+
+
+def same_class(fn, ref, paths: list[str], pre: Preprocess, batch: int) -> dict:
+    """How closely ``fn`` follows ``ref`` on ``paths``: the share of images with the same arg-max class, and the
+    mean and largest absolute change of a softmax probability (raw logits, before any calibration)."""
+    from pneumoscan.data.imaging import load_xray
+
+    a, b = [], []
+    for i in range(0, len(paths), batch):
+        x = np.stack([pre.array(load_xray(p, size_hint=pre.cfg.size, colour=False).pixels) for p in paths[i:i + batch]])
+        a.append(np.asarray(fn(x)[0]))
+        b.append(np.asarray(ref(x)[0]))
+    pa, pb = (np.exp(z - z.max(1, keepdims=True)) for z in (np.concatenate(a), np.concatenate(b)))
+    pa, pb = pa / pa.sum(1, keepdims=True), pb / pb.sum(1, keepdims=True)
+    d = np.abs(pa - pb)
+    return {"images": len(pa), "same_class": float((pa.argmax(1) == pb.argmax(1)).mean()),
+            "mean_abs_prob_diff": float(d.mean()), "max_abs_prob_diff": float(d.max())}
 
 
 def throughput(fn, x: np.ndarray, batches: int) -> float:
@@ -161,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
             runners["openvino_fp32"] = openvino_runner(graphs["fp32"], args.threads)
             runners["openvino_int8_ort"] = openvino_runner(graphs["int8_ort"], args.threads)
             runners["openvino_int8_nncf"] = openvino_runner(graphs["int8_nncf"], args.threads)
+            if "BF16" in __import__("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                runners["openvino_fp32_graph_bf16"] = openvino_runner(graphs["fp32"], args.threads, "bf16")
         except ImportError:
             print("openvino is not installed (pip install 'pneumoscan[bench]'): its figures are skipped")
+        agreement = {k: same_class(runners[k], runners["ort_fp32"], plan.val.paths, pre, args.batch)
+                     for k in runners if k.startswith("openvino_fp32_graph_")}  # reduced arithmetic, not quantised
         files = (plan.val.paths * 2)[: args.e2e_images]
         rounds: dict[str, list[float]] = {k: [] for k in [*runners, "e2e_fp32", "e2e_int8"]}
         vnni = None  # precision is passed explicitly below; the flags are only read for the log
@@ -191,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
                "calibration_images": len(plan.calibration), "quantise_and_gate_seconds": made,
                "gates": gates, "images_per_s_median": med, "images_per_s_rounds": rounds, "ratios": ratios,
-               "single_image_latency": lat, "e2e_images": len(files)}
+               "single_image_latency": lat, "e2e_images": len(files), "agreement_with_ort_fp32": agreement}
         path = write_result("int8", doc, args.out)
     print(f"medians (img/s): {med}")
     print(f"ratios: {ratios}")
