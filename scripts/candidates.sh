@@ -23,6 +23,7 @@ for s in 0 1 2; do
 done
 # 3. a uniform soup of the three (one network) and WiSE-FT halfway between the probe and the soup
 step soup-lpft-clahe-160 $P soup "$R"/lpft-clahe-160-s{0,1,2} --out "$R/soup-lpft-clahe-160"
+# (WiSE-FT: a candidate until the seventh session)
 step wise-clahe-160 $P soup "$R/lp-clahe-160" "$R/soup-lpft-clahe-160" --coefficients 0.5,0.5 --out "$R/wise-clahe-160"
 # 4. cross-architecture frozen probes at 224 px and their ensemble
 step lp-clahe-224 $P train "$M" --out "$R/lp-clahe-224" --intensity clahe
@@ -35,7 +36,7 @@ step lpft-gce-drop-128 $P finetune "$M" --out "$R/lpft-gce-drop-128" --size 128 
   --init-from "$R/lp-clahe-128" --loss gce --drop-noisy 0.05 --mixup 0.2
 # 6. self-supervised features: SimCLR on the training X-rays (a GPU job: 132 s for 60 epochs on one H200),
 #    then a linear probe on them, LP-FT from that probe with the recipe above (3 seeds) and their uniform soup
-#    (SSL=0 skips these)
+#    (SSL=0 skips these), and that soup in an ensemble with the ImageNet one
 if [ "${SSL:-1}" = 1 ]; then
   step ssl-160 $P pretrain "$M" --out "$R/ssl-160" --size 160 --intensity clahe --epochs 60
   step ssl-lp-clahe-160 $P train "$M" --out "$R/ssl-lp-clahe-160" --weights "$R/ssl-160/backbone.safetensors" \
@@ -45,6 +46,9 @@ if [ "${SSL:-1}" = 1 ]; then
       --seed $s --init-from "$R/ssl-lp-clahe-160"
   done
   step soup-ssl-lpft-clahe-160 $P soup "$R"/ssl-lpft-clahe-160-s{0,1,2} --out "$R/soup-ssl-lpft-clahe-160"
+  # the two soups, ImageNet features and SimCLR features, as one ensemble (different features, different errors)
+  step ens-soups-ssl-imagenet-160 $P ensemble "$R/soup-lpft-clahe-160" "$R/soup-ssl-lpft-clahe-160" \
+    --out "$R/ens-soups-ssl-imagenet-160"
 fi
 # 7. the shipped default (candidates/soup-shipped) is made by scripts/make_default_model.sh (fine-tuned on a GPU:
 #    about 50 s per member on one H200)
