@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pneumoscan.bench import result_file
 from pneumoscan.data.imaging import XRay
+from pneumoscan.errors import ConfigError
 from pneumoscan.explain.explainer import Explainer
 from pneumoscan.explain.figures import explain_overlay_png
 from pneumoscan.predict import Predictor
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def lite0_model_dir(root: Path) -> Path:
@@ -109,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--engines", default="incremental,onnx",
                     help="occlusion engines to time, comma-separated (runs alternate between them)")
-    ap.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/explain-<date>-<cpus>cpu.json)")
+    ap.add_argument("--out", default=None, help="result JSON, or a folder for the default name (default: benchmarks/results/explain-<date>-<cpus>cpu.json)")
     args = ap.parse_args(argv)
+    try:  # checked before minutes of timing
+        out = result_file(args.out, f"explain-{dt.date.today().isoformat()}-{machine()['usable_cpus']}cpu.json")
+    except ConfigError as e:
+        ap.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     info = {"benchmark": "explain", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -161,9 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         print("overlay png", results["explain_overlay_png_gradcam"], flush=True)
     info["results"] = results
     info["machine"]["loadavg_1_5_15_after"] = list(os.getloadavg())
-    out = Path(args.out) if args.out else RESULTS / (
-        f"explain-{dt.date.today().isoformat()}-{info['machine']['usable_cpus']}cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(f".{out.name}.tmp")
     tmp_out.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp_out, out)

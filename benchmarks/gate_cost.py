@@ -26,6 +26,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gate-cost.json"))
     args = ap.parse_args()
+    from pneumoscan.bench import result_file
+    from pneumoscan.errors import ConfigError
+
+    try:  # checked before the timing
+        out_path = result_file(args.out, "gate-cost.json")
+    except ConfigError as e:
+        ap.error(str(e))
 
     from pneumoscan.data.splits import validation_set
     from pneumoscan.predict import Predictor
@@ -60,8 +67,7 @@ def main() -> None:
     out = {"model": pred.model_id, "n": len(blobs), "threads": args.threads, "machine": platform.processor() or
            platform.machine(), "median_ms_network_only": round(a, 3), "median_ms_with_gate": round(g, 3),
            "overhead": round(g / a - 1, 4), "target": "overhead < 0.10"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

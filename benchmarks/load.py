@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", default="aiohttp", choices=sorted(CLIENTS),
                     help="HTTP client library of the load (default aiohttp; httpx: the first harness, ~15x its CPU per request)")
     ap.add_argument("--tag", default="", help="suffix of the default JSON name (e.g. baseline)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/load-....json)")
+    ap.add_argument("--out", default=None, help="JSON file, or a folder for the default name (default benchmarks/results/load-....json)")
     args = ap.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.client == "aiohttp" and aiohttp is None:
@@ -369,6 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     bounded = [args.requests, args.single, args.requests_during]
     if not all(1 <= n <= MAX_REQUESTS for n in bounded) or not all(1 <= c <= 128 for c in args.clients):
         ap.error(f"request counts must be 1..{MAX_REQUESTS} and --clients 1..128")
+    name = (f"load-{'-'.join(map(str, args.clients))}c-{args.requests}{'-polite' if args.polite else ''}"
+            f"{'-' + args.tag if args.tag else ''}.json")
+    try:  # where the JSON goes, checked before minutes of load (an older checkout on PYTHONPATH may lack the helper)
+        from pneumoscan.bench import result_file
+        from pneumoscan.errors import ConfigError
+        out = result_file(args.out, name) if args.out else REPO / "benchmarks" / "results" / name
+    except ImportError:
+        out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / name
+    except ConfigError as e:
+        ap.error(str(e))
     images = load_images(args.images, 64)
     result = bench(args, images)
     try:  # the instruction set, as every other benchmark records it (an older checkout on PYTHONPATH may lack it)
@@ -387,9 +397,6 @@ def main(argv: list[str] | None = None) -> int:
                            "clients_wait_retry_after": args.polite, "client": args.client,
                            "images": f"{len(images)} x {'training JPEGs' if args.images else 'synthetic 224-px JPEGs'}"},
               "result": result}
-    name = (f"load-{'-'.join(map(str, args.clients))}c-{args.requests}{'-polite' if args.polite else ''}"
-            f"{'-' + args.tag if args.tag else ''}.json")
-    out = args.out or REPO / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'clients':>7} {'rps':>7} {'p50':>8} {'p95':>8} {'p99':>8}  outcomes")
