@@ -35,7 +35,6 @@ from pneumoscan.explain.figures import explain_overlay_png
 from pneumoscan.predict import Predictor
 
 
-
 def lite0_model_dir(root: Path) -> Path:
     """A Lite0 model directory with random weights (speed does not depend on the weights)."""
     from pneumoscan.nets.backbones import create_backbone, default_preprocess
@@ -110,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--engines", default="incremental,onnx",
                     help="occlusion engines to time, comma-separated (runs alternate between them)")
-    ap.add_argument("--out", default=None, help="result JSON, or a folder for the default name (default: benchmarks/results/explain-<date>-<cpus>cpu.json)")
+    ap.add_argument("--out", default=None, help="result JSON, or a folder for the default name "
+                                                "(default: benchmarks/results/explain-<date>-<cpus>cpu.json)")
     args = ap.parse_args(argv)
     try:  # checked before minutes of timing
         out = result_file(args.out, f"explain-{dt.date.today().isoformat()}-{machine()['usable_cpus']}cpu.json")

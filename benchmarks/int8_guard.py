@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("fp32", "int8_guarded"):
             it = iter(range(10 ** 9))
             pr = preds[k]
-            lat[k] = percentiles(time_calls(lambda: pr.predict_bytes(jpegs[next(it) % len(jpegs)]), args.latency_iters, 10))
+            lat[k] = percentiles(time_calls(lambda pr=pr, it=it: pr.predict_bytes(jpegs[next(it) % len(jpegs)]),
+                                            args.latency_iters, 10))
     same = {k: float(np.mean([a == b for a, b in zip(verdicts[k], verdicts["fp32"])])) for k in ("int8_guarded", "int8_alone")}
     doc = {"model": conf.get("model_id"), "images": len(files), "batch": args.batch, "threads": args.threads,
            "repeats": args.repeats, "images_per_s_median": med, "images_per_s_rounds": rounds,

@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", default="aiohttp", choices=sorted(CLIENTS),
                     help="HTTP client library of the load (default aiohttp; httpx: the first harness, ~15x its CPU per request)")
     ap.add_argument("--tag", default="", help="suffix of the default JSON name (e.g. baseline)")
-    ap.add_argument("--out", default=None, help="JSON file, or a folder for the default name (default benchmarks/results/load-....json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON file, or a folder for the default name (default benchmarks/results/load-....json)")
     args = ap.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.client == "aiohttp" and aiohttp is None:

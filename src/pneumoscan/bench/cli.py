@@ -38,7 +38,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         from ..errors import ConfigError
 
-        if self.images < 1 or self.iters < 1 or (self.repeats is not None and self.repeats < 1) or (self.limit is not None and self.limit < 2):
+        if (self.images < 1 or self.iters < 1 or (self.repeats is not None and self.repeats < 1)
+                or (self.limit is not None and self.limit < 2)):
             raise ConfigError("--images, --iters and --repeats must be at least 1, --limit at least 2")
         if self.memory_scan is not None and min(self.memory_scan) < 1:
             raise ConfigError(f"--memory-scan {self.memory_scan}: give image counts like 256,1024,5216")

@@ -64,8 +64,8 @@ class Info(BaseModel):
     precision: str | None = Field(None, description="fp32 or int8: the graph that runs (null while loading)")
     precision_reason: str | None = Field(None, description="why that precision (INT8 gate, CPU instruction set)")
     int8_guard: dict[str, int] | None = Field(None, description="with INT8 and its guard: images INT8 answered since "
-                                                               "the start, warm-up included (images) and of them run again in fp32 "
-                                                               "(fp32) because they lay near a decision boundary")
+                                                               "the start, warm-up included (images) and of them run again in "
+                                                               "fp32 (fp32) because they lay near a decision boundary")
     max_batch: int | None = Field(None, description="predictions run together in one batch at most")
     threshold: float | None = Field(description="operating point on P(pneumonia) (null while loading)")
     temperature: float | None = Field(None, description="temperature of the calibrated probabilities (1: none)")
