@@ -29,7 +29,7 @@ import torch
 
 from pneumoscan.bench import result_file
 from pneumoscan.data.imaging import XRay
-from pneumoscan.errors import ConfigError
+from pneumoscan.errors import PneumoscanError
 from pneumoscan.explain.explainer import Explainer
 from pneumoscan.explain.figures import explain_overlay_png
 from pneumoscan.predict import Predictor
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:  # checked before minutes of timing
         out = result_file(args.out, f"explain-{dt.date.today().isoformat()}-{machine()['usable_cpus']}cpu.json")
-    except ConfigError as e:
+    except PneumoscanError as e:
         ap.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,11 +27,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gate-cost.json"))
     args = ap.parse_args()
     from pneumoscan.bench import result_file
-    from pneumoscan.errors import ConfigError
+    from pneumoscan.errors import PneumoscanError
 
     try:  # checked before the timing
         out_path = result_file(args.out, "gate-cost.json")
-    except ConfigError as e:
+    except PneumoscanError as e:
         ap.error(str(e))
 
     from pneumoscan.data.splits import validation_set

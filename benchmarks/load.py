@@ -374,11 +374,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{'-' + args.tag if args.tag else ''}.json")
     try:  # where the JSON goes, checked before minutes of load (an older checkout on PYTHONPATH may lack the helper)
         from pneumoscan.bench import result_file
-        from pneumoscan.errors import ConfigError
+        from pneumoscan.errors import PneumoscanError
         out = result_file(args.out, name) if args.out else REPO / "benchmarks" / "results" / name
     except ImportError:
         out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / name
-    except ConfigError as e:
+    except PneumoscanError as e:
         ap.error(str(e))
     images = load_images(args.images, 64)
     result = bench(args, images)

@@ -139,18 +139,27 @@ def test_cli_repeats_reach_each_benchmark(argv, extract_repeats, gpu_repeats, tm
 
 def test_result_file_takes_a_file_or_a_folder_and_refuses_before_any_timing(tmp_path):
     from pneumoscan.bench import default_results_dir, result_file
-    from pneumoscan.errors import ConfigError
 
     assert result_file(tmp_path / "a.json", "d.json") == tmp_path / "a.json"
     assert result_file(tmp_path, "d.json") == tmp_path / "d.json"  # an existing folder
-    assert result_file(f"{tmp_path}/new/", "d.json") == tmp_path / "new" / "d.json"  # a trailing slash: made
-    assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # the probe file is gone
+    assert result_file(f"{tmp_path}/new/", "d.json") == tmp_path / "new" / "d.json"  # a folder to be made
     assert result_file(None, "d.json") == default_results_dir() / "d.json"
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ConfigError, match="is a file, not a folder"):
+    with pytest.raises(PneumoscanError, match="is a file, so"):
         result_file(tmp_path / "f" / "a.json", "d.json")
-    with pytest.raises(ConfigError, match="cannot write"):
-        result_file("/proc/pneumoscan-nowhere/", "d.json")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "d.json").mkdir()
+    with pytest.raises(PneumoscanError, match="is a folder; give a file name"):
+        result_file(tmp_path / "d", "d.json")
+
+
+def test_cli_bench_refuses_an_unwritable_out_before_timing(tmp_path, capsys, monkeypatch):
+    import pneumoscan.bench.extract as bx
+
+    monkeypatch.setattr(bx, "run", lambda *a, **k: pytest.fail("timed before --out was checked"))
+    (tmp_path / "f").write_text("x")
+    assert main(["bench", "extract", "--out", str(tmp_path / "f" / "results")]) == 2
+    assert "is a file, so" in capsys.readouterr().err
 
 
 def test_summary_reads_the_memory_scan_and_the_newest_explain_result(tmp_path):

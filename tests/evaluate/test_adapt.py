@@ -54,3 +54,11 @@ def test_adapt_command_reports_and_writes_the_estimate(method, tiny_model_dir, d
     assert sum(r["prior"].values()) == pytest.approx(1.0, abs=1e-3)
     assert r["prior"]["normal"] > 0.5  # a folder of normal films
     assert "estimated pneumonia prevalence" in text
+
+
+def test_adapt_on_undecodable_files_names_one_and_why(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "a.jpg").write_bytes(b"not an image")
+    rc = main(["-q", "adapt", str(tmp_path / "a.jpg"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "none of the 1 images could be decoded" in err and "a.jpg: not a recognised image" in err
+    assert not (tmp_path / "p.json").exists()

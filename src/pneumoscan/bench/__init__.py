@@ -98,30 +98,16 @@ def write_result(name: str, figures: dict, out_dir: str | os.PathLike | None = N
 def result_file(out: str | os.PathLike | None, default_name: str) -> Path:
     """Where a benchmark script writes its JSON: ``out`` as a file, or ``default_name`` inside ``out`` when it is a
     folder (an existing one, or one given with a trailing slash), or inside the results folder when ``out`` is
-    None. Checked before any timing starts: a folder that cannot be made or written is a
-    :class:`~pneumoscan.errors.ConfigError`, not a traceback after minutes of work."""
-    import tempfile
-
-    from ..errors import ConfigError
+    None. Checked before any timing starts (:func:`pneumoscan.io.check_writable`): a path that cannot be
+    written is a :class:`~pneumoscan.errors.PneumoscanError`, not a traceback after minutes of work."""
+    from ..io import check_writable
 
     if out is None:
-        path = default_results_dir() / default_name
-    else:
-        path = Path(out)
-        if path.is_dir() or str(out).endswith(os.sep):
-            path = path / default_name
-    for q in (path.parent, *path.parent.parents):
-        if q.exists() and not q.is_dir():
-            raise ConfigError(f"--out {out}: {q} is a file, not a folder; give a writable file or folder")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
-            raise IsADirectoryError(21, "a folder is in the way")
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass  # the honest test: a file can be made there (permissions, read-only mounts, pseudo file systems)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write {path} ({e.strerror}); give a writable file or folder") from None
-    return path
+        return check_writable(default_results_dir() / default_name, "file")
+    path = Path(out)
+    if path.is_dir() or str(out).endswith(os.sep):
+        path = path / default_name
+    return check_writable(path, "file")
 
 
 def cpu_seconds() -> float:

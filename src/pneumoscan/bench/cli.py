@@ -65,6 +65,10 @@ def run(args) -> int:
     from . import shared_data_dir, summary
 
     cfg = build(BenchConfig, args)
+    if args.out is not None:  # before any timing: a results folder that cannot be written fails now, in one line
+        from ..io import check_writable
+
+        check_writable(args.out, "dir")
     counts = list(cfg.memory_scan) if cfg.memory_scan else None
     which = ["extract", "latency", "gpu"] if args.which == "all" else [args.which]
     pretrained = cfg.pretrained

@@ -87,7 +87,7 @@ def adapt(paths: list[str], predictor, cfg: AdaptConfig = AdaptConfig(), *, vali
     (labels, probabilities) on its validation split, needed by ``bbse`` and reported with ``em``."""
     probs, _, kept, errors = predictor.arrays(paths, cfg.batch_size, progress, features=False)
     if not kept:
-        raise DataError(f"none of the {len(paths)} images could be decoded")
+        raise DataError(f"none of the {len(paths)} images could be decoded" + (f" ({errors[0][1]})" if errors else ""))
     base = model_prior(predictor.config)
     out = {"method": cfg.method, "n": len(kept), "failed": len(errors), "model": predictor.model_id,
            "model_prior": dict(zip(LABELS, base.round(4).tolist())),

@@ -75,7 +75,8 @@ def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: P
     else:
         preds, errors = pred.predict_files(paths, batch_size=batch_size, progress=progress)
     if not preds:
-        raise DataError(f"none of the {len(paths)} images under {data_root or 'the given list'} could be decoded")
+        raise DataError(f"none of the {len(paths)} images under {data_root or 'the given list'} could be decoded"
+                        + (f" ({errors[0][1]})" if errors else ""))
     y = np.array([truth[p.path] for p in preds])
     probs = np.stack([p.scores for p in preds])  # every decoded image, the gate's too: nothing is hidden
     metrics = compute_metrics(y, probs, pred.threshold, n_boot=n_boot)
