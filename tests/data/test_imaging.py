@@ -350,6 +350,26 @@ def test_bad_paths(tmp_path):
         load_xray(tmp_path)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_file_decodes_the_same_read_whole_or_from_its_path(fmt, tmp_path, monkeypatch):
+    # files up to WHOLE_FILE_MAX are read in one call and decoded from memory, larger ones from the path
+    import pneumoscan.data.imaging as imaging
+
+    g = film()
+    path = tmp_path / f"f.{fmt.lower()}"
+    path.write_bytes(encode(Image.fromarray(np.stack([g, g, g], -1)), fmt))
+    opened = []
+    real = Image.open
+    monkeypatch.setattr(imaging.Image, "open", lambda fp, *a, **k: opened.append(fp) or real(fp, *a, **k))
+    whole = load_xray(path, size_hint=64)
+    assert len(opened) == 1 and isinstance(opened[0], io.BytesIO)  # read once, decoded from memory
+    monkeypatch.setattr(imaging, "WHOLE_FILE_MAX", 16)
+    streamed = load_xray(path, size_hint=64)
+    assert len(opened) == 2 and not isinstance(opened[1], io.BytesIO)  # decoded from the path this time
+    assert np.array_equal(whole.pixels, streamed.pixels) and whole.colorfulness == streamed.colorfulness
+    assert whole.size == streamed.size and whole.notes == streamed.notes
+
+
 def test_sniff_format_ignores_names():
     assert sniff_format(encode(Image.fromarray(ramp()), "JPEG")[:132]) == "jpeg"
     assert sniff_format(b"\0" * 128 + b"DICM") == "dicom"
