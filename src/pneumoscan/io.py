@@ -37,10 +37,27 @@ def bytes_digest(data: bytes, algorithm: str = "sha256") -> str:
     return hashlib.new(algorithm, data).hexdigest()
 
 
-def _umask() -> int:
+def _umask_by_setting() -> int:
+    """The file-creation mask by setting it and back: briefly 0 for the whole process, so only at import."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _umask_by_setting()
+
+
+def _umask() -> int:
+    """The process's file-creation mask, read without changing it (Linux: /proc/self/status), so that a file
+    another thread creates meanwhile never gets mask 0; elsewhere the mask at import."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
 
 
 @contextlib.contextmanager
