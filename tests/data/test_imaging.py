@@ -194,19 +194,25 @@ def rgb_reference(data: bytes, size_hint: int | None) -> tuple[np.ndarray, float
     return g, float(np.abs(np.asarray(im).astype(np.int16) - g[..., None]).mean())
 
 
+SAVES = {"baseline": {}, "progressive": {"progressive": True}, "4:4:4": {"subsampling": 0},
+         "RGB stored (Adobe)": {"keep_rgb": True}}
+
+
 @pytest.mark.parametrize("size_hint", [None, 64])
 @pytest.mark.parametrize("tint", [0.0, 0.08, 0.5])
 @pytest.mark.parametrize("orientation", [1, 6])
-def test_served_rgb_jpeg_decode_equals_libjpeg_rgb(size_hint, tint, orientation, monkeypatch):
+@pytest.mark.parametrize("save", SAVES)
+def test_served_rgb_jpeg_decode_equals_libjpeg_rgb(size_hint, tint, orientation, save, monkeypatch):
     # the served path decodes Y, Cb, Cr unconverted and uses Y where the chroma is exactly 128, else
     # decodes again as RGB: pixels and colourfulness must be those of the RGB decode in every case
+    # (a JPEG that stores RGB itself has no Y to hand over: it decodes as RGB at once)
     import pneumoscan.data.imaging as imaging
 
     g = film().astype(float)
     rgb = np.clip(np.stack([g * (1 + tint), g, g * (1 - tint)], -1), 0, 255).astype(np.uint8)
     exif = Image.Exif()
     exif[0x0112] = orientation
-    d = encode(Image.fromarray(rgb), "JPEG", exif=exif.tobytes())
+    d = encode(Image.fromarray(rgb), "JPEG", exif=exif.tobytes(), **SAVES[save])
     reopened = []
     real = imaging._reopen_rgb
     monkeypatch.setattr(imaging, "_reopen_rgb", lambda *a: reopened.append(1) or real(*a))
@@ -214,7 +220,19 @@ def test_served_rgb_jpeg_decode_equals_libjpeg_rgb(size_hint, tint, orientation,
     want, colour = rgb_reference(d, size_hint)
     assert x.mode == "RGB" and x.pixels.shape == want.shape and np.array_equal(x.pixels, want)
     assert x.colorfulness == pytest.approx(colour, abs=1e-9)
-    assert bool(reopened) == (tint > 0)  # a grey film is decoded once
+    assert bool(reopened) == (tint > 0 and save != "RGB stored (Adobe)")  # a grey film is decoded once
+
+
+def test_a_jpeg_libjpeg_cannot_hand_over_as_ycbcr_decodes_as_rgb(monkeypatch):
+    # should the colour-space rule ever misjudge a file, the YCbCr request fails and the file decodes as RGB
+    import pneumoscan.data.imaging as imaging
+
+    g = film()
+    d = encode(Image.fromarray(np.stack([g, g, g], -1)), "JPEG", keep_rgb=True)
+    monkeypatch.setattr(imaging, "_stored_as_ycc", lambda im: True)
+    x = load_xray(d)
+    want, colour = rgb_reference(d, None)
+    assert np.array_equal(x.pixels, want) and x.colorfulness == colour == 0.0
 
 
 def test_large_jpeg_drafted_but_size_reported():

@@ -153,12 +153,17 @@ def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: 
             # (YCbCr). Where both chroma planes are exactly 128, its RGB conversion gives R = G = B = Y, so
             # the grey image is Y and the colourfulness 0, exactly as decoding to RGB gives them (0.69 ->
             # 0.34 ms per 224-px film); any other chroma decodes again as RGB (below).
-            ycc = fmt == "jpeg" and colour and im.mode == "RGB"
+            ycc = fmt == "jpeg" and colour and im.mode == "RGB" and _stored_as_ycc(im)
             if fmt == "jpeg" and im.mode in ("L", "RGB", "CMYK") and (size_hint or luma or ycc):
                 # With size_hint: decode at 1/2, 1/4 or 1/8 scale when that still leaves >= size_hint px per side.
                 im.draft("L" if im.mode == "L" or luma else "YCbCr" if ycc else "RGB",
                          (size_hint, size_hint) if size_hint else (w, h))
-            im.load()
+            try:
+                im.load()
+            except OSError:
+                if im.mode != "YCbCr":
+                    raise
+                im = _reopen_rgb(fp, size_hint)  # whatever libjpeg could not hand over unconverted: as RGB
             if im.mode == "YCbCr" and not _grey_chroma(im):
                 im = _reopen_rgb(fp, size_hint)
             ImageOps.exif_transpose(im, in_place=True)  # no copy of an upright image
@@ -176,6 +181,16 @@ def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: 
         colorfulness = float("nan")  # not measured: a luma decode has no colour left to measure
     notes = [n for n in [truncation_note(pixels) if fmt == "jpeg" else None] if n]
     return XRay(pixels, format=fmt, mode=orig_mode, size=(w, h), colorfulness=colorfulness, notes=notes)
+
+
+def _stored_as_ycc(im: Image.Image) -> bool:
+    """Whether libjpeg reads a 3-component JPEG as Y, Cb, Cr (its rule, jdapimin.c): a JFIF file; an Adobe file
+    unless its transform is 0 (RGB stored as such); otherwise unless the components are named R, G, B."""
+    if "jfif" in im.info:
+        return True
+    if "adobe_transform" in im.info:
+        return im.info["adobe_transform"] != 0
+    return [c[0] for c in getattr(im, "layer", [])] != [82, 71, 66]
 
 
 def _grey_chroma(im: Image.Image) -> bool:
