@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -381,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     except PneumoscanError as e:
         ap.error(str(e))
     images = load_images(args.images, 64)
+    # a SIGTERM (kill, pkill, a CI timeout) ends the run through bench's finally, which stops the server: the
+    # default handler ended only this process and left the server it started running, orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     result = bench(args, images)
     try:  # the instruction set, as every other benchmark records it (an older checkout on PYTHONPATH may lack it)
         from pneumoscan.bench import cpu_model
