@@ -456,3 +456,19 @@ def test_blank_reason_and_truncation_note():
     img[:, :] = 60
     img[190:] = 128  # 10 rows of mid-grey: 5 %, over one block row and 2 %
     assert truncation_note(img) is not None and truncation_note(ramp(200, 50)) is None
+
+
+def test_decoding_leaves_the_process_warning_filters_alone(monkeypatch):
+    # warnings.catch_warnings() swaps the filters of the whole process: on the service's decoding threads one
+    # decode's exit could restore another's filters; the pixel limit is checked before decoding instead
+    import warnings
+
+    monkeypatch.setattr(warnings, "catch_warnings", lambda *a, **k: pytest.fail("warning filters swapped"))
+    before = list(warnings.filters)
+    g = film()
+    for data in (encode(Image.fromarray(g), "JPEG"), encode(Image.fromarray(g), "PNG"),
+                 encode(Image.fromarray(np.stack([g, g, g], -1)), "JPEG")):
+        load_xray(data)
+    assert warnings.filters == before
+    with pytest.raises(ImageTooLargeError):
+        load_xray(png_header_only(9000, 9000))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -133,40 +132,41 @@ def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: 
               colour: bool = True) -> XRay:
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(fp)
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageTooLargeError(f"{label}: {w} x {h} pixels exceeds the limit of {max_pixels:,}; "
-                                         "downscale the image first")
-            if w < 1 or h < 1:
-                raise ImageError(f"{label}: image has no pixels")
-            orig_mode = im.mode
-            # Grey pixels only (colour=False): libjpeg hands over the luma plane and skips the colour
-            # conversion (0.37 -> 0.20 ms per 224-px film); identical to convert("L") on all 5,216 training
-            # films (their chroma is flat). Luma is not clipped the way RGB is, so on colour content the two
-            # part: on 201 training films tinted to colourfulness 7 (the colour check admits 8) at most 4
-            # levels, on 0.2 % of the pixels; more on a photograph.
-            luma = fmt == "jpeg" and not colour and im.mode == "RGB"
-            # Grey pixels and the colour check (colour=True): libjpeg hands over Y, Cb and Cr unconverted
-            # (YCbCr). Where both chroma planes are exactly 128, its RGB conversion gives R = G = B = Y, so
-            # the grey image is Y and the colourfulness 0, exactly as decoding to RGB gives them (0.69 ->
-            # 0.34 ms per 224-px film); any other chroma decodes again as RGB (below).
-            ycc = fmt == "jpeg" and colour and im.mode == "RGB" and _stored_as_ycc(im)
-            if fmt == "jpeg" and im.mode in ("L", "RGB", "CMYK") and (size_hint or luma or ycc):
-                # With size_hint: decode at 1/2, 1/4 or 1/8 scale when that still leaves >= size_hint px per side.
-                im.draft("L" if im.mode == "L" or luma else "YCbCr" if ycc else "RGB",
-                         (size_hint, size_hint) if size_hint else (w, h))
-            try:
-                im.load()
-            except OSError:
-                if im.mode != "YCbCr":
-                    raise
-                im = _reopen_rgb(fp, size_hint)  # whatever libjpeg could not hand over unconverted: as RGB
-            if im.mode == "YCbCr" and not _grey_chroma(im):
-                im = _reopen_rgb(fp, size_hint)
-            ImageOps.exif_transpose(im, in_place=True)  # no copy of an upright image
+        # no warnings.catch_warnings() here: it swaps the process's warning filters and is not thread-safe
+        # (the service decodes on several threads); the pixel limit below is checked before any decoding, and
+        # Pillow's own bomb error stays above twice its limit
+        im = Image.open(fp)
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageTooLargeError(f"{label}: {w} x {h} pixels exceeds the limit of {max_pixels:,}; "
+                                     "downscale the image first")
+        if w < 1 or h < 1:
+            raise ImageError(f"{label}: image has no pixels")
+        orig_mode = im.mode
+        # Grey pixels only (colour=False): libjpeg hands over the luma plane and skips the colour
+        # conversion (0.37 -> 0.20 ms per 224-px film); identical to convert("L") on all 5,216 training
+        # films (their chroma is flat). Luma is not clipped the way RGB is, so on colour content the two
+        # part: on 201 training films tinted to colourfulness 7 (the colour check admits 8) at most 4
+        # levels, on 0.2 % of the pixels; more on a photograph.
+        luma = fmt == "jpeg" and not colour and im.mode == "RGB"
+        # Grey pixels and the colour check (colour=True): libjpeg hands over Y, Cb and Cr unconverted
+        # (YCbCr). Where both chroma planes are exactly 128, its RGB conversion gives R = G = B = Y, so
+        # the grey image is Y and the colourfulness 0, exactly as decoding to RGB gives them (0.69 ->
+        # 0.34 ms per 224-px film); any other chroma decodes again as RGB (below).
+        ycc = fmt == "jpeg" and colour and im.mode == "RGB" and _stored_as_ycc(im)
+        if fmt == "jpeg" and im.mode in ("L", "RGB", "CMYK") and (size_hint or luma or ycc):
+            # With size_hint: decode at 1/2, 1/4 or 1/8 scale when that still leaves >= size_hint px per side.
+            im.draft("L" if im.mode == "L" or luma else "YCbCr" if ycc else "RGB",
+                     (size_hint, size_hint) if size_hint else (w, h))
+        try:
+            im.load()
+        except OSError:
+            if im.mode != "YCbCr":
+                raise
+            im = _reopen_rgb(fp, size_hint)  # whatever libjpeg could not hand over unconverted: as RGB
+        if im.mode == "YCbCr" and not _grey_chroma(im):
+            im = _reopen_rgb(fp, size_hint)
+        ImageOps.exif_transpose(im, in_place=True)  # no copy of an upright image
     except (ImageTooLargeError, ImageError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
