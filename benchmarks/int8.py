@@ -36,6 +36,7 @@ import numpy as np
 from pneumoscan.bench import percentiles, time_calls, write_result
 from pneumoscan.export.config import QuantizeConfig
 from pneumoscan.export.int8 import _arrays, plan_int8, quantize_and_gate
+from pneumoscan.labels import softmax
 from pneumoscan.nets.modeldir import PACKAGE_MODEL, read_config
 from pneumoscan.preprocess import Preprocess, PreprocessConfig
 from pneumoscan.runtime import cpu_count, ort_session, weight_range
@@ -113,8 +114,7 @@ def same_class(fn, ref, paths: list[str], pre: Preprocess, batch: int) -> dict:
         x = np.stack([pre.array(load_xray(p, size_hint=pre.cfg.size, colour=False).pixels) for p in paths[i:i + batch]])
         a.append(np.asarray(fn(x)[0]))
         b.append(np.asarray(ref(x)[0]))
-    pa, pb = (np.exp(z - z.max(1, keepdims=True)) for z in (np.concatenate(a), np.concatenate(b)))
-    pa, pb = pa / pa.sum(1, keepdims=True), pb / pb.sum(1, keepdims=True)
+    pa, pb = softmax(np.concatenate(a)), softmax(np.concatenate(b))
     d = np.abs(pa - pb)
     return {"images": len(pa), "same_class": float((pa.argmax(1) == pb.argmax(1)).mean()),
             "mean_abs_prob_diff": float(d.mean()), "max_abs_prob_diff": float(d.max())}

@@ -167,6 +167,8 @@ def _load_pil(source: Source, label: str, fmt: str, max_pixels: int, size_hint: 
         if im.mode == "YCbCr" and not _grey_chroma(im):
             im = _reopen_rgb(fp, size_hint)
         ImageOps.exif_transpose(im, in_place=True)  # no copy of an upright image
+        if im.mode == "YCbCr":  # grey chroma: R = G = B = Y, so Y is the grey image (colourfulness 0)
+            im = im.getchannel(0)
     except (ImageTooLargeError, ImageError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -212,8 +214,6 @@ def _reopen_rgb(fp: "io.BytesIO | str | os.PathLike", size_hint: int | None) -> 
 def _to_gray8(im: Image.Image, colour: bool = True) -> tuple[np.ndarray, float]:
     """uint8 grayscale pixels (stretched for >8-bit data) and the image's colourfulness (NaN: not measured)."""
     colorfulness = 0.0
-    if im.mode == "YCbCr":  # only a JPEG decoded by _load_pil, whose chroma it found exactly 128: R = G = B = Y
-        return np.asarray(im.getchannel(0)), 0.0
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float32)
         return _stretch(a), 0.0

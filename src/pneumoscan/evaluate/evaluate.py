@@ -215,14 +215,15 @@ def predict_from_feature_cache(pred: Predictor, paths: list[str], cache_dir, pro
     """Predictions of a frozen model from cached (or newly cached) backbone features + its head."""
     probs, feats, kept, errors = cached_arrays(pred, paths, cache_dir, progress)
     preds = []
-    for path, pr, f in zip(kept, probs, feats):  # the gate as on every other path: image checks, then features
+    scores = pred.ood.score(feats) if pred.ood is not None and len(feats) else [None] * len(kept)  # one call
+    for path, pr, score in zip(kept, probs, scores):  # the gate as on every other path: image checks, then features
         try:
             reasons, warns = pred.screen(pred.decode(path))
         except BlankImageError as e:
             reasons, warns = [str(e)], []
         except Exception as e:  # decoded once already by the extractor: a failure here is only noted
             reasons, warns = [], [f"image checks not run: {e}"]
-        preds.append(pred.result(path, pr, reasons, warns, f))
+        preds.append(pred.result(path, pr, reasons, warns, score=score))
     return preds, errors
 
 

@@ -198,7 +198,7 @@ def _compute(samples, todo, run, prep, cache, cached, info, batch_size, workers,
     info["overlap"] = bool(overlap)
 
     def store(keys, out):
-        f = out if isinstance(out, np.ndarray) else out.float().cpu().numpy()
+        f = out if isinstance(out, np.ndarray) else out.cpu().numpy()  # float32 already (TorchEngine.forward)
         cache.add(keys, f)  # one atomic shard per batch
         return keys, f
 

@@ -137,7 +137,7 @@ def compare(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Com
                                                cache_dir=extract.cache, progress=progress, net=net,
                                                weights_id=weights_id, batch_size=extract.batch_size,
                                                workers=extract.workers, engine=extract.engine,
-                                       device=extract.device, decode=extract.decode)
+                                               device=extract.device, decode=extract.decode)
             tr, va = ok & (split == "train"), ok & (split == "val")
             if tr.sum() == 0 or va.sum() == 0:
                 raise DataError("the train or validation split is empty; index more images or change --val-fraction")
