@@ -135,3 +135,21 @@ def test_cli_out_of_scope_csv_row(tiny_model_dir, tmp_path, capsys):
     assert main(["-q", "predict", str(_small_png(tmp_path)), "--model", str(tiny_model_dir), "--csv"]) == 3
     (row,) = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert row["in_scope"] == "0" and row["label"] == "" and row["p_normal"] == "" and "too small" in row["reasons"]
+
+
+def test_a_folder_reports_image_named_files_that_are_not_images_and_passes_over_notes(tiny_model_dir, files, tmp_path,
+                                                                                      capsys):
+    import shutil
+
+    shutil.copy(files[0], tmp_path / "film.jpeg")
+    (tmp_path / "empty.jpeg").write_bytes(b"")  # an interrupted copy
+    (tmp_path / "scan.PNG").write_text("not an image")  # mislabelled
+    (tmp_path / "notes.txt").write_text("patient notes")  # beside the films: not an image, not meant as one
+    rc = main(["-q", "predict", str(tmp_path), "--model", str(tiny_model_dir), "--json"])
+    cap = capsys.readouterr()
+    doc = json.loads(cap.out)
+    assert rc == 1 and [p["path"] for p in doc["predictions"]] == [str(tmp_path / "film.jpeg")]
+    errors = {e["path"]: e["error"] for e in doc["errors"]}
+    assert set(errors) == {str(tmp_path / "empty.jpeg"), str(tmp_path / "scan.PNG")}
+    assert "empty file" in errors[str(tmp_path / "empty.jpeg")] and "not a JPEG, PNG or DICOM" in errors[str(tmp_path / "scan.PNG")]
+    assert "notes.txt" not in cap.err and cap.err.count("pneumoscan: error:") == 2

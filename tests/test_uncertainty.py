@@ -198,3 +198,14 @@ def test_the_guard_sends_back_only_what_a_boundary_is_near():
     assert Int8Guard.from_dict(g.to_dict()) == g and nan.to_dict()["scope"] is None
     fitted = Int8Guard.fit(np.zeros((100, 5)), np.tile(np.arange(100.0)[:, None], (1, 5)), 0.9, min_scope=95.0)
     assert fitted.margins[0] == pytest.approx(89.1) and fitted.margins[4] == 95.0
+
+
+def test_ood_score_is_the_mahalanobis_distance_to_the_nearest_class_mean():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 600)
+    train = rng.normal(0, 3, (3, 20))[y] + rng.normal(0, 1, (600, 20))
+    scorer, _ = fit_ood(train, y, train[:100], quantile=0.98, pca_dim=8)
+    x = rng.normal(0, 2, (7, 20))
+    z = (x - scorer.mean) @ scorer.components.T
+    want = [min(float(np.sqrt((zi - c) @ scorer.precision @ (zi - c))) for c in scorer.class_means) for zi in z]
+    assert scorer.score(x) == pytest.approx(want, rel=1e-12)

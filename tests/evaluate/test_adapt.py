@@ -62,3 +62,24 @@ def test_adapt_on_undecodable_files_names_one_and_why(tiny_model_dir, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and "none of the 1 images could be decoded" in err and "a.jpg: not a recognised image" in err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_adapt_on_a_folder_of_broken_image_files_says_which(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "readme.txt").write_text("not meant as an image")
+    rc = main(["-q", "adapt", str(tmp_path), "--model", str(tiny_model_dir), "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nothing to adapt to" in err and "a.jpg: empty file" in err and "readme" not in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_adapt_counts_image_files_that_are_not_images_as_failed(tiny_model_dir, dataset_dir, tmp_path, capsys):
+    import shutil
+
+    for f in sorted((dataset_dir / "train" / "NORMAL").glob("*.jpeg"))[:3]:
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "cut.jpeg").write_bytes(b"")
+    rc = main(["-q", "adapt", str(tmp_path), "--model", str(tiny_model_dir), "--out", str(tmp_path / "p.json")])
+    cap = capsys.readouterr()
+    assert rc == 0 and "3 images (1 failed)" in cap.out and "cut.jpeg: empty file" in cap.err
+    assert json.loads((tmp_path / "p.json").read_text())["failed"] == 1

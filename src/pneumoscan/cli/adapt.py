@@ -1,6 +1,8 @@
 """pneumoscan adapt IMAGES...: estimate the class prior at a new site from unlabelled images."""
 from __future__ import annotations
 
+import sys
+
 from ..evaluate.adapt import AdaptConfig
 from .common import add_model_arg, check_inputs_exist, progress_enabled
 from .flags import add_config, build
@@ -34,9 +36,11 @@ def run(args) -> int:
     from ..io import atomic_write_json
     from ..predict import Predictor
 
-    files, missing = iter_image_files(args.paths)
+    files, problems = iter_image_files(args.paths)
     if not files:
-        raise PneumoscanError("no JPEG, PNG or DICOM images in " + ", ".join(map(str, args.paths)))
+        what = "; ".join(f"{p}: {e}" for p, e in problems) or "no JPEG, PNG or DICOM images in " + ", ".join(
+            map(str, args.paths))
+        raise PneumoscanError(f"nothing to adapt to ({what})")
     pred = Predictor(args.model)
     validation = None
     if cfg.method == "bbse":
@@ -46,6 +50,9 @@ def run(args) -> int:
         ev = validation_set(args.data, pred.config, pred.model_dir)
         validation = score(pred, ev, cfg.batch_size, progress_enabled())
     r = adapt([str(f) for f in files], pred, cfg, validation=validation, progress=progress_enabled())
+    for path, err in problems:  # image-named files that are not images: counted and named, never dropped
+        print(f"pneumoscan: error: {path}: {err}", file=sys.stderr)
+    r["failed"] += len(problems)
     print(f"{r['n']} images ({r['failed']} failed), model {r['model']}, method {r['method']}")
     print(f"{'class':<11}{'model prior':>13}{'predicted':>11}{'estimated':>11}")
     for lab in LABELS:

@@ -200,18 +200,30 @@ def resolve_manifest(data: str | os.PathLike, val_fraction: float = VAL_FRACTION
     return index_dataset(p, val_fraction, seed)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".dcm", ".dicom")  # a folder member named so must be an image
+
+
 def iter_image_files(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Expand files and folders (recursively) into image files; missing paths are reported."""
+    """Expand files and folders (recursively) into image files; returns (files, [(path, problem)]).
+
+    Folder members are judged by content, so DICOM files without an extension count and notes or CSV
+    files beside the images are passed over; a member *named* as an image (``IMAGE_SUFFIXES``) that is
+    empty, unreadable or another kind of file is a problem, reported like a missing path, never dropped."""
     files: list[Path] = []
-    missing: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = []
     for p in paths:
         p = Path(p)
-        if p.is_dir():  # folder members are judged by content, so DICOM files without an extension count
-            files.extend(sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")
-                                and not any(part.startswith(".") for part in q.relative_to(p).parts)
-                                and _looks_like_image(q) is None))
+        if p.is_dir():
+            for q in sorted(p.rglob("*")):
+                if not q.is_file() or any(part.startswith(".") for part in q.relative_to(p).parts):
+                    continue
+                reason = _looks_like_image(q)
+                if reason is None:
+                    files.append(q)
+                elif q.suffix.lower() in IMAGE_SUFFIXES:
+                    problems.append((str(q), f"{reason}; replace it with the X-ray or remove it"))
         elif p.is_file():
             files.append(p)
         else:
-            missing.append((str(p), "no such file or folder"))
-    return files, missing
+            problems.append((str(p), "no such file or folder"))
+    return files, problems
