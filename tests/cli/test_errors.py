@@ -420,3 +420,27 @@ def test_a_model_whose_card_fails_is_kept_beside_the_output_not_thrown_away(tiny
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
     monkeypatch.undo()
     assert main(["-q", "card", "--model", str(kept)]) == 0 and (kept / "MODEL_CARD.md").is_file()
+
+
+def test_serve_on_a_busy_port_or_a_foreign_address_is_one_line_before_anything_starts(tiny_model_dir, capsys,
+                                                                                        monkeypatch):
+    import socket
+
+    import pneumoscan.web.server as server
+
+    def never(*a, **k):
+        raise AssertionError("the service started")
+
+    monkeypatch.setattr(server, "serve", never)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = str(s.getsockname()[1])
+        one_error_line(capsys, ["serve", "--model", str(tiny_model_dir), "--port", port],
+                       f"cannot listen on 127.0.0.1:{port}", "in use by another program", "another --port")
+    one_error_line(capsys, ["serve", "--model", str(tiny_model_dir), "--host", "192.0.2.1"],  # TEST-NET-1
+                   "192.0.2.1 is not an address of this machine", "--host 127.0.0.1")
+    one_error_line(capsys, ["serve", "--model", str(tiny_model_dir), "--host", "no-such-host.invalid"],
+                   "is not an address or a name this machine resolves")
+    with server.bind(server.ServeConfig(host="127.0.0.1", port=int(port))) as sock:  # free again: bound and kept
+        assert sock.getsockname() == ("127.0.0.1", int(port))

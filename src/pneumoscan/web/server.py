@@ -21,7 +21,9 @@ Body time, body size and bytes held across requests are bounded in the app
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 
 import h11
@@ -141,8 +143,43 @@ def uvicorn_config(app, cfg: ServeConfig, **overrides) -> uvicorn.Config:
     return uvicorn.Config(app, **{**opts, **overrides})
 
 
-def serve(cfg: ServeConfig) -> None:
-    """Run the service until interrupted (what ``pneumoscan serve`` does after checking the model)."""
+def address(cfg: ServeConfig) -> str:
+    """``host:port``, the host in brackets when it is an IPv6 address (as in a URL)."""
+    return f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+
+
+def bind(cfg: ServeConfig) -> socket.socket:
+    """The listening socket for ``cfg.host``:``cfg.port``, bound before anything else starts (uvicorn's own
+    binding, ``uvicorn.Config.bind_socket``, comes after the model has begun loading and ends in a log line and
+    exit code 3): a port in use, an address this machine does not have or a privileged port is one line."""
+    from ..errors import PneumoscanError
+
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET  # uvicorn's rule
+    where = address(cfg)
+    sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except (socket.gaierror, UnicodeError) as e:  # a host name that does not resolve
+        sock.close()
+        raise PneumoscanError(f"cannot listen on {where}: --host {cfg.host!r} is not an address or a name this "
+                              f"machine resolves ({e}); use 127.0.0.1 or 0.0.0.0") from None
+    except OSError as e:
+        sock.close()
+        why = {errno.EADDRINUSE: f"port {cfg.port} is in use by another program; stop it or choose another --port",
+               errno.EADDRNOTAVAIL: f"{cfg.host} is not an address of this machine; use --host 127.0.0.1 (this "
+                                    "machine only) or 0.0.0.0 (every interface)",
+               errno.EACCES: f"port {cfg.port} needs administrator rights; choose a --port above 1023, e.g. 8000"}
+        raise PneumoscanError(f"cannot listen on {where}: " + why.get(
+            e.errno, f"{e.strerror or e}; check --host and --port")) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(cfg: ServeConfig, sock: socket.socket | None = None) -> None:
+    """Run the service on ``sock`` (default: :func:`bind`) until interrupted (what ``pneumoscan serve`` does
+    after checking the model and binding)."""
     from .app import create_app
 
-    uvicorn.Server(uvicorn_config(create_app(cfg), cfg)).run()
+    sock = sock if sock is not None else bind(cfg)
+    uvicorn.Server(uvicorn_config(create_app(cfg), cfg)).run(sockets=[sock])
