@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import zlib
 
@@ -291,6 +292,30 @@ def test_dicom_jpeg_compressed():
     assert np.abs(x.pixels.astype(int) - a.astype(int)).mean() < 4
 
 
+def test_dicom_jpeg_frame_cut_short_is_noted_as_truncated():
+    from pydicom.encaps import encapsulate
+
+    from pneumoscan.scope import check_scope
+
+    a = ramp()
+    whole = encode(Image.fromarray(a), "JPEG", quality=95)
+    notes = {}
+    for name, frame in (("whole", whole), ("cut", whole[: len(whole) * 2 // 3])):
+        ds = dicom(a, bits=8)
+        ds.PixelData = encapsulate([frame])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        try:
+            notes[name] = load_xray(dicom_bytes(ds), name=f"{name}.dcm").notes
+        except ImageError as e:  # a decoder that refuses the cut frame outright says so in one line: also fine
+            notes[name] = [str(e)]
+    assert notes["whole"] == []
+    assert len(notes["cut"]) == 1 and "truncated" in notes["cut"][0]
+    x = load_xray(dicom_bytes(ds), name="cut.dcm") if "ends early" in notes["cut"][0] else None
+    if x is not None:  # the image checks stop it: no diagnosis of a film whose bottom is invented
+        assert any(r.startswith("the file is damaged") for r in check_scope(x))
+
+
 def test_dicom_missing_codec_is_a_clear_error():
     from pydicom.encaps import encapsulate
     from pydicom.pixels import get_decoder
@@ -303,6 +328,21 @@ def test_dicom_missing_codec_is_a_clear_error():
     ds.file_meta.TransferSyntaxUID = HTJ2KLossless
     with pytest.raises(ImageError, match=r"(?s)scan\.dcm.*High-Throughput JPEG 2000.*pip install"):
         load_xray(dicom_bytes(ds), name="scan.dcm")
+
+
+def test_dicom_with_corrupt_compressed_pixels_says_corrupt_not_install_and_logs_no_traceback(caplog):
+    from pydicom.encaps import encapsulate
+
+    ds = dicom(ramp(), bits=8)
+    ds.PixelData = encapsulate([b"\x01" * 256])  # RLE, whose decoder ships with pydicom: the data is at fault
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    with caplog.at_level(logging.DEBUG, logger="pydicom"):
+        with pytest.raises(ImageError, match=r"scan\.dcm: DICOM pixel data \(RLE Lossless\) is corrupt.*RLE header"
+                                             r".*re-export") as e:
+            load_xray(dicom_bytes(ds), name="scan.dcm")
+    assert "pip install" not in str(e.value)
+    assert not [r for r in caplog.records if r.name.startswith("pydicom") and r.exc_info]  # one line, no traceback
 
 
 def test_dicom_without_pixels():

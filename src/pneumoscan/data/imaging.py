@@ -306,12 +306,33 @@ def _decode_dicom(ds, label: str, max_pixels: int) -> XRay:
     if arr.ndim != 2 or arr.shape != (rows, cols):
         raise ImageError(f"{label}: DICOM pixel data has shape {arr.shape}, not the declared {rows} x {cols}")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip()
-    notes: list[str] = []
+    notes: list[str] = [n for n in [_dicom_truncation_note(ds, frames)] if n]
     a = _dicom_lut(arr, ds, notes, label)
     a = _stretch(np.asarray(a, dtype=np.float32))
     if photometric == "MONOCHROME1":  # higher values are darker: invert to the usual look
         a = 255 - a
     return XRay(a, format="dicom", mode=photometric, size=(cols, rows), notes=notes)
+
+
+JPEG_FAMILY = ("JPEG", "HTJ2K")  # transfer syntax keywords whose frames end with an FF D9 marker (JPEG, -LS, 2000)
+
+
+def _dicom_truncation_note(ds, frames: int) -> str | None:
+    """A note when the first frame of JPEG-family pixel data lacks its closing FF D9 marker (EOI, or EOC in JPEG
+    2000): its data ended early. pylibjpeg decodes such a frame without a word and fills the missing rows."""
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None or not tsyntax.is_encapsulated or not str(tsyntax.keyword).startswith(JPEG_FAMILY):
+        return None
+    try:
+        from pydicom.encaps import get_frame
+
+        frame = bytes(get_frame(ds.PixelData, 0, number_of_frames=frames)).rstrip(b"\0")  # items are padded to even
+    except Exception:  # the frame table itself is broken: decoding already succeeded, so say nothing
+        return None
+    if frame.endswith(b"\xff\xd9"):
+        return None
+    return ("the compressed pixel data ends early (no end-of-image marker): the file is truncated; re-export it "
+            "from the viewer or PACS")
 
 
 def _first_frame(ds, label: str) -> np.ndarray:
@@ -321,10 +342,37 @@ def _first_frame(ds, label: str) -> np.ndarray:
     try:
         return np.asarray(pixel_array(ds, index=0))
     except Exception as e:
+        log.debug("decoding the pixel data of %s failed", label, exc_info=True)
         tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         tname = getattr(tsyntax, "name", str(tsyntax))
-        raise ImageError(f"{label}: cannot decode DICOM pixel data ({tname}): {_why(e)}; "
-                         "install the codecs with 'pip install pneumoscan[dicom-codecs]'") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = lines[1] if len(lines) > 1 and lines[0].startswith("Unable to decode") else _why(e)  # the first plugin's
+        if _codec_missing(tsyntax):
+            raise ImageError(f"{label}: cannot decode DICOM pixel data ({tname}): {why[:200]}; install the codecs "
+                             "with 'pip install pneumoscan[dicom-codecs]'") from None
+        raise ImageError(f"{label}: DICOM pixel data ({tname}) is corrupt or not what the header declares "
+                         f"({why[:200]}); re-export the image from the viewer or PACS") from None
+
+
+def _codec_missing(tsyntax) -> bool:
+    """Whether pydicom has no usable decoder for this transfer syntax (rather than one that failed)."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        return not get_decoder(tsyntax).is_available
+    except Exception:  # an unknown or absent transfer syntax: no decoder to install either way
+        return False
+
+
+class _NoPluginTracebacks(logging.Filter):
+    """pydicom logs every failing decoding plugin with its traceback at ERROR (``LOGGER.exception``); the failure
+    becomes one :class:`ImageError` line here, so a malformed upload must not write a traceback to the service log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_NoPluginTracebacks())
 
 
 def _values(ds, *keywords: str) -> str:
