@@ -151,5 +151,6 @@ def test_a_folder_reports_image_named_files_that_are_not_images_and_passes_over_
     assert rc == 1 and [p["path"] for p in doc["predictions"]] == [str(tmp_path / "film.jpeg")]
     errors = {e["path"]: e["error"] for e in doc["errors"]}
     assert set(errors) == {str(tmp_path / "empty.jpeg"), str(tmp_path / "scan.PNG")}
-    assert "empty file" in errors[str(tmp_path / "empty.jpeg")] and "not a JPEG, PNG or DICOM" in errors[str(tmp_path / "scan.PNG")]
+    assert "empty file" in errors[str(tmp_path / "empty.jpeg")]
+    assert "not a JPEG, PNG or DICOM" in errors[str(tmp_path / "scan.PNG")]
     assert "notes.txt" not in cap.err and cap.err.count("pneumoscan: error:") == 2
