@@ -130,46 +130,6 @@ def test_training_step_distils_the_emulated_int8_copy_and_reaches_every_weight(s
     assert losses[0.0] > 1e-7 and abs(losses[0.999999]) < 1e-7
 
 
-def test_consistency_runs_both_graphs_and_adds_their_own_kl(sim_and_graph):
-    """With a consistency weight every batch runs the fp32 and the emulated INT8 copy: the loss is their distillation
-    losses weighted by fp32_share, plus the weight times KL(fp32 || INT8) of the copy's own calibrated probabilities
-    (what the export gate compares); its gradient reaches every weight."""
-    from pneumoscan.preprocess import PreprocessConfig
-    from pneumoscan.train.config import QatConfig
-    from pneumoscan.train.qat import QuantSim, calibrated_log_probs, make_module
-
-    bundle, _, _, size = sim_and_graph
-    teacher = copy.deepcopy(bundle.net).eval()
-    prep = PreprocessConfig.from_dict(bundle.config["preprocess"])
-    x_u8 = (torch.rand((16, size, size), generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
-    bias = torch.tensor([0.3, -0.2, 0.1])
-    sim = QuantSim(teacher)
-    module = make_module(sim, QatConfig(fp32_share=0.25, consistency_weight=2.0), prep, x_u8, 0.5, bias)
-    logged = {}
-    module.log = lambda name, value, **k: logged.setdefault(name, float(value))
-    x = module.inputs(x_u8, False)
-    with torch.no_grad():
-        t = teacher(x)
-    sim.calibrate([x])
-    loss = module.training_step((x_u8, t), 0)
-
-    def kl(log_p, log_target):
-        return float(torch.nn.functional.kl_div(log_p, log_target, reduction="batchmean", log_target=True))
-
-    with torch.no_grad():
-        target = calibrated_log_probs(t, 0.5, bias)
-        sim.enable(False)
-        f = calibrated_log_probs(sim.net(x), 0.5, bias)
-        sim.enable(True)
-        q = calibrated_log_probs(sim.net(x), 0.5, bias)
-    want = 0.25 * kl(f, target) + 0.75 * kl(q, target) + 2.0 * kl(q, f)
-    assert kl(q, f) > 1e-7 and float(loss) == pytest.approx(want, rel=1e-4)
-    assert logged["fp32_int8_kl"] == pytest.approx(kl(q, f), rel=1e-4)
-    loss.backward()
-    dead = [n for n, p in sim.net.named_parameters() if n.endswith("weight.original") and not p.grad.abs().sum() > 0]
-    assert dead == []
-
-
 @pytest.mark.slow
 def test_qat_command_writes_a_model_that_exports_to_int8(tiny_model_dir, tmp_path):
     teacher = shutil.copytree(tiny_model_dir, tmp_path / "teacher")

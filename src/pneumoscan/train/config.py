@@ -311,10 +311,7 @@ class QatConfig:
     epochs: int = 3  # passes over the training split (about 4 minutes each for Lite0 at 224 px on 2 CPU cores)
     lr: float = 5e-5  # peak AdamW learning rate (warm-up over a tenth of the steps, then cosine), from the teacher's weights
     batch_size: int = 32  # images per step and device
-    fp32_share: float = 0.5  # share of the steps run without fake quantisation (the fp32 graph follows the teacher too);
-    # with a consistency weight, the fp32 pass's share of the distillation loss instead
-    consistency_weight: float = 0.0  # > 0: every batch runs both graphs, and KL(fp32 || INT8) of the copy's own calibrated
-    # probabilities (what the INT8 gate compares) joins the loss with this weight; twice the time per epoch; 0: off
+    fp32_share: float = 0.5  # share of the steps run without fake quantisation (the fp32 graph follows the teacher too)
     feature_weight: float = 0.0  # weight of the pooled features' squared distance from the teacher's, in the metric of
     # the out-of-scope gate (per dimension), beside the KL loss; 0: off (needs a calibrated teacher)
     calibration_images: int = 256  # training images (seeded sample) the ranges are fitted on, as export --int8 fits them
@@ -334,8 +331,6 @@ class QatConfig:
             raise ConfigError(f"learning rate {self.lr} must lie in (0, 1), e.g. 5e-5")
         if not 0 <= self.fp32_share < 1:
             raise ConfigError(f"fp32 share {self.fp32_share} must lie in [0, 1) (e.g. 0.5)")
-        if not 0 <= self.consistency_weight < 1e3:
-            raise ConfigError(f"consistency weight {self.consistency_weight} must lie in [0, 1000) (e.g. 1; 0 = off)")
         if not 0 <= self.feature_weight < 1e3:
             raise ConfigError(f"feature weight {self.feature_weight} must lie in [0, 1000) (e.g. 0.02; 0 = off)")
         if self.workers < 0:

@@ -18,9 +18,7 @@ ONNX Runtime will make of it gives the answers the original gives:
    loss is the KL divergence between the teacher's and the copy's *calibrated* distributions (the
    teacher's temperature and class biases, the probabilities verdicts are taken from). A share of the
    steps (``fp32_share``) runs the copy without fake quantisation, so its fp32 graph, the one a CPU
-   without VNNI serves and the one the export gate compares INT8 with, follows the teacher too; with
-   ``consistency_weight`` every batch runs both graphs instead, and the KL divergence between the copy's
-   own fp32 and INT8 probabilities (what the gate compares) joins the loss;
+   without VNNI serves and the one the export gate compares INT8 with, follows the teacher too;
 4. the result is an ordinary model directory: batch norm is restored as an identity scale carrying
    the folded bias, so predict, export, calibrate and ``export --int8`` use it unchanged. Its
    ``config.json["qat"]`` records the teacher and the emulated agreement on validation.
@@ -333,28 +331,15 @@ def make_module(sim: QuantSim, cfg: QatConfig, prep: PreprocessConfig, calibrati
             sim.calibrate(_batches(self.inputs, calibration, self.device))
             self.net.eval()  # no batch norm is left; dropout stays off, as for the teacher's outputs
 
-        def distil(self, x: torch.Tensor, target: torch.Tensor, feats: list, quantised: bool):
-            """(the copy's calibrated log-probabilities, its loss against the teacher) with or without fake quantisation."""
-            sim.enable(quantised)
-            log_p = calibrated_log_probs(self.net(x), temperature, self.bias)
+        def training_step(self, batch, _):
+            x, teacher, *feats = batch
+            quantised = random.Random(cfg.seed * 1_000_003 + self.global_step).random() >= cfg.fp32_share
+            sim.enable(quantised)  # the same draw on every DDP rank
+            log_p = calibrated_log_probs(self.net(self.inputs(x, False)), temperature, self.bias)
+            target = calibrated_log_probs(teacher, temperature, self.bias)
             loss = nn.functional.kl_div(log_p, target, reduction="batchmean", log_target=True)
             if self.metric is not None and feats:  # the gate's squared distance from the teacher's features, per dim
                 loss = loss + cfg.feature_weight * (self.metric(sim.features) - feats[0]).pow(2).mean()
-            return log_p, loss
-
-        def training_step(self, batch, _):
-            x, teacher, *feats = batch
-            x = self.inputs(x, False)
-            target = calibrated_log_probs(teacher, temperature, self.bias)
-            if cfg.consistency_weight > 0:  # both graphs on every batch, and what the gate compares pulled together
-                log_f, loss_f = self.distil(x, target, feats, False)
-                log_q, loss_q = self.distil(x, target, feats, True)
-                agree = nn.functional.kl_div(log_q, log_f, reduction="batchmean", log_target=True)  # KL(fp32 || INT8)
-                loss = cfg.fp32_share * loss_f + (1 - cfg.fp32_share) * loss_q + cfg.consistency_weight * agree
-                self.log("fp32_int8_kl", agree, on_step=False, on_epoch=True, sync_dist=True)
-            else:  # one graph per batch, drawn: the same draw on every DDP rank
-                quantised = random.Random(cfg.seed * 1_000_003 + self.global_step).random() >= cfg.fp32_share
-                loss = self.distil(x, target, feats, quantised)[1]
             self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True)
             return loss
 
