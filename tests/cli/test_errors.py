@@ -348,7 +348,7 @@ def test_nothing_under_src_changes_when_commands_run_without_model(dataset_dir, 
     img = str(next((dataset_dir / "train" / "NORMAL").glob("*.jpeg")))
     assert main(["-q", "predict", img]) in (0, 3)  # 3: the shipped gate stops a synthetic image
     assert main(["-q", "check", "--no-parity"]) == 0
-    assert main(["-q", "explain", img, "--method", "gradcam", "--out", str(tmp_path / "ex")]) == 0
+    assert main(["-q", "explain", img, "--method", "gradcam", "--out", str(tmp_path / "ex")]) in (0, 3)  # as predict
     for argv in (["export"], ["card"]):
         assert main(["-q", *argv]) == 2
     capsys.readouterr()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,7 +288,7 @@ def test_cli_explain_writes_maps_summary_and_grid(tiny_model_dir, images, tmp_pa
     rc = main(["-q", "explain", str(images["rgb_jpeg"]), str(images["png16"]), str(images["dicom"]),
                "--model", str(tiny_model_dir), "--out", str(out), "--grid", "--patch", "16", "--stride", "8",
                "--engine", "torch"])
-    assert rc == 0, capsys.readouterr().err
+    assert rc == 3, capsys.readouterr().err  # mapped, but each of these noise images is out of scope
     for stem in ("a", "b", "c"):
         for method in ("occlusion", "gradcam"):
             assert Image.open(out / f"{stem}.{method}.png").format == "PNG"
@@ -299,6 +300,29 @@ def test_cli_explain_writes_maps_summary_and_grid(tiny_model_dir, images, tmp_pa
     assert summary["central_region"]["left"] == CENTRAL_REGION[0] and len(summary["maps"]) == 6
     assert (out / "grid.occlusion.png").is_file() and (out / "grid.gradcam.png").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_cli_explain_never_shows_a_diagnosis_for_an_input_the_gate_stops(tiny_model_dir, images, tmp_path, capsys):
+    from synthetic import chest
+
+    film = tmp_path / "film.png"
+    Image.fromarray(chest(160, seed=3)).save(film)
+    out = tmp_path / "out"
+    rc = main(["-q", "explain", str(film), str(images["rgb_jpeg"]), "--model", str(tiny_model_dir), "--out", str(out),
+               "--method", "gradcam"])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 3  # as predict: nothing failed, but the gate stopped an input
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out / "explain.csv"))}
+    assert rows["film.png"]["in_scope"] == "True" and rows["film.png"]["reasons"] == ""
+    assert rows["a.jpeg"]["in_scope"] == "False" and "colour content" in rows["a.jpeg"]["reasons"]
+    said = {line.split(":")[0].rsplit("/", 1)[-1]: line for line in lines if ": " in line}
+    assert f"film.png: {rows['film.png']['label']} (gradcam" in said["film.png"]
+    assert "out of scope, no diagnosis (colour content" in said["a.jpeg"]  # the network's class only as what was mapped
+    maps = {Path(m["path"]).name: m for m in json.loads((out / "explain.json").read_text())["maps"]}
+    assert maps["a.jpeg"]["in_scope"] is False and maps["film.png"]["in_scope"] is True
+    from pneumoscan.explain.maps import title
+    e = Explainer(Predictor(tiny_model_dir))(load_xray(images["rgb_jpeg"]), ("gradcam",))[0]
+    assert not e.in_scope and title(e).startswith("OUT OF SCOPE, no diagnosis: colour content")
 
 
 def test_cli_explain_bad_inputs(tiny_model_dir, images, tmp_path, capsys):

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+EXIT_OUT_OF_SCOPE = 3  # no file failed, but the gate stopped at least one input
+
 
 def progress_enabled() -> bool:
     """Progress bars only on a terminal (they go to stderr; logs and pipes get none), never with -q."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..explain.config import ExplainConfig
-from .common import add_model_arg, check_inputs_exist, check_out
+from .common import EXIT_OUT_OF_SCOPE, add_model_arg, check_inputs_exist, check_out
 from .flags import add_config, build
 
 
@@ -93,13 +93,15 @@ def run(args) -> int:
             png = save_overlay(x.pixels, e, out / f"{name}.{e.method}.png", title_name=f.name)
             npy = save_array(e.heatmap, out / f"{name}.{e.method}.npy")
             share = e.central_share
-            rows.append({"path": str(f), "method": e.method, "label": e.label,
+            rows.append({"path": str(f), "method": e.method, "in_scope": e.in_scope, "label": e.label,
                          **{f"p_{k}": round(v, 4) for k, v in e.probabilities.items()},
                          "central_share": None if math.isnan(share) else round(share, 4),
-                         "seconds": round(e.seconds, 3), "png": str(png), "npy": str(npy)})
+                         "seconds": round(e.seconds, 3), "png": str(png), "npy": str(npy),
+                         "reasons": "; ".join(e.reasons)})
             if f in grid_idx:
                 grid[e.method].append((str(f), x.pixels, e))
-            print(f"{f}: {e.label} ({e.method}, central share {share:.2f}, {e.seconds:.2f} s) -> {png}")
+            what = e.label if e.in_scope else f"out of scope, no diagnosis ({e.reasons[0]}); the network's {e.label}"
+            print(f"{f}: {what} ({e.method}, central share {share:.2f}, {e.seconds:.2f} s) -> {png}")
     if rows:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -119,4 +121,4 @@ def run(args) -> int:
             print(f"grid -> {path}")
     for path, err in errors:
         print(f"pneumoscan: error: {err}" if path in err else f"pneumoscan: error: {path}: {err}", file=sys.stderr)
-    return 1 if errors else 0
+    return 1 if errors else (EXIT_OUT_OF_SCOPE if any(not r["in_scope"] for r in rows) else 0)

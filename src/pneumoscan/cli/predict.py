@@ -6,7 +6,7 @@ out of scope (no diagnosis: ``in_scope`` false, ``label`` null, ``reasons``), 2 
 from __future__ import annotations
 
 from ..predict import PredictConfig
-from .common import add_model_arg, progress_enabled
+from .common import EXIT_OUT_OF_SCOPE, add_model_arg, progress_enabled
 from .flags import add_config, build
 
 
@@ -25,7 +25,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-EXIT_OUT_OF_SCOPE = 3  # no file failed, but the gate stopped at least one input
 
 
 def _fmt(v, spec: str = ".4f") -> str:

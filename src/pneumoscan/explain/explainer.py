@@ -120,9 +120,10 @@ class Explainer:
             raise PneumoscanError(f"expected an XRay from pneumoscan.data.imaging.load_xray, got {type(x).__name__}")
         pred = self.predictor
         tensor = pred.tensor(x)[None]
-        result = pred.result("image", pred.probabilities(tensor)[0], *pred.screen(x))
-        label = result.predicted  # a research view: the network's decision is explained even where the gate says no
-        if not result.in_scope:
+        p, f = pred.forward(tensor, features=pred.ood is not None)  # the learned score too, as predict applies it
+        result = pred.result("image", p[0], *pred.screen(x), features=None if f is None else f[0])
+        label = result.predicted  # a research view: the network's decision is explained even where the gate says no,
+        if not result.in_scope:  # and every output says so (Explanation.reasons)
             log.warning("explaining an input the out-of-scope gate stops: %s", "; ".join(result.reasons))
         probs = {lab: float(v) for lab, v in zip(pred.labels, result.scores)}
         target = list(pred.labels).index(label)
@@ -135,5 +136,5 @@ class Explainer:
                 else:
                     heat = self.occlusion_map(tensor, target)
                 out.append(Explanation(method, heat, target, label, probs,
-                                       time.perf_counter() - t0))
+                                       time.perf_counter() - t0, reasons=list(result.reasons)))
         return out

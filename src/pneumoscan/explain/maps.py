@@ -6,6 +6,7 @@ the web page shows (OpenCV, a few ms). :mod:`.figures` draws the matplotlib figu
 """
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 
 import cv2
@@ -40,10 +41,15 @@ class Explanation:
     probabilities: dict[str, float]  # the predictor's probabilities (LABELS order)
     seconds: float = 0.0  # time the map took
     extra: dict = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)  # why the out-of-scope gate stops this input; empty: in scope
 
     @property
     def central_share(self) -> float:
         return central_share(self.heatmap)
+
+    @property
+    def in_scope(self) -> bool:
+        return not self.reasons
 
 
 def central_share(heatmap: np.ndarray, region: tuple[float, float, float, float] = CENTRAL_REGION) -> float:
@@ -89,6 +95,9 @@ def style(e: Explanation, heat: np.ndarray) -> dict:
 
 def title(e: Explanation) -> str:
     probs = ", ".join(f"{k} {v:.2f}" for k, v in e.probabilities.items())
+    if not e.in_scope:  # a research view of an input that gets no diagnosis: never shown as one
+        why = textwrap.shorten(e.reasons[0], 70, placeholder="...")
+        return f"OUT OF SCOPE, no diagnosis: {why}\nthe network's {e.label} explained ({probs})"
     return f"predicted {e.label} ({probs})"
 
 
@@ -117,7 +126,7 @@ def overlay_png(gray: np.ndarray, e: Explanation, title_name: str | None = None,
     cv2.putText(canvas, f"{st['vmax']:.3g}", (w + 22, 50), font, 0.35, black, 1, cv2.LINE_AA)
     cv2.putText(canvas, f"{st['vmin']:.3g}", (w + 22, 38 + h), font, 0.35, black, 1, cv2.LINE_AA)
     head = f"{title_name}: " if title_name else ""
-    cv2.putText(canvas, head + title(e), (4, 16), font, 0.42, black, 1, cv2.LINE_AA)
+    cv2.putText(canvas, head + title(e).replace("\n", "; "), (4, 16), font, 0.42, black, 1, cv2.LINE_AA)
     cv2.putText(canvas, f"{NAMES[e.method]}: {st['label']}; central share {e.central_share:.2f}", (4, 33),
                 font, 0.38, black, 1, cv2.LINE_AA)
     ok, buf = cv2.imencode(".png", canvas)
