@@ -83,3 +83,24 @@ def test_adapt_counts_image_files_that_are_not_images_as_failed(tiny_model_dir, 
     cap = capsys.readouterr()
     assert rc == 0 and "3 images (1 failed)" in cap.out and "cut.jpeg: empty file" in cap.err
     assert json.loads((tmp_path / "p.json").read_text())["failed"] == 1
+
+
+def test_adapt_leaves_out_images_the_gate_stops_and_says_how_many(tiny_model_dir, dataset_dir, tmp_path, capsys):
+    import shutil
+
+    from PIL import Image
+
+    for f in sorted((dataset_dir / "train" / "NORMAL").glob("*.jpeg"))[:4]:
+        shutil.copy(f, tmp_path / f.name)
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "photo.png")  # colour noise: no chest X-ray, must not move the prior
+    rc = main(["-q", "adapt", str(tmp_path), "--model", str(tiny_model_dir), "--out", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    r = json.loads((tmp_path / "p.json").read_text())
+    assert rc == 0 and r["n"] == 4 and r["out_of_scope"] == 1 and r["failed"] == 0
+    assert "4 images (0 failed, 1 out of scope and left out)" in out
+    for f in tmp_path.glob("*.jpeg"):
+        f.unlink()
+    rc = main(["-q", "adapt", str(tmp_path), "--model", str(tiny_model_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "none of the 1 decodable images is a chest X-ray the model can read" in err and "colour" in err

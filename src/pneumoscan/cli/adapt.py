@@ -53,7 +53,8 @@ def run(args) -> int:
     for path, err in problems:  # image-named files that are not images: counted and named, never dropped
         print(f"pneumoscan: error: {path}: {err}", file=sys.stderr)
     r["failed"] += len(problems)
-    print(f"{r['n']} images ({r['failed']} failed), model {r['model']}, method {r['method']}")
+    stopped = f", {r['out_of_scope']} out of scope and left out" if r["out_of_scope"] else ""
+    print(f"{r['n']} images ({r['failed']} failed{stopped}), model {r['model']}, method {r['method']}")
     print(f"{'class':<11}{'model prior':>13}{'predicted':>11}{'estimated':>11}")
     for lab in LABELS:
         print(f"{lab:<11}{r['model_prior'][lab]:>13.3f}{r['predicted_share'][lab]:>11.3f}{r['prior'][lab]:>11.3f}")

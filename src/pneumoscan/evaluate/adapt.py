@@ -84,12 +84,21 @@ def bbse_prior(pred_val: np.ndarray, y_val: np.ndarray, pred_target: np.ndarray,
 def adapt(paths: list[str], predictor, cfg: AdaptConfig = AdaptConfig(), *, validation=None,
           progress: bool = False) -> dict:
     """Estimate the class prior of the images ``paths`` (unlabelled). ``validation`` is the model's
-    (labels, probabilities) on its validation split, needed by ``bbse`` and reported with ``em``."""
-    probs, _, kept, errors = predictor.arrays(paths, cfg.batch_size, progress, features=False)
-    if not kept:
+    (labels, probabilities) on its validation split, needed by ``bbse`` and reported with ``em``.
+
+    Only images the out-of-scope gate lets through count (a lateral film, a photograph or a blank frame
+    among them would pull the estimate anywhere); how many were left out is reported."""
+    preds, errors = predictor.predict_files(paths, cfg.batch_size, progress)
+    if not preds:
         raise DataError(f"none of the {len(paths)} images could be decoded" + (f" ({errors[0][1]})" if errors else ""))
+    kept = [p for p in preds if p.in_scope]
+    if not kept:
+        raise DataError(f"none of the {len(preds)} decodable images is a chest X-ray the model can read (first: "
+                        f"{preds[0].path}: {preds[0].reasons[0]}); the prior is estimated on those it can read")
+    probs = np.stack([p.scores for p in kept])
     base = model_prior(predictor.config)
-    out = {"method": cfg.method, "n": len(kept), "failed": len(errors), "model": predictor.model_id,
+    out = {"method": cfg.method, "n": len(kept), "failed": len(errors), "out_of_scope": len(preds) - len(kept),
+           "model": predictor.model_id,
            "model_prior": dict(zip(LABELS, base.round(4).tolist())),
            "predicted_share": dict(zip(LABELS, (np.bincount(decide(probs, predictor.threshold), minlength=len(LABELS))
                                                 / len(kept)).round(4).tolist()))}
