@@ -187,6 +187,13 @@ def check_writable(path: str | os.PathLike, kind: str = "dir", what: str = "--ou
         raise PneumoscanError(f"{what} {path}: {base} is a file, so {path} cannot be created; choose another path")
     if not os.access(base, os.W_OK | os.X_OK):
         raise PneumoscanError(f"{what} {path}: {base} is not writable; choose a writable location")
+    try:  # what access() cannot see (a pseudo or read-only-bound file system, a full inode table): try it
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".pneumoscan-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PneumoscanError(f"{what} {path}: cannot create files in {base} ({e.strerror or e}); "
+                              "choose a writable location") from None
     return path
 
 

@@ -444,3 +444,32 @@ def test_serve_on_a_busy_port_or_a_foreign_address_is_one_line_before_anything_s
                    "is not an address or a name this machine resolves")
     with server.bind(server.ServeConfig(host="127.0.0.1", port=int(port))) as sock:  # free again: bound and kept
         assert sock.getsockname() == ("127.0.0.1", int(port))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_where_files_cannot_be_created_is_refused_before_the_work(tiny_model_dir, dataset_dir, capsys,
+                                                                           monkeypatch):
+    import pneumoscan.predict as predict
+
+    def never(*a, **k):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(predict.Predictor, "predict_files", never)
+    img = str(next((dataset_dir / "train" / "NORMAL").glob("*.jpeg")))
+    # /proc accepts access(W_OK) for root but no new file: only trying it shows that
+    one_error_line(capsys, ["predict", img, "--model", str(tiny_model_dir), "--out", "/proc/p.csv"], "/proc/p.csv")
+
+
+def test_a_file_system_error_during_the_work_is_one_line_and_exit_1(capsys, monkeypatch):
+    import errno
+
+    import pneumoscan.cli.predict as cli_predict
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/p.csv")
+
+    monkeypatch.setattr(cli_predict, "run", full)
+    rc = main(["-q", "predict", "x.jpeg"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("pneumoscan: error: /data/out/p.csv: No space left on device")

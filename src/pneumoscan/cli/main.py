@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # the file system refused mid-run (a full disk, a path that vanished): one line, not a trace
+        if args.verbose > 1:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"pneumoscan: error: {where}{e.strerror or e}; check the path and the free space (-vv: the traceback)",
+              file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 
