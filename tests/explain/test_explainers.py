@@ -325,6 +325,23 @@ def test_cli_explain_never_shows_a_diagnosis_for_an_input_the_gate_stops(tiny_mo
     assert not e.in_scope and title(e).startswith("OUT OF SCOPE, no diagnosis: colour content")
 
 
+@pytest.mark.slow
+def test_cli_explain_into_a_reused_folder_leaves_nothing_stale(tiny_model_dir, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's file")  # not explain's: never touched
+    common = ["--model", str(tiny_model_dir), "--out", str(out), "--patch", "16", "--stride", "8"]
+    main(["-q", "explain", str(images["rgb_jpeg"]), str(images["png16"]), *common, "--grid"])
+    first = {p.name for p in out.iterdir()}
+    assert {"a.occlusion.png", "a.gradcam.npy", "grid.occlusion.png", "grid.gradcam.png", "explain.csv"} <= first
+    main(["-q", "explain", str(images["png16"]), *common, "--method", "gradcam"])
+    assert {p.name for p in out.iterdir()} == {"notes.txt", "b.gradcam.png", "b.gradcam.npy", "explain.csv",
+                                               "explain.json"}  # the first run's other maps and grids are gone
+    main(["-q", "explain", str(images["broken"]), *common])  # nothing explained: no summary of another run is left
+    capsys.readouterr()
+    assert {p.name for p in out.iterdir()} == {"notes.txt"}
+
+
 def test_cli_explain_bad_inputs(tiny_model_dir, images, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["-q", "explain", str(images["broken"]), str(tmp_path / "missing.png"), str(images["png16"]),

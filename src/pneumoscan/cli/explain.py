@@ -79,6 +79,7 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise PneumoscanError(f"--out {out} is a file; give a folder")
+    previous = previous_outputs(out)  # what an earlier explain wrote here, to remove what this one does not rewrite
     pred = Predictor(args.model, backend="torch")  # explanations need the network's gradients and layers
     explainer = Explainer(pred, patch=cfg.patch, stride=cfg.stride, batch_size=cfg.batch_size, engine=cfg.engine)
     grid_idx = set(pick_evenly(files, 16)) if cfg.grid else set()
@@ -102,6 +103,12 @@ def run(args) -> int:
                 grid[e.method].append((str(f), x.pixels, e))
             what = e.label if e.in_scope else f"out of scope, no diagnosis ({e.reasons[0]}); the network's {e.label}"
             print(f"{f}: {what} ({e.method}, central share {share:.2f}, {e.seconds:.2f} s) -> {png}")
+    grids = []
+    for method, items in grid.items():
+        if items:
+            grids.append(save_figure(grid_figure(items, pred.model_id), out / f"grid.{method}.png", dpi=110))
+            print(f"grid -> {grids[-1]}")
+    written = {Path(r[k]).name for r in rows for k in ("png", "npy")} | {g.name for g in grids}
     if rows:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -113,12 +120,33 @@ def run(args) -> int:
             "model": pred.model_id, "methods": list(methods), "patch": cfg.patch, "stride": cfg.stride,
             "central_region": {"left": left, "right": right, "top": top, "bottom": bottom,
                                "note": "fractions of width/height; a map spread evenly has share 0.42"},
-            "maps": rows})
+            "maps": rows, "grids": [g.name for g in grids]})
+        written |= {"explain.csv", "explain.json"}
         print(f"summary -> {out / 'explain.csv'}")
-    for method, items in grid.items():
-        if items:
-            path = save_figure(grid_figure(items, pred.model_id), out / f"grid.{method}.png", dpi=110)
-            print(f"grid -> {path}")
+    for stale in sorted(previous - written):  # an earlier run's maps, grids and summary: never left to mislead
+        (out / stale).unlink(missing_ok=True)
     for path, err in errors:
         print(f"pneumoscan: error: {err}" if path in err else f"pneumoscan: error: {path}: {err}", file=sys.stderr)
     return 1 if errors else (EXIT_OUT_OF_SCOPE if any(not r["in_scope"] for r in rows) else 0)
+
+
+def previous_outputs(out) -> set[str]:
+    """Names of the files an earlier ``explain`` wrote into ``out``, as its ``explain.json`` lists them (maps,
+    grids, the summary itself); nothing else in the folder is ever touched."""
+    import json
+    import re
+    from pathlib import Path
+
+    try:
+        doc = json.loads((Path(out) / "explain.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(doc, dict):
+        return set()
+    names = {"explain.csv", "explain.json"}
+    for m in doc.get("maps") or []:
+        names |= {Path(str(m[k])).name for k in ("png", "npy") if isinstance(m, dict) and m.get(k)}
+    grids = doc.get("grids", [f"grid.{m}.png" for m in doc.get("methods") or []])  # older files name no grids
+    names |= {Path(str(g)).name for g in grids or []}
+    ours = re.compile(r"explain\.(csv|json)|grid\.(occlusion|gradcam)\.png|.+\.(occlusion|gradcam)\.(png|npy)")
+    return {n for n in names if ours.fullmatch(n)}  # only names explain gives its own files
