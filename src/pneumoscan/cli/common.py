@@ -86,6 +86,9 @@ def check_model_writable(model_dir) -> Path:
                               "(cp -r) and pass the copy with --model")
     if not os.access(d, os.W_OK | os.X_OK) or not os.access(d / "config.json", os.W_OK):
         raise PneumoscanError(f"{d} is not writable; copy the model directory somewhere writable and pass --model")
+    from ..io import check_writable
+
+    check_writable(d, "dir", "--model")  # tried, not only asked: a read-only mount passes access() as root
     return d
 
 
