@@ -95,7 +95,7 @@ def grid_figure(items: Sequence[tuple[str, np.ndarray, Explanation]], model_id: 
         share = e.central_share
         shares.append(share)
         true = label_from_path(Path(name))  # from the folders, when the image sits in a labelled layout
-        wrong = true is not None and true != e.label
+        wrong = e.in_scope and true is not None and true != e.label  # no diagnosis given: no mistake to mark
         verdict = (f"true {true}, called {e.label}" if true else f"called {e.label}") + f" {e.probabilities[e.label]:.2f}"
         if not e.in_scope:  # the gate gives no diagnosis: the network's class is shown as what was explained only
             verdict = f"OUT OF SCOPE; network: {e.label} {e.probabilities[e.label]:.2f}"
