@@ -25,8 +25,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-
-
 def _fmt(v, spec: str = ".4f") -> str:
     return "" if v is None else format(v, spec)
 

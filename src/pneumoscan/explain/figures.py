@@ -96,9 +96,11 @@ def grid_figure(items: Sequence[tuple[str, np.ndarray, Explanation]], model_id: 
         shares.append(share)
         true = label_from_path(Path(name))  # from the folders, when the image sits in a labelled layout
         wrong = e.in_scope and true is not None and true != e.label  # no diagnosis given: no mistake to mark
-        verdict = (f"true {true}, called {e.label}" if true else f"called {e.label}") + f" {e.probabilities[e.label]:.2f}"
-        if not e.in_scope:  # the gate gives no diagnosis: the network's class is shown as what was explained only
-            verdict = f"OUT OF SCOPE; network: {e.label} {e.probabilities[e.label]:.2f}"
+        if e.in_scope:
+            verdict = f"true {true}, called {e.label}" if true else f"called {e.label}"
+        else:  # the gate gives no diagnosis: the network's class is shown as what was explained only
+            verdict = f"OUT OF SCOPE; network: {e.label}"
+        verdict += f" {e.probabilities[e.label]:.2f}"
         ax.set_title(f"{short_name(Path(name).name)}\n{'MISTAKE: ' if wrong else ''}{verdict}; central {share:.2f}",
                      fontsize=7, color="firebrick" if wrong or share < 0.42 else "black",
                      fontweight="bold" if wrong else "normal")
