@@ -18,7 +18,6 @@ in one run, to say what ratio to fp32 is reachable at all:
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,12 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from int8_guard import guarded_config, guarded_parser  # this folder is on sys.path
 
 from pneumoscan.bench import result_file, write_result
 from pneumoscan.data.splits import validation_set
-from pneumoscan.nets.modeldir import int8_file, read_config
+from pneumoscan.nets.modeldir import int8_file
 from pneumoscan.predict import Predictor
-from pneumoscan.runtime import cpu_count, ort_session
+from pneumoscan.runtime import ort_session
 
 
 def clocks(fn, n: int) -> tuple[float, float]:
@@ -75,21 +75,12 @@ def prefetched(pred: Predictor, files: list[str], batch: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", type=Path, help="model directory with a guarded INT8 export that passed its gate")
-    ap.add_argument("--data", default=None, help="the training folder the model's manifest points into")
-    ap.add_argument("--images", type=int, default=512, help="validation images (default 512)")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=cpu_count())
-    ap.add_argument("--name", default="int8-bound")
+    ap = guarded_parser(__doc__, "int8-bound")
     ap.add_argument("--out", default=None, help="a JSON file, or a folder for NAME.json (default benchmarks/results)")
     args = ap.parse_args(argv)
     out = result_file(args.out, f"{args.name}.json")
-    conf = read_config(args.model)
-    if not int8_file(conf) or not conf["onnx"]["int8"].get("guard"):
-        print(f"{args.model} has no guarded INT8 export that passed its gate; run 'pneumoscan export --model "
-              f"{args.model} --int8 --data DATA' first", file=sys.stderr)
+    conf = guarded_config(args.model)
+    if conf is None:
         return 2
     files = [str(p) for p in validation_set(args.data, conf, args.model).paths[: args.images]]
     preds = {k: Predictor(args.model, backend="onnx", precision=k, threads=args.threads) for k in ("fp32", "int8")}
@@ -106,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     rs: list = []
     outside["resize_intensity"] = clocks(lambda: rs.extend(ref.pre.resize(x.pixels) for x in xs), len(files))[0]
     buf = np.empty((args.batch, 3, ref.prep_cfg.size, ref.prep_cfg.size), np.float32)
-    outside["normalise"] = clocks(lambda: [ref.pre.normalize_np(np.stack(rs[i:i + args.batch]), out=buf[:len(rs[i:i + args.batch])])
-                                           for i in range(0, len(rs), args.batch)], len(files))[0]
+    chunks = [rs[i:i + args.batch] for i in range(0, len(rs), args.batch)]
+    outside["normalise"] = clocks(lambda: [ref.pre.normalize_np(np.stack(c), out=buf[:len(c)]) for c in chunks],
+                                  len(files))[0]
     o = sum(outside.values())
     x = ref.pre.normalize_np(np.stack(rs[: args.batch]))
     sub = max(1, round(g * args.batch))

@@ -59,22 +59,36 @@ def bare(path: Path, x: np.ndarray, threads: int, batches: int) -> float:
     return batches * len(x) / (time.perf_counter() - t)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def guarded_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options every guarded-INT8 benchmark takes (this one and ``int8_bound.py``)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("model", type=Path, help="model directory with a guarded INT8 export that passed its gate")
     ap.add_argument("--data", default=None, help="the training folder the model's manifest points into")
     ap.add_argument("--images", type=int, default=512, help="validation images timed end to end (default 512)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=cpu_count())
+    ap.add_argument("--name", default=name)
+    return ap
+
+
+def guarded_config(model: Path) -> dict | None:
+    """The model's config.json, or None (and one line on stderr) when it has no guarded INT8 export that passed."""
+    conf = read_config(model)
+    if int8_file(conf) and conf["onnx"]["int8"].get("guard"):
+        return conf
+    print(f"{model} has no guarded INT8 export that passed its gate; run 'pneumoscan export --model {model} --int8 "
+          "--data DATA' first", file=sys.stderr)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = guarded_parser(__doc__, "int8-guard")
     ap.add_argument("--latency-iters", type=int, default=200)
-    ap.add_argument("--name", default="int8-guard")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    conf = read_config(args.model)
-    if not int8_file(conf) or not (conf["onnx"]["int8"].get("guard")):
-        print(f"{args.model} has no guarded INT8 export that passed its gate; run 'pneumoscan export --model "
-              f"{args.model} --int8 --data DATA' first", file=sys.stderr)
+    conf = guarded_config(args.model)
+    if conf is None:
         return 2
     val = validation_set(args.data, conf, args.model)
     files = val.paths[: args.images]
