@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,17 @@ def test_evaluate_schema(tiny_model_dir, dataset_dir, tmp_path):
     assert ci["accuracy"][0] <= m["normal_vs_pneumonia"]["accuracy"] <= ci["accuracy"][1]
     for f in ("confusion_matrix.png", "roc.png", "report.md", "predictions.csv"):
         assert (tmp_path / f).is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_report_inside_the_data_is_not_scored_next_time(tiny_model_dir, dataset_dir, tmp_path):
+    import shutil
+
+    data = Path(shutil.copytree(dataset_dir, tmp_path / "chest_xray"))
+    out = data / "train" / "NORMAL" / "report"  # its PNGs sit where normal films are found
+    for _ in range(2):
+        assert main(["-q", "evaluate", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out)]) == 0
+        assert json.loads((out / "metrics.json").read_text())["n"] == 48
 
 
 @pytest.mark.slow

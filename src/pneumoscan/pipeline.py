@@ -43,7 +43,7 @@ def run_pipeline(data: str | os.PathLike, out: str | os.PathLike, cfg: TrainConf
     out = Path(out)
     times = {}
     t = time.perf_counter()
-    manifest = index_dataset(data, cfg.val_fraction, cfg.seed)
+    manifest = index_dataset(data, cfg.val_fraction, cfg.seed, exclude=out)  # never its own figures as X-rays
     manifest.save(out / "manifest.csv")
     times["index_s"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -216,3 +216,22 @@ def test_a_model_s_own_split_is_found_in_a_moved_data_folder(tmp_path):
     victim = next(p for p in sorted(moved.rglob("*.jpeg")))
     victim.write_bytes(victim.read_bytes() + b"\0")  # other content: not the model's data any more
     assert load_manifest(moved, config, model).digest() != own.digest()
+
+
+def test_a_command_s_output_folder_inside_its_inputs_is_not_read_back(tmp_path):
+    """explain and evaluate write PNGs; an --out inside the data must not be read as X-rays on the next run."""
+    from pneumoscan.data.index import iter_image_files, scan
+
+    root = tmp_path / "site"
+    for k in (1, 2):
+        _img(root / "NORMAL" / f"IM-000{k}-0001.jpeg", 10 + k, "JPEG")
+        _img(root / "PNEUMONIA" / f"person{k}_bacteria_{k}.jpeg", 20 + k, "JPEG")
+    _img(root / "NORMAL" / "report" / "roc.png", 30)  # an earlier run's figure, inside a class folder
+    _img(root / "maps" / "a.gradcam.png", 40)
+    assert len(scan(root)[0]) == 5  # without the exclusion the figure counts as a normal film
+    found = scan(root, exclude=root / "NORMAL" / "report")[0]
+    assert "roc.png" not in {p.name for p, _, _ in found} and len(found) == 4
+    assert len(index_dataset(root, val_fraction=0.5, exclude=root / "NORMAL" / "report")) == 4
+    files = iter_image_files([root], exclude=tmp_path / "site" / "maps" / ".." / "maps")[0]  # spelt another way
+    assert "a.gradcam.png" not in {f.name for f in files} and "roc.png" in {f.name for f in files}
+    assert {f.name for f in iter_image_files([root / "maps"], exclude=root / "maps")[0]} == {"a.gradcam.png"}

@@ -342,6 +342,24 @@ def test_cli_explain_into_a_reused_folder_leaves_nothing_stale(tiny_model_dir, i
     assert {p.name for p in out.iterdir()} == {"notes.txt"}
 
 
+def test_cli_explain_never_reads_its_own_maps_back(tiny_model_dir, images, tmp_path, capsys):
+    """'explain scans --out scans/maps' run twice explains the films, not the first run's overlays."""
+    import shutil
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(images["png16"], scans / "b.png")
+    args = ["-q", "explain", str(scans), "--model", str(tiny_model_dir), "--out", str(scans / "maps"),
+            "--method", "gradcam"]
+    rc = main(args)  # 3: the tiny model's gate stops this noise image; a map is drawn all the same
+    first = sorted(p.name for p in (scans / "maps").iterdir())
+    assert main(args) == rc in (0, 3)
+    capsys.readouterr()
+    assert sorted(p.name for p in (scans / "maps").iterdir()) == first == [
+        "b.gradcam.npy", "b.gradcam.png", "explain.csv", "explain.json"]
+    assert [m["path"] for m in json.loads((scans / "maps" / "explain.json").read_text())["maps"]] == [str(scans / "b.png")]
+
+
 def test_cli_explain_bad_inputs(tiny_model_dir, images, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["-q", "explain", str(images["broken"]), str(tmp_path / "missing.png"), str(images["png16"]),

@@ -71,7 +71,7 @@ def run(args) -> int:
     from ..predict import Predictor
 
     methods = cfg.methods
-    files, errors = iter_image_files(args.paths)
+    files, errors = iter_image_files(args.paths, exclude=args.out)  # never its own maps read back as X-rays
     if not files:
         what = "; ".join(f"{p}: {e}" for p, e in errors) or "no JPEG, PNG or DICOM files in the given folders"
         raise PneumoscanError(f"nothing to explain ({what})")

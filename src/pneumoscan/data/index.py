@@ -94,9 +94,16 @@ def _looks_like_image(path: Path) -> str | None:
     return None
 
 
-def scan(root: str | os.PathLike) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
-    """Walk ``root``: (path, label, source_split) for every image, and (path, reason) for skips."""
+def _resolved(folder: str | os.PathLike | None) -> Path | None:
+    return Path(folder).resolve() if folder is not None else None
+
+
+def scan(root: str | os.PathLike,
+         exclude: str | os.PathLike | None = None) -> tuple[list[tuple[Path, str, str]], list[tuple[str, str]]]:
+    """Walk ``root``: (path, label, source_split) for every image, and (path, reason) for skips.
+    ``exclude``: the command's own output folder, never walked (its figures are not X-rays)."""
     root = Path(root)
+    skip = _resolved(exclude)
     if not root.exists():
         raise DataError(f"data folder {root} does not exist; give a folder with NORMAL/ and PNEUMONIA/ "
                         "(or normal/ bacterial/ viral/), or fetch the data with 'pneumoscan data download'")
@@ -105,7 +112,8 @@ def scan(root: str | os.PathLike) -> tuple[list[tuple[Path, str, str]], list[tup
     found: list[tuple[Path, str, str]] = []
     skipped: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX"
+                             and (skip is None or (Path(dirpath) / d).resolve() != skip))
         for fn in sorted(filenames):
             if fn.startswith("."):
                 continue
@@ -160,14 +168,15 @@ def split_patients(samples: Sequence[Sample], val_fraction: float = VAL_FRACTION
 
 
 def index_dataset(root: str | os.PathLike, val_fraction: float = VAL_FRACTION, seed: int = 0,
-                  progress: bool = False) -> Manifest:
+                  progress: bool = False, exclude: str | os.PathLike | None = None) -> Manifest:
     """Index ``root`` into a :class:`Manifest` with a patient-grouped train/val split.
 
     Images under a ``test/`` folder keep ``split="test"``; everything else is split by patient.
     Unreadable and non-image files are listed in ``manifest.skipped`` (never silently dropped).
+    ``exclude``: the command's own output folder, not indexed (:func:`scan`).
     """
     root = Path(root).resolve()
-    found, skipped = scan(root)
+    found, skipped = scan(root, exclude)
     if not found:
         raise DataError(
             f"no labelled images under {root}: expected NORMAL/ and PNEUMONIA/ (optionally under "
@@ -203,19 +212,26 @@ def resolve_manifest(data: str | os.PathLike, val_fraction: float = VAL_FRACTION
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".dcm", ".dicom")  # a folder member named so must be an image
 
 
-def iter_image_files(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
+def iter_image_files(paths: Iterable[str | os.PathLike],
+                     exclude: str | os.PathLike | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand files and folders (recursively) into image files; returns (files, [(path, problem)]).
 
     Folder members are judged by content, so DICOM files without an extension count and notes or CSV
     files beside the images are passed over; a member *named* as an image (``IMAGE_SUFFIXES``) that is
-    empty, unreadable or another kind of file is a problem, reported like a missing path, never dropped."""
+    empty, unreadable or another kind of file is a problem, reported like a missing path, never dropped.
+    ``exclude``: the command's own output folder; when it lies inside a folder given, what it holds is not an
+    input (a command that writes images would otherwise read its earlier run's pictures back as X-rays)."""
     files: list[Path] = []
     problems: list[tuple[str, str]] = []
+    skip = _resolved(exclude)
     for p in paths:
         p = Path(p)
         if p.is_dir():
+            inside = skip is not None and skip != p.resolve() and p.resolve() in skip.parents
             for q in sorted(p.rglob("*")):
                 if not q.is_file() or any(part.startswith(".") for part in q.relative_to(p).parts):
+                    continue
+                if inside and skip in q.resolve().parents:
                     continue
                 reason = _looks_like_image(q)
                 if reason is None:

@@ -39,7 +39,7 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, model: str | os.Pa
     runs for images seen before) and any other model on its fastest verified engine.
     ``prevalence``: the expected share of pneumonia; probabilities are prior-shift corrected.
     """
-    found, skipped = scan(data)
+    found, skipped = scan(data, exclude=out)  # a report written inside the data is not read back as X-rays
     if not found:
         raise DataError(f"no labelled images under {data}: expected NORMAL/ and PNEUMONIA/ "
                         "(or normal/ bacterial/ viral/) folders")
