@@ -473,3 +473,21 @@ def test_a_file_system_error_during_the_work_is_one_line_and_exit_1(capsys, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "Traceback" not in err[0]
     assert err[0].startswith("pneumoscan: error: /data/out/p.csv: No space left on device")
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_output_replaced_as_a_whole_never_is_nor_holds_an_input(tiny_model_dir, dataset_dir, tmp_path, capsys):
+    """ensemble a b --out b --overwrite used to put the ensemble in place and delete the member b; train DATA --out
+    DATA --overwrite the data; --out of the folder holding the inputs, or of the shipped model, the same."""
+    a, b = (Path(shutil.copytree(tiny_model_dir, tmp_path / n)) for n in ("a", "b"))
+    data = Path(shutil.copytree(dataset_dir, tmp_path / "data"))
+    before = {p: _listing(p) for p in (a, b, data)}
+    one_error_line(capsys, ["ensemble", str(a), str(b), "--out", str(b), "--overwrite"], f"--out {b} is the input {b}")
+    one_error_line(capsys, ["soup", str(a), str(b), "--out", str(tmp_path), "--overwrite"], "holds the input")
+    one_error_line(capsys, ["train", str(data), "--out", str(data), "--overwrite"], "replacing it would destroy it")
+    one_error_line(capsys, ["ensemble", str(a), str(b), "--out", str(PACKAGE_MODEL), "--overwrite"],
+                   "the model shipped inside pneumoscan")
+    assert {p: _listing(p) for p in (a, b, data)} == before

@@ -70,8 +70,30 @@ def check_out(args, kind: str = "dir") -> Path:
     from ..io import check_new_dir, check_writable
 
     if kind == "model":
+        check_not_an_input(args)
         return check_new_dir(args.out, getattr(args, "overwrite", False))
     return check_writable(args.out, kind)
+
+
+def check_not_an_input(args) -> None:
+    """A folder replaced as a whole must not be, nor hold, anything the command reads (its models, data,
+    weights: every existing path among the arguments) nor the model shipped inside the package:
+    ``ensemble a b --out b --overwrite`` would otherwise destroy a member once the new model is in place."""
+    from ..errors import PneumoscanError
+    from ..nets.modeldir import PACKAGE_MODEL
+
+    out = Path(args.out).resolve()
+    named = [("the model shipped inside pneumoscan", PACKAGE_MODEL)]
+    for key, value in vars(args).items():
+        if key in ("out", "func"):
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (str, os.PathLike)) and str(v) and Path(v).exists():
+                named.append((f"the input {v}", Path(v).resolve()))
+    for what, path in named:
+        if path == out or out in path.parents:
+            raise PneumoscanError(f"--out {args.out} {'is' if path == out else 'holds'} {what}; replacing it would "
+                                  "destroy it: choose another output folder")
 
 
 def check_model_writable(model_dir) -> Path:
