@@ -275,3 +275,42 @@ def test_reproduce_command_parses_back_to_the_recorded_config(tiny_model_dir):
     rebuilt = dataclasses.asdict(build(TrainConfig, args))
     assert rebuilt == {**cfg["train_config"], "batch_size": 16}
     assert "Python API" not in (tiny_model_dir / "MODEL_CARD.md").read_text()
+
+
+def _check(model_dir: Path, capsys) -> tuple[int, str]:
+    """'pneumoscan check' after regenerating the card (a fresh card must not hide anything): (exit, stdout)."""
+    assert main(["-q", "card", "--model", str(model_dir)]) == 0
+    capsys.readouterr()
+    rc = main(["-q", "check", "--no-parity", "--model", str(model_dir)])
+    return rc, capsys.readouterr().out
+
+
+def test_check_fails_on_a_missing_manifest(model_dir, capsys):
+    (model_dir / "manifest.csv").unlink()
+    rc, out = _check(model_dir, capsys)
+    assert rc == 2 and "FAIL manifest.csv: missing, but config.json records the split the model was trained on" in out
+
+
+def test_check_accepts_no_manifest_only_where_none_was_recorded(model_dir, capsys):
+    """An ensemble of members trained on different splits records no manifest and has none: check says so."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["manifest_sha256"] = None
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    (model_dir / "manifest.csv").unlink()
+    rc, out = _check(model_dir, capsys)
+    assert rc == 0 and "ok   manifest.csv: absent, as expected: config.json records no training manifest" in out
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    ('{"name": "x", "metr', "not valid JSON"),
+    ('{"name": "x"}', "it holds no 'metrics' object"),
+    ('{"name": "x", "metrics": {"n": 3}}', "its metrics: "),
+])
+def test_check_fails_on_a_corrupt_stored_evaluation(model_dir, eval_metrics, capsys, content, why):
+    assert main(["-q", "card", "--model", str(model_dir), "--add-eval", str(eval_metrics), "--name", "good"]) == 0
+    (model_dir / EVAL_DIR / "x.json").write_text(content)
+    rc, out = _check(model_dir, capsys)
+    assert rc == 2 and f"ok   {EVAL_DIR}/good.json: a stored evaluation of this model" in out
+    assert f"FAIL {model_dir / EVAL_DIR / 'x.json'} is not a stored evaluation: {why}" in out
+    assert f"delete it, or store the evaluation again with 'pneumoscan card --model {model_dir} --add-eval" in out
+    assert "### x" not in (model_dir / CARD_NAME).read_text() and "### good" in (model_dir / CARD_NAME).read_text()

@@ -7,6 +7,8 @@ fine-tune, ensemble or soup), ``manifest.csv`` (the exact patient-grouped split)
 ``templates/MODEL_CARD.md.j2``. A field the config does not hold renders as "not recorded"; the
 card is never half written. Evaluations live in their own folder rather than in ``config.json``
 so that adding one never rewrites the file that carries the weights' SHA-256 and the model id.
+The config is read without its value checks (``read_config(..., check_values=False)``): a card describes
+what the file holds, while ``pneumoscan check`` and every command that predicts refuse values out of range.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from ..io import atomic_write_json, atomic_write_text, bytes_digest, json_safe
 from ..labels import LABELS
 from ..nets.modeldir import CARD_NAME, read_config
 from ..scope import describe_thresholds
-from .schema import CardError, check_metrics
+from .schema import FIX, CardError, check_metrics
 
 log = logging.getLogger(__name__)
 
@@ -401,32 +403,69 @@ def metrics_context(m: dict) -> dict:
     return {"tasks": tasks, "has_ci": has_ci, "other": other, "confusion": confusion, "labels": labels}
 
 
+def _history_data(cfg: dict) -> str:
+    """Where the current threshold was chosen, from the last threshold change ('' when not recorded)."""
+    h = (cfg.get("threshold_history") or [None])[-1]
+    if not isinstance(h, dict) or h.get("new_threshold") != cfg.get("threshold") or not h.get("data"):
+        return ""
+    return " on " + (f"{_txt(h['n_val'])} images of " if h.get("n_val") is not None else "") + f"`{_txt(h['data'])}`"
+
+
 def _validation(cfg: dict) -> dict | None:
+    """The validation figures, the threshold they were measured at, and the data they came from. A threshold
+    re-chosen on other data (``pneumoscan threshold --data``) leaves the figures as they were: then the card says
+    so, and the data line (which describes the new choice, not the figures) is left out."""
     vm = cfg.get("val_metrics")
     if not isinstance(vm, dict):
         return None
+    now = cfg.get("threshold")
+    measured = _get(vm, "normal_vs_pneumonia", "threshold", default=now)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (now, measured))
+    earlier = None
+    if numbers and not math.isclose(measured, now, rel_tol=1e-9):
+        earlier = {"now": _thr(now), "where": _history_data(cfg)}
     vd = cfg.get("val_data")
     source = None
-    if isinstance(vd, dict):
+    if isinstance(vd, dict) and earlier is None and vd.get("n") == vm.get("n"):
         same = vd.get("matches_model", vd.get("matches_members"))
         source = (f"`{_txt(vd.get('source'))}`, manifest `{_txt(vd.get('manifest_sha256'))}`, {_txt(vd.get('n'))} "
                   f"images; same split as the model's training: {_txt(same)}.")
-    return {"n": _txt(vm.get("n")), "source": source, "metrics": metrics_context(vm),
-            "threshold": _thr(_get(vm, "normal_vs_pneumonia", "threshold", default=cfg.get("threshold")))}
+    return {"n": _txt(vm.get("n")), "source": source, "metrics": metrics_context(vm), "threshold": _thr(measured),
+            "earlier": earlier}
 
 
-def load_evaluations(model_dir: Path) -> list[dict]:
-    """Stored evaluations, sorted by name; unreadable files are logged and skipped."""
+def evaluation_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The stored evaluations' files (``evaluations/*.json``), sorted by name."""
+    return sorted((Path(model_dir) / EVAL_DIR).glob("*.json"))
+
+
+def read_evaluation(path: Path, cfg: dict) -> dict:
+    """One stored evaluation, checked as :func:`store_evaluation` checked it; :class:`CardError` when the
+    file is not one (unreadable, not JSON, no metrics, or metrics of another model or class order)."""
+    fix = (f"delete it, or store the evaluation again with 'pneumoscan card --model {path.parent.parent} "
+           f"--add-eval METRICS.json --name {path.stem}'")
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CardError(f"{path} is not a stored evaluation: not valid JSON ({e}); {fix}") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("metrics"), dict):
+        raise CardError(f"{path} is not a stored evaluation: it holds no 'metrics' object; {fix}")
+    try:
+        check_metrics(rec["metrics"], list(cfg.get("labels") or LABELS), "its metrics", cfg.get("model_id"))
+    except CardError as e:
+        raise CardError(f"{path} is not a stored evaluation: {str(e).removesuffix('; ' + FIX)}; {fix}") from None
+    return rec
+
+
+def load_evaluations(model_dir: Path, cfg: dict) -> list[dict]:
+    """Stored evaluations, sorted by name; a file that is not one is logged and left out of the card
+    ('pneumoscan check' fails on it)."""
     out = []
-    for p in sorted((model_dir / EVAL_DIR).glob("*.json")):
+    for p in evaluation_files(model_dir):
         try:
-            rec = json.loads(p.read_text())
-            if isinstance(rec, dict) and isinstance(rec.get("metrics"), dict):
-                out.append(rec)
-                continue
-        except (OSError, json.JSONDecodeError):
-            pass
-        log.warning("%s is not a stored evaluation; left out of the model card", p)
+            out.append(read_evaluation(p, cfg))
+        except CardError as e:
+            log.warning("%s; left out of the model card", e)
     return out
 
 
@@ -506,7 +545,7 @@ def card_context(model_dir: Path, cfg: dict, shown_as: str | os.PathLike | None 
         "run": {"seed": _txt(tc.get("seed", cfg.get("seed"))),
                 "best": _txt(cfg.get("best_epoch")) + (f" of {cfg['epochs_run']} run" if "epochs_run" in cfg else ""),
                 "time": _duration(cfg.get("train_seconds")), "hardware": _txt(cfg.get("hardware"))},
-        "validation": _validation(cfg), "evaluations": [_evaluation(r) for r in load_evaluations(model_dir)],
+        "validation": _validation(cfg), "evaluations": [_evaluation(r) for r in load_evaluations(model_dir, cfg)],
         "scope_rows": describe_thresholds(), "limits": _limits(cfg), "gate": _gate(cfg, model_dir),
         "independent": [{k: _txt(t.get(k)) for k in ("data", "source", "when", "threshold", "figures")}
                         | {"note": t.get("note")} for t in cfg.get("independent_test") or [] if isinstance(t, dict)],
@@ -556,7 +595,7 @@ def render_card(model_dir: str | os.PathLike, cfg: dict | None = None, shown_as:
     import jinja2
 
     d = Path(model_dir)
-    cfg = read_config(d) if cfg is None else cfg
+    cfg = read_config(d, check_values=False) if cfg is None else cfg
     env = jinja2.Environment(loader=jinja2.PackageLoader("pneumoscan.evaluate", "templates"),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.get_template(TEMPLATE).render(**card_context(d, cfg, shown_as))
@@ -591,7 +630,7 @@ def store_evaluation(model_dir: str | os.PathLike, name: str, metrics: dict, *, 
                      source_sha256: str | None = None, cfg: dict | None = None) -> Path:
     """Validate ``metrics`` and write ``evaluations/NAME.json`` atomically (replacing one of the same name)."""
     d = Path(model_dir)
-    cfg = read_config(d) if cfg is None else cfg
+    cfg = read_config(d, check_values=False) if cfg is None else cfg
     _check_name(name)
     check_metrics(metrics, list(cfg.get("labels") or LABELS), source, cfg.get("model_id"))
     if source_sha256 is None:
@@ -608,7 +647,7 @@ def store_evaluation(model_dir: str | os.PathLike, name: str, metrics: dict, *, 
 def add_evaluation(model_dir: str | os.PathLike, metrics_path: str | os.PathLike, name: str) -> Path:
     """Store a metrics.json as evaluation NAME of the model and regenerate its card; returns the card."""
     d = Path(model_dir)
-    cfg = read_config(d)
+    cfg = read_config(d, check_values=False)
     _check_name(name)
     metrics, raw = _read_metrics(metrics_path)
     # validate before writing anything: a bad file changes nothing
@@ -627,7 +666,7 @@ def write_card(model_dir: str | os.PathLike, extra_evals: dict | None = None,
     ``shown_as``: the directory's final name when the card is written in a temporary folder.
     """
     d = Path(model_dir)
-    cfg = read_config(d)
+    cfg = read_config(d, check_values=False)
     if extra_evals:
         for name, metrics in extra_evals.items():  # validate all before storing any
             _check_name(name)
