@@ -146,3 +146,26 @@ def test_threshold_never_sits_on_a_validation_score():
         nudged = probs.copy()
         nudged[:, 0] -= 1e-7  # float32-level noise
         assert (decide(nudged, t) != 0).tolist() == (decide(probs, t) != 0).tolist()
+
+
+def test_missing_classes_give_undefined_figures_with_reasons_not_errors():
+    """Normal images only: every figure that needs a pneumonia image is NaN (null in metrics.json) and says
+    why; bacterial vs viral has no images at all; macro F1 averages the classes present, not absent zeros."""
+    y = np.array([0, 0, 0])
+    p = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.6, 0.2, 0.2]])  # P(pneu) 0.1, 0.8, 0.4 at 0.5
+    m = compute_metrics(y, p, 0.5, n_boot=50)
+    nvp, bv = m["normal_vs_pneumonia"], m["bacterial_vs_viral"]
+    assert nvp["specificity"] == pytest.approx(2 / 3) and nvp["accuracy"] == pytest.approx(2 / 3)
+    assert all(np.isnan(nvp[k]) for k in ("sensitivity", "f1", "auc"))
+    assert bv["n"] == 0 and all(np.isnan(bv[k]) for k in BINARY)
+    assert m["three_class"]["macro_f1"] == pytest.approx(0.8) and m["three_class"]["macro_f1_classes"] == ["normal"]
+    assert np.isnan(nvp["ci95"]["sensitivity"]).all() and not np.isnan(nvp["ci95"]["specificity"]).any()
+    assert m["undefined"]["normal_vs_pneumonia"] == {"sensitivity": "no pneumonia images", "f1": "no pneumonia images",
+                                                     "auc": "needs both pneumonia and normal images"}
+    assert set(m["undefined"]["bacterial_vs_viral"]) == BINARY
+    assert "three_class" not in m["undefined"]
+
+    pn = compute_metrics(np.array([1, 1, 2, 2]), P[2:], 0.5, n_boot=0)  # pneumonia only
+    assert pn["undefined"] == {"normal_vs_pneumonia": {"specificity": "no normal images",
+                                                       "auc": "needs both pneumonia and normal images"}}
+    assert compute_metrics(Y, P, 0.5, n_boot=0)["undefined"] == {}  # every class: nothing undefined

@@ -23,7 +23,9 @@ def _safe_auc(y: np.ndarray, s: np.ndarray) -> float:
 
 
 def binary_metrics(y: np.ndarray, pred: np.ndarray, score: np.ndarray) -> dict:
-    """accuracy, sensitivity (recall of positives), specificity, F1 and AUC of a 0/1 task."""
+    """accuracy, sensitivity (recall of positives), specificity, F1 and AUC of a 0/1 task; NaN where a
+    figure is undefined (sensitivity and F1 without positives, specificity without negatives, AUC
+    without both, everything without images)."""
     from sklearn.metrics import f1_score
 
     y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(int)
@@ -32,10 +34,10 @@ def binary_metrics(y: np.ndarray, pred: np.ndarray, score: np.ndarray) -> dict:
     fp = int(((y == 0) & (pred == 1)).sum())
     fn = int(((y == 1) & (pred == 0)).sum())
     return {
-        "accuracy": (tp + tn) / max(len(y), 1),
+        "accuracy": (tp + tn) / len(y) if len(y) else float("nan"),
         "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
         "specificity": tn / (tn + fp) if tn + fp else float("nan"),
-        "f1": float(f1_score(y, pred, zero_division=0)),
+        "f1": float(f1_score(y, pred, zero_division=0)) if tp + fn else float("nan"),  # no positives: 0 or 0/0
         "auc": _safe_auc(y, np.asarray(score)),
         "n": int(len(y)), "tp": tp, "tn": tn, "fp": fp, "fn": fn,
     }
@@ -44,7 +46,7 @@ def binary_metrics(y: np.ndarray, pred: np.ndarray, score: np.ndarray) -> dict:
 def _binary_batch(yb: np.ndarray, pred: np.ndarray, score: np.ndarray) -> dict[str, np.ndarray]:
     """:func:`binary_metrics` for a batch of resamples (rows), vectorised: the bootstrap's inner loop.
 
-    Same definitions as scikit-learn (F1 0 when undefined; AUC by the Mann-Whitney rank sum with
+    Same definitions as :func:`binary_metrics` (F1 as scikit-learn's; AUC by the Mann-Whitney rank sum with
     ties averaged, which equals ``roc_auc_score``); NaN where a figure is undefined.
     """
     from scipy.stats import rankdata
@@ -63,7 +65,7 @@ def _binary_batch(yb: np.ndarray, pred: np.ndarray, score: np.ndarray) -> dict[s
             "accuracy": (tp + tn) / n,
             "sensitivity": np.where(tp + fn > 0, tp / (tp + fn), np.nan),
             "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan),
-            "f1": np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0),
+            "f1": np.where(pos > 0, 2 * tp / (2 * tp + fp + fn), np.nan),
             "auc": np.where((pos > 0) & (neg > 0), auc, np.nan),
         }
 
@@ -110,19 +112,54 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = DEFAULT
     bv_score = probs[pn, BACTERIAL] / np.clip(probs[pn, BACTERIAL] + probs[pn, VIRAL], 1e-12, None)
     bv = binary_metrics(y[pn] == BACTERIAL, probs[pn, BACTERIAL] >= probs[pn, VIRAL], bv_score)
     cm = confusion_matrix(y, pred, labels=list(range(len(LABELS))))
-    return {
+    present = sorted(set(y.tolist()))  # a class without images has no recall, so no F1 of its own to average
+    m = {
         "n": int(len(y)),
         "labels": list(LABELS),
         "confusion_matrix": cm.tolist(),
         "three_class": {
             "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
-            "macro_f1": float(f1_score(y, pred, labels=list(range(len(LABELS))), average="macro", zero_division=0)),
+            "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0))
+            if present else float("nan"),
+            "macro_f1_classes": [LABELS[i] for i in present],
         },
         "normal_vs_pneumonia": nvp,
         "bacterial_vs_rest": binary_metrics(y == BACTERIAL, pred == BACTERIAL, probs[:, BACTERIAL]),
         "viral_vs_rest": binary_metrics(y == VIRAL, pred == VIRAL, probs[:, VIRAL]),
         "bacterial_vs_viral": bv,
     }
+    m["undefined"] = undefined_figures(m)
+    return m
+
+
+# each binary task of compute_metrics: (its positive class, its negative class), as the reasons name them
+TASK_CLASSES = {"normal_vs_pneumonia": ("pneumonia", "normal"), "bacterial_vs_rest": ("bacterial", "normal or viral"),
+                "viral_vs_rest": ("viral", "normal or bacterial"), "bacterial_vs_viral": ("bacterial", "viral")}
+BINARY_FIGURES = ("accuracy", "sensitivity", "specificity", "f1", "auc")
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and not np.isfinite(v))
+
+
+def undefined_figures(m: dict) -> dict[str, dict[str, str]]:
+    """Why each undefined (NaN or null) figure of a :func:`compute_metrics` dictionary has no value,
+    ``{task: {figure: reason}}``: e.g. the specificity of normal vs pneumonia on pneumonia images only."""
+    out: dict[str, dict[str, str]] = {}
+    three = {k: "no images" for k in ("accuracy", "macro_f1") if _missing(m["three_class"][k])}
+    if three:
+        out["three_class"] = three
+    for task, (pos, neg) in TASK_CLASSES.items():
+        t = m[task]
+        if not t["n"]:
+            why = dict.fromkeys(BINARY_FIGURES, "no pneumonia images" if task == "bacterial_vs_viral" else "no images")
+        else:
+            why = {"sensitivity": f"no {pos} images", "f1": f"no {pos} images", "specificity": f"no {neg} images",
+                   "auc": f"needs both {pos} and {neg} images"}
+        gone = {k: r for k, r in why.items() if _missing(t.get(k))}
+        if gone:
+            out[task] = gone
+    return out
 
 
 def check_method(method: str, target_sensitivity: float | None) -> None:
@@ -132,6 +169,9 @@ def check_method(method: str, target_sensitivity: float | None) -> None:
     if method == "sensitivity" and (target_sensitivity is None or not 0.0 < target_sensitivity <= 1.0):
         raise ConfigError(f"--method sensitivity needs --target-sensitivity in (0, 1], e.g. 0.97 "
                               f"(got {target_sensitivity})")
+    if method != "sensitivity" and target_sensitivity is not None:  # it would be silently ignored
+        raise ConfigError(f"a target sensitivity ({target_sensitivity}) is used only by the sensitivity method, not "
+                          f"{method}: choose the sensitivity method, or drop the target")
 
 
 def choose_threshold(y: np.ndarray, probs: np.ndarray, method: str = "youden",

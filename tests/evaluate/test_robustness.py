@@ -127,3 +127,17 @@ def test_auto_backend_exports_for_large_runs(tiny_model_dir, tmp_path):
     assert large.model_dir == tiny_model_dir and not (tiny_model_dir / "model.onnx").exists()
     x = np.random.default_rng(0).normal(0, 1, (4, 3, 64, 64)).astype(np.float32)
     np.testing.assert_allclose(large.probabilities(x), Predictor(tiny_model_dir).probabilities(x), atol=1e-4)
+
+
+def test_a_folder_of_symbolic_links_is_read_through_its_links(tiny_model_dir, dataset_dir, tmp_path):
+    """A folder without a split whose members link to images elsewhere (as data index, evaluate and threshold
+    take it): its paths stay under the folder instead of leaving it for the link targets."""
+    linked = tmp_path / "linked"
+    n = 0
+    for folder in ("NORMAL", "PNEUMONIA"):
+        (linked / folder).mkdir(parents=True)
+        for p in sorted((dataset_dir / "train" / folder).iterdir())[:4]:
+            (linked / folder / p.name).symlink_to(p)
+            n += 1
+    r = robustness(linked, tmp_path / "out", tiny_model_dir, shifts=[Shift("blur", 1)])
+    assert r["data"]["split"] == "all" and r["data"]["n"] == n

@@ -19,15 +19,26 @@ def run(args) -> int:
     cfg = build(EvaluateConfig, args)
     check_inputs_exist(args.data, args.model)
     check_out(args, "dir")
-    from ..evaluate.evaluate import evaluate
+    import sys
+
+    from ..evaluate.evaluate import absent_classes, evaluate, fmt, overlap_sentence
 
     m = evaluate(args.data, args.out, args.model, cfg, progress=progress_enabled())
-    v = m["normal_vs_pneumonia"]
-    print(f"{m['n']} images: 3-class acc {m['three_class']['accuracy']:.3f}, macro F1 {m['three_class']['macro_f1']:.3f}")
-    print(f"normal vs pneumonia: acc {v['accuracy']:.3f} sens {v['sensitivity']:.3f} spec {v['specificity']:.3f} "
-          f"F1 {v['f1']:.3f} AUC {v['auc'] if v['auc'] is not None else float('nan'):.4f}")
+    v, three = m["normal_vs_pneumonia"], m["three_class"]
+    print(f"{m['n']} images: 3-class acc {fmt(three['accuracy'])}, macro F1 {fmt(three['macro_f1'])}")
+    print(f"normal vs pneumonia: acc {fmt(v['accuracy'])} sens {fmt(v['sensitivity'])} spec {fmt(v['specificity'])} "
+          f"F1 {fmt(v['f1'])} AUC {fmt(v['auc'], '.4f')}")
+    if m.get("undefined"):
+        absent = absent_classes(m)
+        print("n/a: not defined on these images" + (f" (no {' and no '.join(absent)} images)" if absent else "")
+              + "; report.md lists each such figure")
     if m["training_overlap"]["n"]:
-        from ..evaluate.evaluate import overlap_sentence
         print(f"WARNING: {overlap_sentence(m)}")
+    dropped = m["data"].get("not_scored") or []
+    if dropped:
+        print(f"pneumoscan: warning: {len(dropped)} files under {args.data} not scored (listed in report.md and "
+              "metrics.json):", file=sys.stderr)
+        for d in dropped:
+            print(f"pneumoscan: warning: {d['path']}: {d['stage']} ({d['reason']})", file=sys.stderr)
     print(f"written: {args.out}/metrics.json, report.html, report.md, predictions.csv and the figures")
     return 0

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError
-from ..labels import LABELS
+from ..labels import BACTERIAL, LABELS, NORMAL, VIRAL
 from .index import content_sha1, index_dataset, patient_key, scan
 from .manifest import Manifest, Sample
 
@@ -39,9 +39,13 @@ class EvalSet:
         return len(self.paths)
 
     def __repr__(self) -> str:
-        c = np.bincount(self.y, minlength=len(LABELS))
-        counts = " ".join(f"{lab}={n}" for lab, n in zip(LABELS, c))
+        counts = " ".join(f"{lab}={n}" for lab, n in zip(LABELS, class_counts(self.y)))
         return f"EvalSet({self.source!r}, split={self.split}, n={len(self)}; {counts})"
+
+
+def class_counts(y: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Images of each class of LABELS among the class indices ``y``."""
+    return np.bincount(np.asarray(y, int), minlength=len(LABELS))
 
 
 def split_settings(config: dict) -> tuple[float, int]:
@@ -86,14 +90,15 @@ def load_manifest(data: str | os.PathLike | None, config: dict, model_dir: str |
 
 
 def _unsplit_manifest(folder: Path) -> Manifest | None:
-    """All images of a folder without train/ or val/ folders (``split="all"``); None otherwise."""
-    found, skipped = scan(folder)
+    """All images of a folder without train/ or val/ folders (``split="all"``); None otherwise.
+    Paths stay under the folder as ``index_dataset`` keeps them: a member that is a symbolic link to an
+    image elsewhere is read through its link (resolving it would leave the folder, and its relative path)."""
+    root = folder.resolve()
+    found, skipped = scan(root)
     if not found or any(src == "train" for _, _, src in found):
         return None
-    root = folder.resolve()
     samples = []
     for f, label, src in found:
-        f = f.resolve()
         samples.append(Sample(path=str(f), relpath=f.relative_to(root).as_posix(), label=label,
                               patient=patient_key(f.name, label), split="all", source_split=src, sha1=content_sha1(f)))
     return Manifest(root=str(root), samples=samples, skipped=skipped)
@@ -131,6 +136,25 @@ def check_present(paths: Sequence[str], source: str) -> None:
         raise DataError(f"{len(missing)} of the {len(paths)} images of {source} are not on this machine (first: "
                         f"{missing[0]}); pass --data with the training folder (e.g. ../shared/data/chest_xray) or "
                         "its manifest CSV")
+
+
+# what a fit on validation images needs, as {name: the classes that count for it}
+EVERY_CLASS = {lab: (i,) for i, lab in enumerate(LABELS)}  # one bias per class: calibrate
+BOTH_SIDES = {"normal": (NORMAL,), "pneumonia": (BACTERIAL, VIRAL)}  # normal vs pneumonia: the threshold
+
+
+def check_classes(y: Sequence[int] | np.ndarray, source: str, job: str,
+                  needs: dict[str, tuple[int, ...]] = EVERY_CLASS) -> None:
+    """Refuse, before any work, validation images without a class that ``job`` is fitted on (a fit on one
+    class is silently wrong: the threshold falls back to a default, a bias runs to its bound): one line with
+    the images of each class and what to do."""
+    c = class_counts(y)
+    missing = [name for name, idx in needs.items() if not c[list(idx)].sum()]
+    if missing:
+        counts = ", ".join(f"{lab} {n}" for lab, n in zip(LABELS, c))
+        raise DataError(f"{source} has no {' and no '.join(missing)} images ({counts}): {job} needs images of "
+                        f"{'every class' if needs is EVERY_CLASS else ' and '.join(needs)}; pass --data with a training "
+                        "folder or manifest CSV whose validation split holds them (e.g. ../shared/data/chest_xray)")
 
 
 def validation_set(data: str | os.PathLike | None, config: dict, model_dir: str | os.PathLike | None = None, *,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.splits import check_present, load_manifest, sample_path, validation_set
+from ..data.splits import check_classes, check_present, load_manifest, sample_path, validation_set
 from ..errors import DataError
 from ..io import atomic_write_bytes, atomic_write_json, file_digest, json_safe
 from ..labels import LABELS
@@ -153,6 +153,7 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
     d = Path(model_dir)
     conf = read_config(d)
     ev = validation_set(data, conf, d, force=cfg.force)
+    check_classes(ev.y, f"the validation split of {ev.source}", "calibrate")  # a bias per class, the threshold
     manifest = load_manifest(data, conf, d)
     train = manifest.subset("train")
     if not train:
@@ -177,6 +178,7 @@ def calibrate(model_dir: str | os.PathLike, data: str | os.PathLike | None = Non
         raw, feats, kept, _ = arrays(ev.paths)
         truth = dict(zip(ev.paths, ev.y))
         y = np.array([truth[p] for p in kept], int)
+        check_classes(y, f"the validation images of {ev.source} that decode", "calibrate")
         _, tr_feats, tr_kept, _ = arrays(train_paths)
         tr_truth = dict(zip(train_paths, (s.target for s in train)))
         tr_y = np.array([tr_truth[p] for p in tr_kept], int)

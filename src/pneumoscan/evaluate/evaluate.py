@@ -83,7 +83,8 @@ def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: P
     metrics.update(abstention(y, probs, preds, pred))
     metrics["model"] = {"id": pred.model_id, "dir": str(pred.model_dir), "backend": pred.backend,
                         "prevalence": pred.prevalence}
-    metrics["data"] = {"root": data_root, "skipped": len(skipped), "failed_to_decode": len(errors)}
+    metrics["data"] = {"root": data_root, "skipped": len(skipped), "failed_to_decode": len(errors),
+                       "not_scored": not_scored(skipped, errors)}
     metrics["training_overlap"] = _overlap([p.path for p in preds], pred.model_dir)
     if metrics["training_overlap"]["n"]:
         log.warning("%s", overlap_sentence(metrics))
@@ -239,14 +240,56 @@ def _write_predictions(path: Path, preds, truth) -> None:
                         "" if p.ood_score is None else f"{p.ood_score:.3f}", " | ".join(p.reasons)])
 
 
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.3f}"
+def not_scored(skipped=(), errors=()) -> list[dict[str, str]]:
+    """Every file under the data that has no prediction, and why: ``{"path", "stage", "reason"}``, where
+    stage is "skipped" (not an image, no class in its name) or "failed to decode"."""
+    def reason(path: str, err: str) -> str:  # the decoder's message often names the file already
+        return err[len(path) + 2:] if err.startswith(f"{path}: ") else err
+
+    return ([{"path": str(p), "stage": "skipped", "reason": reason(str(p), r)} for p, r in skipped]
+            + [{"path": str(p), "stage": "failed to decode", "reason": reason(str(p), e)} for p, e in errors])
+
+
+# the binary tasks of metrics.json, as the reports name them
+TASKS = {"normal_vs_pneumonia": "normal vs pneumonia", "bacterial_vs_rest": "bacterial vs rest",
+         "viral_vs_rest": "viral vs rest", "bacterial_vs_viral": "bacterial vs viral"}
+FIGURE_NAMES = {"accuracy": "accuracy", "sensitivity": "sensitivity", "specificity": "specificity", "f1": "F1",
+                "auc": "AUC", "macro_f1": "macro F1"}
+NA = "n/a"  # how the reports and the command line show a figure the images do not define
+
+
+def fmt(v, spec: str = ".3f") -> str:
+    """A figure for people: ``n/a`` when undefined (null or NaN: no images of a class the figure needs)."""
+    return NA if v is None or v != v else format(v, spec)
+
+
+def undefined_lines(m: dict) -> list[str]:
+    """One line per task with a figure that is n/a: which, and why (metrics.json's ``undefined``)."""
+    names = {"three_class": "3-class", **TASKS}
+    lines = []
+    for task, figs in (m.get("undefined") or {}).items():
+        by_reason: dict[str, list[str]] = {}
+        for k, why in figs.items():
+            by_reason.setdefault(why, []).append(FIGURE_NAMES.get(k, k))
+        lines.append(f"{names.get(task, task)}: " + "; ".join(f"{', '.join(ks)} ({why})" for why, ks in by_reason.items()))
+    return lines
+
+
+def absent_classes(m: dict) -> list[str]:
+    """The classes that have no image among those scored (rows of the confusion matrix that are empty)."""
+    return [lab for lab, row in zip(m["labels"], m["confusion_matrix"]) if not sum(row)]
+
+
+def _macro_note(m: dict) -> str:
+    over = m["three_class"].get("macro_f1_classes")
+    return "" if over is None or len(over) == len(m["labels"]) else f" (over {', '.join(over)} only)"
 
 
 def report_markdown(m: dict, skipped=(), errors=()) -> str:
     """A short human-readable report of a metrics dictionary."""
     nvp = m["normal_vs_pneumonia"]
     ci = nvp.get("ci95", {})
+    dropped = not_scored(skipped, errors)
     warn = [f"**Warning:** {overlap_sentence(m)}.", ""] if (m.get("training_overlap") or {}).get("n") else []
     lines = [
         "# pneumoscan evaluation",
@@ -255,22 +298,28 @@ def report_markdown(m: dict, skipped=(), errors=()) -> str:
         "",
         *warn,
         f"Model `{m.get('model', {}).get('id', '?')}` on {m['n']} images "
-        f"(threshold {nvp['threshold']:.3f}; {len(skipped)} files skipped, {len(errors)} failed to decode).",
+        f"(threshold {nvp['threshold']:.3f}; {len(skipped)} files skipped, {len(errors)} failed to decode"
+        + ("; each is listed at the end" if dropped else "") + ").",
         "",
         "| task | accuracy | sensitivity | specificity | F1 | AUC |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for key, name in (("normal_vs_pneumonia", "normal vs pneumonia"), ("bacterial_vs_rest", "bacterial vs rest"),
-                      ("viral_vs_rest", "viral vs rest"), ("bacterial_vs_viral", "bacterial vs viral")):
+    for key, name in TASKS.items():
         b = m[key]
-        lines.append(f"| {name} | {_fmt(b['accuracy'])} | {_fmt(b['sensitivity'])} | {_fmt(b['specificity'])} "
-                     f"| {_fmt(b['f1'])} | {_fmt(b['auc'])} |")
+        lines.append(f"| {name} | " + " | ".join(fmt(b[k]) for k in ("accuracy", "sensitivity", "specificity", "f1", "auc"))
+                     + " |")
     lines += [
         "",
-        f"3-class accuracy {_fmt(m['three_class']['accuracy'])}, macro F1 {_fmt(m['three_class']['macro_f1'])}.",
+        f"3-class accuracy {fmt(m['three_class']['accuracy'])}, macro F1 {fmt(m['three_class']['macro_f1'])}"
+        f"{_macro_note(m)}.",
         "",
+    ]
+    if m.get("undefined"):
+        lines += [f"{NA}: not defined on these images (no {' and no '.join(absent_classes(m)) or 'such'} images):", "",
+                  *(f"- {u}" for u in undefined_lines(m)), ""]
+    lines += [
         "95 % bootstrap intervals (normal vs pneumonia): "
-        + ", ".join(f"{k} [{_fmt(v[0])}, {_fmt(v[1])}]" for k, v in ci.items()),
+        + ", ".join(f"{k} {_interval(v)}" for k, v in ci.items()),
         "",
         "Confusion matrix (rows true, columns predicted: " + ", ".join(m["labels"]) + "):",
         "",
@@ -284,9 +333,14 @@ def report_markdown(m: dict, skipped=(), errors=()) -> str:
               "![calibration](calibration.png) ![reliability](reliability.png) ![risk-coverage](risk_coverage.png)", "",
               "The same with intervals, curves and the most confident mistakes in one self-contained page: "
               "`report.html`.", ""]
-    if errors:
-        lines += ["Files that failed to decode:", ""] + [f"- {p}: {e}" for p, e in errors[:50]] + [""]
+    if dropped:
+        lines += [f"Files not scored ({len(dropped)}):", ""] + [f"- {d['path']}: {d['stage']} ({d['reason']})"
+                                                                 for d in dropped] + [""]
     return "\n".join(lines)
+
+
+def _interval(v) -> str:
+    return NA if v is None or fmt(v[0]) == NA or fmt(v[1]) == NA else f"[{fmt(v[0])}, {fmt(v[1])}]"
 
 
 def abstention_lines(m: dict) -> list[str]:
@@ -299,7 +353,7 @@ def abstention_lines(m: dict) -> list[str]:
     lines = ["## Knowing when not to answer", "",
              f"Out-of-scope gate ({kind}): "
              f"{g['flagged']} of {g['n']} images flagged ({g['share_flagged']:.1%}; reasons: {why}). The figures above "
-             "count every image; 3-class accuracy on the accepted ones: " + _fmt(acc_in) + ".", ""]
+             "count every image; 3-class accuracy on the accepted ones: " + fmt(acc_in) + ".", ""]
     before = c["uncalibrated"]
     bias = "" if not c.get("class_bias") else " and class bias " + "/".join(f"{v:+.2f}" for v in c["class_bias"])
     lines.append(f"Calibration: temperature {c['temperature']:.3f}{bias}; expected calibration error {c['ece']:.3f}, "
@@ -336,10 +390,9 @@ def report_html(m: dict, folder: Path, preds, truth, pred: Predictor, skipped=()
         return base64.b64encode(path.read_bytes()).decode()
 
     rows = []
-    for key, name in (("normal_vs_pneumonia", "normal vs pneumonia"), ("bacterial_vs_rest", "bacterial vs rest"),
-                      ("viral_vs_rest", "viral vs rest"), ("bacterial_vs_viral", "bacterial vs viral")):
+    for key, name in TASKS.items():
         t, ci = m[key], m[key].get("ci95") or {}
-        rows.append([name, *[_fmt(t[k]) + (f" ({_fmt(ci[k][0])}–{_fmt(ci[k][1])})" if k in ci else "")
+        rows.append([name, *[fmt(t[k]) + (f" ({fmt(ci[k][0])}–{fmt(ci[k][1])})" if _interval(ci.get(k)) != NA else "")
                              for k in ("accuracy", "sensitivity", "specificity", "f1", "auc")], t["n"]])
     wrong = [p for p in preds if p.predicted != LABELS[truth[p.path]]]
     wrong.sort(key=lambda p: -float(p.scores[LABELS.index(p.predicted)]))
@@ -366,7 +419,8 @@ def report_html(m: dict, folder: Path, preds, truth, pred: Predictor, skipped=()
         model_id=m["model"]["id"], backend=m["model"]["backend"], n=m["n"], root=m["data"]["root"],
         threshold=m["normal_vs_pneumonia"]["threshold"], skipped=len(skipped), failed=len(errors),
         intended_use=INTENDED_USE, overlap=overlap_sentence(m) if o.get("n") else None, tasks=rows,
-        acc3=_fmt(m["three_class"]["accuracy"]), f1=_fmt(m["three_class"]["macro_f1"]), labels=list(LABELS),
+        acc3=fmt(m["three_class"]["accuracy"]), f1=fmt(m["three_class"]["macro_f1"]) + _macro_note(m),
+        undefined=undefined_lines(m), absent=absent_classes(m), not_scored=not_scored(skipped, errors), labels=list(LABELS),
         confusion=list(zip(LABELS, m["confusion_matrix"])), figures=figures, gallery=gallery, version=__version__,
         gate=m["gate"], calibration=m["calibration"], conformal=m.get("conformal"), risk=m["risk_coverage"])
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.splits import EvalSet, validation_set
+from ..data.splits import BOTH_SIDES, EvalSet, check_classes, check_present, validation_set
 from ..errors import DataError
 from ..io import atomic_write_json, json_safe
 from ..metrics import choose_threshold, compute_metrics
@@ -72,11 +72,14 @@ def retune(model_dir: str | os.PathLike, data: str | os.PathLike | None = None,
     conf = read_config(d)
     ev = validation_set(data, conf, d, force=cfg.force)
     log.info("validation set: %r", ev)
+    check_present(ev.paths, f"the validation split of {ev.source}")
+    check_classes(ev.y, f"the validation split of {ev.source}", "the threshold", BOTH_SIDES)
     predictor = Predictor(d, precision="fp32")  # the threshold is chosen on the reference graph
     try:
         y, probs = score(predictor, ev, cfg.batch_size, progress)
     finally:
         predictor.close()
+    check_classes(y, f"the validation images of {ev.source} that decode", "the threshold", BOTH_SIDES)
     thr, how = choose_threshold(y, probs, cfg.method, cfg.target_sensitivity)
     vm = json_safe(compute_metrics(y, probs, thr))
     record = {"data": ev.source, "manifest_sha256": ev.manifest_sha256, "n_val": int(len(y))}

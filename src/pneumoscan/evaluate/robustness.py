@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import INTENDED_USE
 from ..data.imaging import load_xray
-from ..data.splits import EvalSet, validation_set
+from ..data.splits import EvalSet, check_present, validation_set
 from ..errors import DataError, ImageError, PneumoscanError
 from ..io import atomic_write, atomic_write_json, atomic_write_text, json_safe
 from ..metrics import compute_metrics
@@ -163,6 +163,7 @@ def robustness(data: str | os.PathLike, out: str | os.PathLike, model: str | os.
     ev = validation_set(data, predictor.config if predictor is not None else read_config(d), d,
                         allow_unsplit=True)
     log.info("robustness on %r", ev)
+    check_present(ev.paths, f"the {'validation split' if ev.split == 'val' else 'images'} of {ev.source}")
     pred = predictor or _predictor(d, cfg.backend, len(ev))
     try:
         return _run(pred, ev, out, shifts, cfg.seed, cfg.batch_size, cfg.n_boot, progress, t0)
