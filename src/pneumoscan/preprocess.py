@@ -31,7 +31,8 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if not 32 <= int(self.size) <= 1024:
-            raise PneumoscanError(f"image size {self.size} is out of range; use 224, 299 or 320")
+            raise PneumoscanError(f"image size {self.size} is out of range: give 32 to 1024 px (the study's sizes: "
+                                  "224, 299, 320)")
         if self.intensity not in INTENSITY:
             raise PneumoscanError(f"intensity {self.intensity!r} is unknown; use one of {', '.join(INTENSITY)}")
 

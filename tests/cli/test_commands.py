@@ -131,7 +131,7 @@ def test_argparse_errors_exit_2(argv, capsys):
 
 
 @pytest.mark.slow
-def test_compare_end_to_end(dataset_dir, tmp_path, capsys):
+def test_compare_end_to_end(dataset_dir, tmp_path, capsys, monkeypatch):
     out, best = tmp_path / "cmp", tmp_path / "best"
     rc = main(["-q", "compare", str(dataset_dir), "--out", str(out), "--backbones", "test_efficientnet",
                "--sizes", "32,48", "--lrs", "0.01,0.001", "--no-pretrained", "--epochs", "4", "--patience", "2",
@@ -152,3 +152,20 @@ def test_compare_end_to_end(dataset_dir, tmp_path, capsys):
     assert cfg["train_config"]["lr"] == doc["best"]["lr"] and cfg["preprocess"]["size"] == doc["best"]["size"]
     assert cfg["val_metrics"]["normal_vs_pneumonia"]["auc"] == pytest.approx(doc["best"]["val_auc"], abs=1e-6)
     assert cfg["manifest_sha256"] == doc["manifest_sha256"]
+
+    # a later run into the same --out that fails while writing leaves the earlier report whole, not mixed
+    import pneumoscan.train.compare as cmp
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(names, series, path, **kw):
+        if path.name == "compare_grid.png":
+            raise OSError(28, "No space left on device", str(path))
+        return real(names, series, path, **kw)
+
+    real = cmp.plot_bars
+    monkeypatch.setattr(cmp, "plot_bars", broken)
+    assert main(["-q", "compare", str(dataset_dir), "--out", str(out), "--backbones", "test_efficientnet", "--sizes",
+                 "32", "--lrs", "0.005", "--no-pretrained", "--epochs", "2", "--cache", str(tmp_path / "c"),
+                 "--workers", "0"]) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -63,7 +63,25 @@ BAD = [  # (argv, text the one error line must hold); DATA, MODEL, NONEMPTY, IMG
     (["train", "MISSING", "--out", "OUT"], "does not exist"),
     (["evaluate", "--data", "MISSING", "--out", "OUT"], "does not exist"),
     (["check", "--model", "MISSING"], "does not exist"),
-    (["cache", "clear", "--cache", "OUT", "--backbone", "nosuch"], "no feature cache of backbone 'nosuch'"),
+    (["cache", "clear", "--cache", "NONEMPTY", "--backbone", "nosuch"], "no feature cache of backbone 'nosuch'"),
+    (["cache", "clear", "--cache", "OUT"], "does not exist"),  # used to 'remove 0 caches' and exit 0
+    (["cache", "list", "--cache", "IMG"], "is not a folder"),
+    # numbers no setting means anything at, refused while the options are read (they used to fail minutes later)
+    (["robustness", "--model", "MODEL", "--data", "DATA", "--out", "OUT", "--seed", "-1"], "-1 must be between 0 and"),
+    (["data", "index", "DATA", "--seed", "-1"], "-1 must be between 0 and 4294967295"),
+    (["data", "index", "DATA", "--val-fraction", "0.9"], "must lie in (0, 0.5]"),  # was silently 0.5
+    (["train", "DATA", "--out", "OUT", "--val-fraction", "0.6"], "must lie in (0, 0.5]"),
+    (["threshold", "--model", "MODEL", "--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+    (["soup", "MODEL", "MODEL2", "--out", "OUT", "--coefficients", "inf,1"], "'inf' is not a finite number"),
+    (["soup", "MODEL", "MODEL2", "--out", "OUT", "--coefficients", "1,-1"], "give non-negative numbers"),
+    (["soup", "MODEL", "MODEL2", "MODEL3", "--out", "OUT", "--coefficients", "1,1"], "has 2 numbers for 3 models"),
+    (["soup", "MODEL", "MODEL2", "--out", "OUT", "--max-auc-drop", "nan"], "'nan' is not a finite number"),
+    (["soup", "MODEL", "MODEL2", "--out", "OUT", "--max-accuracy-drop", "2"], "2.0 must lie in [-1, 1]"),
+    (["compare", "DATA", "--out", "OUT", "--step-gamma", "nan"], "'nan' is not a finite number"),
+    (["evaluate", "--data", "DATA", "--out", "OUT", "--n-boot", "1000000000"], "must be between 0 and 100000"),
+    # options that contradict each other: one used to be silently ignored
+    (["threshold", "--model", "MODEL", "--target-sensitivity", "0.9"], "used only by the sensitivity method"),
+    (["calibrate", "--model", "MODEL", "--no-temperature", "--scaling", "bias-corrected"], "drop one of the two"),
 ]
 
 
@@ -73,7 +91,10 @@ def test_bad_invocations_are_one_line_and_exit_2(argv, needle, dataset_dir, tiny
     img = next((dataset_dir / "train" / "NORMAL").glob("*.jpeg"))
     subst = {"DATA": str(dataset_dir), "MODEL": str(tiny_model_dir), "NONEMPTY": str(nonempty), "IMG": str(img),
              "OUT": str(tmp_path / "out"), "MISSING": str(tmp_path / "missing")}
-    argv = [subst.get(a, a) for a in argv]
+    for extra in ("MODEL2", "MODEL3"):  # other members: copies of the model
+        if extra in argv:
+            subst[extra] = shutil.copytree(tiny_model_dir, tmp_path / extra.lower())
+    argv = [str(subst.get(a, a)) for a in argv]
     before = sorted(p.name for p in nonempty.iterdir())
     one_error_line(capsys, ["-q", *argv, "--no-pretrained"] if argv[0] in ("finetune", "train") else ["-q", *argv],
                    needle)
@@ -368,14 +389,37 @@ def test_interrupted_training_exits_130_and_writes_nothing(dataset_dir, tmp_path
     assert not (tmp_path / "m").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".m")]
 
 
-def test_lightning_interruption_is_not_a_finished_run():
-    from types import SimpleNamespace
+def test_ctrl_c_inside_lightning_is_an_interruption_not_exit_1(tmp_path):
+    """Lightning catches Ctrl-C in fit, ignores SIGINT from then on and calls sys.exit(1): every training command
+    exited 1 without a word. fit_interruptible makes it a KeyboardInterrupt again (the CLI: 'interrupted', 130)."""
+    import signal
 
-    from pneumoscan.train.callbacks import raise_if_interrupted
+    import lightning.pytorch as pl
+    import torch
 
-    raise_if_interrupted(SimpleNamespace(interrupted=False))
+    from pneumoscan.train.callbacks import fit_interruptible
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.lin(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class CtrlC(pl.Callback):
+        def on_train_batch_start(self, *a):
+            raise KeyboardInterrupt
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[CtrlC()], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        raise_if_interrupted(SimpleNamespace(interrupted=True))
+        fit_interruptible(trainer, Tiny(), data)
+    assert trainer.interrupted and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.slow

@@ -233,3 +233,23 @@ def test_cli_download(server, tmp_path, capsys):
     rc = main(["-q", "data", "download", "--dest", str(tmp_path / "e"), "--url", server.base + "/missing.zip"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("pneumoscan: error:") and "missing.zip" in err[0]
+
+
+def test_a_local_copy_is_read_where_it_lies_and_never_deleted(tmp_path, capsys):
+    """--url PATH (the help's 'a local copy', and what the not-a-ZIP error advises) used to be a traceback."""
+    local = tmp_path / "downloads" / "ChestXRay2017.zip"
+    local.parent.mkdir()
+    local.write_bytes(_release_zip())
+    dest = tmp_path / "d"
+    for url in (str(local), local.as_uri()):
+        root = download_dataset(dest, url=url, progress=False)
+        assert root == dest / "chest_xray" and len(list((root / "train" / "NORMAL").iterdir())) == 6
+    assert (dest / "ChestXRay2017.zip.sha256").is_file() and local.is_file()  # the sidecar beside the data
+    with pytest.raises(DownloadError, match="nothing was extracted"):
+        download_dataset(tmp_path / "d2", url=str(local), sha256="0" * 64, progress=False)
+    assert local.is_file()  # a user's file with the wrong checksum is not deleted
+    (tmp_path / "notes.txt").write_text("not a zip")
+    for url, needle in ((str(tmp_path / "nope.zip"), "no such file"), (str(tmp_path / "notes.txt"), "not a ZIP")):
+        assert main(["-q", "data", "download", "--dest", str(tmp_path / "d3"), "--url", url]) == 2
+        assert needle in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").is_file()

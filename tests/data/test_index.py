@@ -235,3 +235,21 @@ def test_a_command_s_output_folder_inside_its_inputs_is_not_read_back(tmp_path):
     files = iter_image_files([root], exclude=tmp_path / "site" / "maps" / ".." / "maps")[0]  # spelt another way
     assert "a.gradcam.png" not in {f.name for f in files} and "roc.png" in {f.name for f in files}
     assert {f.name for f in iter_image_files([root / "maps"], exclude=root / "maps")[0]} == {"a.gradcam.png"}
+
+
+def test_a_validation_share_the_split_cannot_make_is_said_not_silently_replaced(big_dir, caplog):
+    """Shares come from one of k patient-grouped folds: 0.4 is the nearest k (3), and a share the folder's
+    patients cannot meet is a warning with both figures."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.data.index"):
+        m = index_dataset(big_dir, val_fraction=0.4)
+    share = len(m.subset("val")) / len(m)
+    assert abs(share - 1 / 3) < 0.05  # three folds, not two (which gave 50 %)
+    assert "not the 40% asked for" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.data.index"):
+        index_dataset(big_dir, val_fraction=0.2)
+    assert "asked for" not in caplog.text
+    with pytest.raises(DataError, match=r"must lie in \(0, 0.5\]"):
+        index_dataset(big_dir, val_fraction=0.6)

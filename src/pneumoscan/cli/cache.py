@@ -16,11 +16,25 @@ def register(sub) -> None:
     cl.set_defaults(func=run_clear)
 
 
+def check_cache_arg(args) -> None:
+    """A --cache the user named must be a folder: a typo would otherwise list, or clear, nothing and say so as if
+    all were well (the default folder may not exist yet: no caches)."""
+    from pathlib import Path
+
+    from ..errors import PneumoscanError
+
+    if args.cache is not None and not Path(args.cache).is_dir():
+        what = "is not a folder" if Path(args.cache).exists() else "does not exist"
+        raise PneumoscanError(f"--cache {args.cache} {what}; give the feature cache folder (see 'pneumoscan cache list' "
+                              "without --cache for the default)")
+
+
 def run_list(args) -> int:
     import datetime as dt
 
     from ..features.cache import default_cache_dir, list_caches
 
+    check_cache_arg(args)
     caches = list_caches(args.cache)
     root = args.cache or default_cache_dir()
     if not caches:
@@ -43,6 +57,7 @@ def run_clear(args) -> int:
     from ..errors import PneumoscanError
     from ..features.cache import default_cache_dir, list_caches
 
+    check_cache_arg(args)
     caches = [c for c in list_caches(args.cache) if args.backbone is None or c.root.name.startswith(args.backbone + "-")]
     if args.backbone is not None and not caches:
         raise PneumoscanError(f"no feature cache of backbone {args.backbone!r} under {args.cache or default_cache_dir()}")

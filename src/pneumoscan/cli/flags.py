@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Iterable, Literal
@@ -36,11 +37,35 @@ def _parts(tp) -> tuple[Any, bool]:
 def _number(kind: type, what: str):
     def parse(text: str):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value):  # no setting means anything at nan or inf; nan passes every '<' check later
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        return value
     parse.__name__ = kind.__name__
     return parse
+
+
+# what a field of this name means wherever it stands: its range (inclusive; None = open), before any work
+BOUNDS: dict[str, tuple[int | None, int | None]] = {
+    "seed": (0, 2**32 - 1),  # numpy's and torch's seed range
+    "batch_size": (1, None),
+    "n_boot": (0, 100_000),  # bootstrap resamples: past this the intervals no longer move, only the minutes do
+}
+
+
+def _bounded(parse, name: str):
+    low, high = BOUNDS[name]
+
+    def check(text: str):
+        value = parse(text)
+        if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(f"{value} must be " + (
+                f"between {low} and {high}" if high is not None else f"at least {low}"))
+        return value
+    check.__name__ = getattr(parse, "__name__", "value")
+    return check
 
 
 def _optional(parse, text_none: str = "none"):
@@ -75,6 +100,8 @@ def _kwargs(f: Field) -> dict:
         return kw
     parse = _scalar(tp)
     kw["type"] = _optional(parse) if nullable and tp is not str else parse
+    if f.name in BOUNDS and tp is int:
+        kw["type"] = _bounded(kw["type"], f.name)
     return kw
 
 

@@ -24,6 +24,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     cfg = build(EnsembleConfig, args)
+    cfg.check_members(len(args.models))
 
     def holds(folder, tuned: dict) -> None:
         """Refuse a soup whose validation figures fall below its weakest member's; record the comparison."""

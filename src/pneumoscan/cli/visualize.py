@@ -1,7 +1,7 @@
 """pneumoscan visualize filters|activations|layers: first-layer filters, early activation maps."""
 from __future__ import annotations
 
-from .common import add_model_arg
+from .common import add_model_arg, check_inputs_exist
 
 
 def register(sub) -> None:
@@ -52,6 +52,7 @@ def run_filters(args) -> int:
 
 def run_activations(args) -> int:
     out = _png_path(args.out)
+    check_inputs_exist(args.image, args.model)  # before torch and the model load (seconds)
     from ..data.imaging import load_xray
     from ..explain.inspect import activations, activations_figure, resolve_layer
     from ..plots import save_figure

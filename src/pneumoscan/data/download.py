@@ -82,8 +82,13 @@ def download_dataset(dest: str | os.PathLike = "data", url: str | None = None, s
     except OSError as e:
         raise DownloadError(f"cannot create destination {dest} ({e.strerror}); choose another --dest") from None
     urls = (url,) if url else DEFAULT_URLS
-    archive = dest / _archive_name(url)
-    expected = _expected_sha256(archive, sha256)
+    local = _local_path(url)
+    if local is not None and not local.is_file():
+        raise DownloadError(f"--url {url}: no such file; give an http(s) URL or the path of a downloaded "
+                            f"{ARCHIVE_NAME}")
+    archive = local or dest / _archive_name(url)  # a local copy is read where it lies, never copied or deleted
+    sidecar = dest / f"{archive.name}.sha256"  # beside the data, also for a local copy read where it lies
+    expected = _expected_sha256(sidecar, sha256)
     done = _extracted_root(dest, archive)
     if extract and done is not None and (expected is None or _marker_sha(dest, archive) == expected):
         log.info("data already extracted under %s", done)
@@ -91,10 +96,12 @@ def download_dataset(dest: str | os.PathLike = "data", url: str | None = None, s
     if not archive.is_file():
         _fetch_any(urls, archive, expected, progress)
     if not zipfile.is_zipfile(archive):  # e.g. a login or landing page served instead of the file
+        if local is not None:
+            raise DownloadError(f"--url {url} is not a ZIP archive; give the path of {ARCHIVE_NAME} itself")
         archive.unlink()
         raise DownloadError(f"what {urls[0]} served is not a ZIP archive (a web page?); it was deleted: check the "
                             "URL, or download ChestXRay2017.zip by hand and pass its location with --url")
-    actual = _verify(archive, expected, source=urls[0])
+    actual = _verify(archive, expected, source=urls[0], sidecar=sidecar, keep=local is not None)
     if not extract:
         return dest
     root = safe_extract(archive, dest, progress=progress)
@@ -117,7 +124,10 @@ def fetch(url: str, target: str | os.PathLike, progress: bool = True, timeout: f
     target = Path(target)
     part = target.with_name(target.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": f"pneumoscan/{__version__}"})
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": f"pneumoscan/{__version__}"})
+    except ValueError as e:  # unknown url type
+        raise DownloadError(f"cannot download {url} ({e}); give an http(s) URL or the path of a local copy") from None
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
@@ -252,6 +262,16 @@ def _marker_sha(dest: Path, archive: Path) -> str | None:
     return marker.read_text().split()[0] if marker.is_file() else None
 
 
+def _local_path(url: str | None) -> Path | None:
+    """The file ``--url`` names when it is a path or a file:// URL, not something to download; else None."""
+    if not url:
+        return None
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    return Path(url).expanduser() if parsed.scheme == "" else None
+
+
 def _archive_name(url: str | None) -> str:
     if url:
         name = Path(urllib.parse.urlparse(url).path).name
@@ -260,13 +280,12 @@ def _archive_name(url: str | None) -> str:
     return ARCHIVE_NAME
 
 
-def _expected_sha256(archive: Path, given: str | None) -> str | None:
+def _expected_sha256(side: Path, given: str | None) -> str | None:
     if given is not None:
         h = given.strip().lower()
         if not _HEX64.match(h):
             raise DownloadError(f"--sha256 {given!r} is not a SHA-256 (64 hexadecimal digits)")
         return h
-    side = archive.with_name(archive.name + ".sha256")
     if side.is_file():
         text = side.read_text().split()
         if not text or not _HEX64.match(text[0].lower()):
@@ -290,14 +309,19 @@ def _fetch_any(urls: tuple[str, ...], archive: Path, expected: str | None, progr
     raise DownloadError(errors[0] if len(errors) == 1 else "all download URLs failed: " + " | ".join(errors))
 
 
-def _verify(archive: Path, expected: str | None, source: str) -> str:
+def _verify(archive: Path, expected: str | None, source: str, sidecar: Path, keep: bool = False) -> str:
+    """The archive's SHA-256, checked against ``expected`` or recorded in ``sidecar``; a mismatch deletes a
+    downloaded file (``keep``: a user's local copy, never deleted) and extracts nothing."""
     actual = sha256_of(archive)
     if expected is None:
-        _write_text(archive.with_name(archive.name + ".sha256"), f"{actual}  {archive.name}\n")
-        log.warning("no published SHA-256 for %s: computed %s and recorded it in %s.sha256; pin it with "
-                    "--sha256 %s", archive.name, actual, archive, actual)
+        _write_text(sidecar, f"{actual}  {archive.name}\n")
+        log.warning("no published SHA-256 for %s: computed %s and recorded it in %s; pin it with "
+                    "--sha256 %s", archive.name, actual, sidecar, actual)
         return actual
     if actual != expected:
+        if keep:
+            raise DownloadError(f"{archive} has SHA-256 {actual}, expected {expected}; nothing was extracted: check "
+                                f"the file, or --sha256 / {sidecar}")
         archive.unlink(missing_ok=True)  # a wrong file is never kept, nor extracted
         raise DownloadError(f"{archive.name} from {source} has SHA-256 {actual}, expected {expected}; the file "
                             "was deleted: run again to re-download, or check --sha256 / the .sha256 sidecar")

@@ -28,6 +28,13 @@ from .manifest import Manifest, Sample
 log = logging.getLogger(__name__)
 
 VAL_FRACTION = 0.2  # patient-grouped validation share of a split (the one default)
+
+
+def check_val_fraction(v: float) -> None:
+    """A validation share the patient-grouped split can make: one of k >= 2 folds, so above 0 and at most 0.5."""
+    if not 0.0 < v <= 0.5:  # nan fails too
+        raise DataError(f"val fraction {v} must lie in (0, 0.5]: the split holds out one of k >= 2 patient-grouped "
+                        "folds (e.g. 0.2)")
 MANIFEST_NAME = "manifest.csv"  # what 'pneumoscan data index DIR' writes into DIR
 _PERSON = re.compile(r"person(\d+)_(bacteria|virus)", re.IGNORECASE)
 _NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)", re.IGNORECASE)
@@ -139,18 +146,20 @@ class SplitConfig:
     val_fraction: float = VAL_FRACTION  # patient-grouped validation share, e.g. 0.2
     seed: int = 0  # seed of the split
 
+    def __post_init__(self) -> None:
+        check_val_fraction(self.val_fraction)
+
 
 def split_patients(samples: Sequence[Sample], val_fraction: float = VAL_FRACTION, seed: int = 0) -> list[Sample]:
     """Patient-grouped, class-stratified train/val split of the non-test samples (deterministic)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val fraction {val_fraction} must lie strictly between 0 and 1 (e.g. 0.2)")
+    check_val_fraction(val_fraction)
     idx = [i for i, s in enumerate(samples) if s.source_split != "test"]
     out = list(samples)
     if not idx:
         return out
-    n_folds = max(2, round(1.0 / val_fraction))
+    n_folds = min(range(2, max(3, round(1.0 / val_fraction) + 2)), key=lambda k: abs(1.0 / k - val_fraction))
     y = np.array([samples[i].target for i in idx])
     groups = np.array([samples[i].patient for i in idx])
     if len(set(groups)) < n_folds:
@@ -164,6 +173,10 @@ def split_patients(samples: Sequence[Sample], val_fraction: float = VAL_FRACTION
     val = {idx[i] for i in val_idx}
     for i in idx:
         out[i] = replace(samples[i], split="val" if i in val else "train")
+    share = len(val) / len(idx)
+    if abs(share - val_fraction) > 0.05:  # whole patients, stratified: a small folder cannot always meet the share
+        log.warning("the validation split holds %.0f%% of the %d images, not the %.0f%% asked for: it takes one of "
+                    "%d patient-grouped folds, each patient whole", 100 * share, len(idx), 100 * val_fraction, n_folds)
     return out
 
 

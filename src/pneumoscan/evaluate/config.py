@@ -75,6 +75,9 @@ class CalibrateConfig:
             raise PneumoscanError(f"--ood-quantile {self.ood_quantile} must lie in (0.5, 1), e.g. 0.98")
         if self.pca_dim < 2 or self.batch_size < 1:
             raise PneumoscanError("--pca-dim must be at least 2 and --batch-size at least 1")
+        if not self.temperature and self.scaling != "auto":  # the card would describe a scaling never fitted
+            raise PneumoscanError(f"--no-temperature fits no scaling, so --scaling {self.scaling} cannot apply; drop "
+                                  "one of the two")
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,20 @@ def progress_bar():
     return StderrProgressBar()
 
 
-def raise_if_interrupted(trainer) -> None:
-    """Lightning turns Ctrl-C into a normal return with ``trainer.interrupted`` set: stop here instead
-    of saving a half-trained model (the CLI then says "interrupted" and exits 130, nothing written)."""
+def fit_interruptible(trainer, *args, **kwargs) -> None:
+    """``trainer.fit``, with Ctrl-C a :class:`KeyboardInterrupt` again. Lightning catches it, tears down, sets
+    ``trainer.interrupted``, ignores SIGINT from then on and calls ``sys.exit(1)`` (older versions return as if
+    the run had finished): either way stop here instead of saving a half-trained model, with Ctrl-C working
+    again (the CLI then says "interrupted" and exits 130, nothing written)."""
+    try:
+        trainer.fit(*args, **kwargs)
+    except SystemExit:
+        if not getattr(trainer, "interrupted", False):
+            raise
     if getattr(trainer, "interrupted", False):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         raise KeyboardInterrupt

@@ -32,7 +32,7 @@ from ..data.manifest import Manifest
 from ..errors import DataError, WeightsError
 from ..features.config import ExtractConfig
 from ..features.extract import extract_features
-from ..io import atomic_write_bytes, atomic_write_json, json_safe
+from ..io import atomic_write_bytes, atomic_write_json, json_safe, staged_dir
 from ..metrics import choose_threshold, compute_metrics
 from ..nets.backbones import create_backbone, default_preprocess, get_spec
 from ..plots import plot_bars
@@ -185,8 +185,19 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> st
 
 def write_outputs(out: Path, rows: list[dict], best_per: dict[str, dict], best: dict, cfg: CompareConfig,
                   manifest: Manifest) -> dict[str, str]:
-    """compare.csv, compare.md, compare.json and the two bar charts (all written atomically)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """compare.csv, compare.md, compare.json and the two bar charts, written as a set: into a staging folder
+    first, moved into ``out`` only once all five exist (a failure leaves an earlier report as it was, never
+    half of each)."""
+    with staged_dir(out) as tmp:
+        _write_outputs(tmp, rows, best_per, best, cfg, manifest)
+    return {k: str(out / k) for k in OUTPUTS}
+
+
+OUTPUTS = ("compare.csv", "compare.md", "compare.json", "compare_backbones.png", "compare_grid.png")
+
+
+def _write_outputs(out: Path, rows: list[dict], best_per: dict[str, dict], best: dict, cfg: CompareConfig,
+                   manifest: Manifest) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(COLUMNS) + ["failed_to_decode"], extrasaction="ignore")
     w.writeheader()
@@ -222,8 +233,6 @@ def write_outputs(out: Path, rows: list[dict], best_per: dict[str, dict], best: 
     names = [f"{r['backbone']}@{r['size']} lr{r['lr']:g} d{r['dropout']:g} {r['schedule']}" for r in rows]
     plot_bars(names, {k: [_nan(r[k]) for r in rows] for k in ("val_auc", "val_acc3")}, out / "compare_grid.png",
               title="every run (validation)")
-    return {k: str(out / k) for k in ("compare.csv", "compare.md", "compare.json", "compare_backbones.png",
-                                      "compare_grid.png")}
 
 
 def _nan(v) -> float:

@@ -7,11 +7,12 @@ config is saved in the model's config.json, and the CLI's options are generated 
 from __future__ import annotations
 
 import itertools
+import math
 import typing
 from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar, Literal
 
-from ..data.index import VAL_FRACTION
+from ..data.index import VAL_FRACTION, check_val_fraction
 from ..errors import ConfigError
 from ..metrics import check_method
 from ..nets.registry import DEFAULT_BACKBONE, get_spec
@@ -92,8 +93,7 @@ class TrainConfig:
         _check_choices(self, "intensity", "schedule", "class_weight", "threshold_method")
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1 or self.step_size < 1:
             raise ConfigError("head batch size, epochs, patience and step size must be at least 1")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"validation fraction {self.val_fraction} must lie strictly between 0 and 1")
+        check_val_fraction(self.val_fraction)
         check_method(self.threshold_method, self.target_sensitivity)
 
 
@@ -194,8 +194,7 @@ class FinetuneConfig:
             raise ConfigError("mixup and cutmix alphas must be 0 (off) or positive (e.g. 0.2)")
         if not 0 <= self.drop_noisy < 0.5:
             raise ConfigError(f"drop-noisy share {self.drop_noisy} must lie in [0, 0.5) (e.g. 0.05)")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"validation fraction {self.val_fraction} must lie strictly between 0 and 1")
+        check_val_fraction(self.val_fraction)
         _check_choices(self, "intensity", "schedule", "class_weight", "accelerator", "precision", "loss",
                        "augment_order", "threshold_method")
         if not (self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1)):
@@ -252,6 +251,22 @@ class EnsembleConfig:
     max_auc_drop: float = 0.003  # soup: normal-vs-pneumonia AUC on validation may fall at most this below its weakest member's
     max_accuracy_drop: float = 0.01  # soup: 3-class validation accuracy may fall at most this below its weakest member's
 
+    def __post_init__(self) -> None:
+        _check_choices(self, "tta")
+        w = self.coefficients
+        if w is not None and not (all(math.isfinite(v) and v >= 0 for v in w) and sum(w) > 0):
+            raise ConfigError(f"--coefficients {','.join(f'{v:g}' for v in w)}: give non-negative numbers, one per "
+                              "model, not all 0 (e.g. 0.5,0.5)")
+        for name in ("max_auc_drop", "max_accuracy_drop"):
+            v = getattr(self, name)
+            if not -1 <= v <= 1:  # nan fails too; negative: the soup must beat its weakest member by that much
+                raise ConfigError(f"--{name.replace('_', '-')} {v} must lie in [-1, 1], e.g. 0.003")
+
+    def check_members(self, n: int) -> None:
+        """Refuse, before any work, weights that do not match the ``n`` models given."""
+        if self.coefficients is not None and len(self.coefficients) != n:
+            raise ConfigError(f"--coefficients has {len(self.coefficients)} numbers for {n} models; give one per model")
+
 _MEMBER_DROP = ("files",)  # per-directory bookkeeping that means nothing inside the ensemble
 
 
@@ -300,6 +315,7 @@ class PretrainConfig:
             raise ConfigError("epochs must be at least 1 and the batch at least 2 images (negatives are needed)")
         if not 0 < self.lr < 1 or not self.temperature > 0 or self.projection_dim < 1:
             raise ConfigError("the learning rate must lie in (0, 1), the temperature and projection size be positive")
+        check_val_fraction(self.val_fraction)
         _check_choices(self, "intensity", "accelerator", "precision")
 
 

@@ -178,7 +178,8 @@ def build_soup(model_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
     _check_members(dirs, out)
     w = np.full(len(dirs), 1.0 / len(dirs)) if coefficients is None else np.asarray(coefficients, float)
     if len(w) != len(dirs) or (w < 0).any() or not w.sum() > 0:
-        raise ModelError(f"--coefficients needs {len(dirs)} non-negative numbers, one per model (got {list(w)})")
+        got = ", ".join(f"{v:g}" for v in w)
+        raise ModelError(f"--coefficients needs {len(dirs)} non-negative numbers, one per model (got {got})")
     w = w / w.sum()
     configs = [read_config(d) for d in dirs]
     for d, c in zip(dirs, configs):

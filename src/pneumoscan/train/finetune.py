@@ -32,7 +32,7 @@ from ..nets.checkpoint import save_model
 from ..nets.heads import Head, PneumoNet
 from ..preprocess import PreprocessConfig
 from .augment import BatchInput
-from .callbacks import KeepBest, ema_callback, progress_bar, raise_if_interrupted
+from .callbacks import KeepBest, ema_callback, fit_interruptible, progress_bar
 from .config import FinetuneConfig
 from .head import class_weights
 from .record import model_record, write_history
@@ -307,8 +307,7 @@ def finetune(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Fi
                          precision=_precision(cfg), callbacks=callbacks, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
                          log_every_n_steps=10, use_distributed_sampler=True)
-    trainer.fit(module, train_dl, val_dl)
-    raise_if_interrupted(trainer)
+    fit_interruptible(trainer, module, train_dl, val_dl)
     if not trainer.is_global_zero:
         return None
     if keep.state is None:

@@ -27,7 +27,7 @@ from ..metrics import choose_threshold, compute_metrics
 from ..nets.backbones import create_backbone, default_preprocess
 from ..nets.checkpoint import save_model
 from ..nets.heads import Head, PneumoNet
-from .callbacks import KeepBest, _lightning, progress_bar, raise_if_interrupted, trainer_kwargs
+from .callbacks import KeepBest, _lightning, fit_interruptible, progress_bar, trainer_kwargs
 from .config import TrainConfig
 from .record import model_record, write_history
 
@@ -105,8 +105,7 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndar
     stop = pl.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min")
     bar = [progress_bar()] if progress else []
     trainer = pl.Trainer(max_epochs=cfg.max_epochs, callbacks=[keep, stop, *bar], **trainer_kwargs(progress))
-    trainer.fit(module, tr, va)
-    raise_if_interrupted(trainer)
+    fit_interruptible(trainer, module, tr, va)
     if keep.state is None:
         raise PneumoscanError("training produced no validation result; check the validation split")
     module.load_state_dict(keep.state)

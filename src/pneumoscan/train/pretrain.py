@@ -27,7 +27,7 @@ from ..errors import DataError, PneumoscanError
 from ..io import atomic_path, atomic_write_json, file_digest
 from ..nets.backbones import create_backbone, default_preprocess
 from .augment import BatchInput
-from .callbacks import progress_bar, raise_if_interrupted
+from .callbacks import fit_interruptible, progress_bar
 from .config import PretrainConfig
 from .finetune import _precision, load_images
 from .record import hardware
@@ -113,8 +113,7 @@ def pretrain(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Pr
                          devices=cfg.devices, precision=_precision(cfg), logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
                          callbacks=[progress_bar()] if progress else [])
-    trainer.fit(module, loader)
-    raise_if_interrupted(trainer)
+    fit_interruptible(trainer, module, loader)
     if not trainer.is_global_zero:
         raise PneumoscanError("pretraining on several devices writes its result on rank 0 only")
     out = Path(out)

@@ -55,7 +55,7 @@ from ..preprocess import PreprocessConfig
 from ..runtime import WEIGHT_LEVELS, weight_range
 from ..uncertainty import OODScorer, calibrated_decision, model_calibration
 from .augment import BatchInput
-from .callbacks import progress_bar, raise_if_interrupted
+from .callbacks import fit_interruptible, progress_bar
 from .config import AugmentConfig, QatConfig
 from .finetune import load_images, warmup_then
 
@@ -452,8 +452,7 @@ def qat(model_dir: str | os.PathLike, out: str | os.PathLike, data: str | os.Pat
                          logger=False, enable_checkpointing=False, enable_model_summary=False,
                          enable_progress_bar=progress, log_every_n_steps=10, use_distributed_sampler=True)
     module.train()  # Lightning expects it; each epoch's start puts the network back in eval mode (no dropout)
-    trainer.fit(module, dl)
-    raise_if_interrupted(trainer)
+    fit_interruptible(trainer, module, dl)
     if not trainer.is_global_zero:
         return None
     sim.net.cpu()
