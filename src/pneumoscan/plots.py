@@ -83,7 +83,8 @@ def plot_roc(curves: dict, path: str | os.PathLike, operating_point: tuple[float
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if curves or operating_point is not None:  # data of one class has no curve (matplotlib warns of an empty legend)
+        ax.legend(loc="lower right", fontsize=8)
     return save_figure(fig, path)
 
 

@@ -104,3 +104,18 @@ def test_adapt_leaves_out_images_the_gate_stops_and_says_how_many(tiny_model_dir
     rc = main(["-q", "adapt", str(tmp_path), "--model", str(tiny_model_dir)])
     err = capsys.readouterr().err
     assert rc == 2 and "none of the 1 decodable images is a chest X-ray the model can read" in err and "colour" in err
+
+
+def test_bbse_refuses_validation_images_without_every_class(tiny_model_dir, dataset_dir, tmp_path, capsys):
+    """bbse inverts the confusion matrix of the validation split: without a class it is singular."""
+    import shutil
+
+    from synthetic import make_dataset
+
+    other = make_dataset(tmp_path / "other", seed=5)  # images the model never saw
+    shutil.rmtree(other / "train" / "PNEUMONIA")
+    rc = main(["-q", "adapt", str(dataset_dir / "train" / "NORMAL"), "--model", str(tiny_model_dir), "--method", "bbse",
+               "--data", str(other), "--out", str(tmp_path / "prior.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no bacterial and no viral images" in err and "bbse needs images of every class" in err, err
+    assert not (tmp_path / "prior.json").exists()

@@ -44,10 +44,11 @@ def run(args) -> int:
     pred = Predictor(args.model)
     validation = None
     if cfg.method == "bbse":
-        from ..data.splits import validation_set
+        from ..data.splits import check_classes, validation_set
         from ..evaluate.operating_point import score
 
         ev = validation_set(args.data, pred.config, pred.model_dir)
+        check_classes(ev.y, ev.source, "bbse")  # its confusion matrix must be invertible
         validation = score(pred, ev, cfg.batch_size, progress_enabled())
     r = adapt([str(f) for f in files], pred, cfg, validation=validation, progress=progress_enabled())
     for path, err in problems:  # image-named files that are not images: counted and named, never dropped
