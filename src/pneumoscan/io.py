@@ -176,7 +176,14 @@ def check_writable(path: str | os.PathLike, kind: str = "dir", what: str = "--ou
     the reverse), or a location whose nearest existing folder is not writable. ``kind``: "dir" or "file"."""
     from .errors import PneumoscanError
 
+    if not str(path).strip():
+        raise PneumoscanError(f"{what} is empty; give a {'folder' if kind == 'dir' else 'file name'}")
     path = Path(path)
+    if kind == "file" and (path.is_symlink() or (path.exists() and not path.is_file() and not path.is_dir())):
+        # written atomically, the output would replace the link, the device or the pipe itself with a plain file
+        what_it_is = "a symbolic link" if path.is_symlink() else "a device, pipe or socket"
+        raise PneumoscanError(f"{what} {path} is {what_it_is}; give the path of a plain file (or omit {what} to "
+                              "print to the terminal)")
     if path.exists():
         if kind == "dir" and not path.is_dir():
             raise PneumoscanError(f"{what} {path} is a file; give a folder")

@@ -535,3 +535,20 @@ def test_an_output_replaced_as_a_whole_never_is_nor_holds_an_input(tiny_model_di
     one_error_line(capsys, ["ensemble", str(a), str(b), "--out", str(PACKAGE_MODEL), "--overwrite"],
                    "the model shipped inside pneumoscan")
     assert {p: _listing(p) for p in (a, b, data)} == before
+
+
+def test_an_output_file_is_never_an_input_a_link_or_a_device(dataset_dir, tmp_path, capsys):
+    """predict X.jpg --out X.jpg turned the X-ray into a table; --out of a link, a FIFO or a device replaced it with
+    a plain file (as root: /dev/stdout, /dev/full); --out '' printed to the terminal as if no --out was given."""
+    img = Path(shutil.copy(next((dataset_dir / "train" / "NORMAL").glob("*.jpeg")), tmp_path / "x.jpeg"))
+    data = img.read_bytes()
+    (tmp_path / "target.csv").write_text("keep")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "target.csv")
+    os.mkfifo(tmp_path / "fifo.csv")
+    for cmd in ("predict", "adapt"):
+        one_error_line(capsys, ["-q", cmd, str(img), "--out", str(img)], f"is the input {img}")
+    one_error_line(capsys, ["-q", "predict", str(img), "--out", str(tmp_path / "link.csv")], "is a symbolic link")
+    one_error_line(capsys, ["-q", "predict", str(img), "--out", str(tmp_path / "fifo.csv")], "a device, pipe or socket")
+    one_error_line(capsys, ["-q", "predict", str(img), "--out", ""], "--out is empty")
+    assert img.read_bytes() == data and (tmp_path / "link.csv").is_symlink()
+    assert stat.S_ISFIFO((tmp_path / "fifo.csv").stat().st_mode) and (tmp_path / "target.csv").read_text() == "keep"

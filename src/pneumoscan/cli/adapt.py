@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from ..evaluate.adapt import AdaptConfig
-from .common import add_model_arg, check_inputs_exist, progress_enabled
+from .common import add_model_arg, check_inputs_exist, check_out, progress_enabled
 from .flags import add_config, build
 
 
@@ -25,10 +25,8 @@ def register(sub) -> None:
 def run(args) -> int:
     cfg = build(AdaptConfig, args)
     check_inputs_exist(*args.paths, args.data)
-    from ..io import check_writable
-
-    if args.out:
-        check_writable(args.out, "file")
+    if args.out is not None:
+        check_out(args, "file")
     from .. import LABELS
     from ..data.index import iter_image_files
     from ..errors import PneumoscanError

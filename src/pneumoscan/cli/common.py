@@ -66,19 +66,24 @@ def add_overwrite(p) -> None:
 
 def check_out(args, kind: str = "dir") -> Path:
     """Check ``args.out`` before any work: ``model`` = a folder replaced as a whole (empty, new, or
-    --overwrite), ``dir`` = a writable folder, ``file`` = a writable file path."""
+    --overwrite), ``dir`` = a writable folder, ``file`` = a writable file path that is none of the inputs."""
+    from ..errors import PneumoscanError
     from ..io import check_new_dir, check_writable
 
+    if not str(args.out).strip():  # '' would resolve to the current folder
+        raise PneumoscanError(f"--out is empty; give a {'file name' if kind == 'file' else 'folder'}")
     if kind == "model":
         check_not_an_input(args)
         return check_new_dir(args.out, getattr(args, "overwrite", False))
+    if kind == "file":
+        check_not_an_input(args)  # predict X.jpg --out X.jpg would overwrite the X-ray with the table
     return check_writable(args.out, kind)
 
 
 def check_not_an_input(args) -> None:
-    """A folder replaced as a whole must not be, nor hold, anything the command reads (its models, data,
-    weights: every existing path among the arguments) nor the model shipped inside the package:
-    ``ensemble a b --out b --overwrite`` would otherwise destroy a member once the new model is in place."""
+    """An output replaced as a whole (a model folder, a file) must not be, nor hold, anything the command reads
+    (its models, data, images, weights: every existing path among the arguments) nor the model shipped inside the
+    package: ``ensemble a b --out b --overwrite`` would otherwise destroy a member once the new model is in place."""
     from ..errors import PneumoscanError
     from ..nets.modeldir import PACKAGE_MODEL
 
@@ -93,7 +98,7 @@ def check_not_an_input(args) -> None:
     for what, path in named:
         if path == out or out in path.parents:
             raise PneumoscanError(f"--out {args.out} {'is' if path == out else 'holds'} {what}; replacing it would "
-                                  "destroy it: choose another output folder")
+                                  "destroy it: choose another --out")
 
 
 def check_model_writable(model_dir) -> Path:

@@ -6,7 +6,7 @@ out of scope (no diagnosis: ``in_scope`` false, ``label`` null, ``reasons``), 2 
 from __future__ import annotations
 
 from ..predict import PredictConfig
-from .common import EXIT_OUT_OF_SCOPE, add_model_arg, progress_enabled
+from .common import EXIT_OUT_OF_SCOPE, add_model_arg, check_out, progress_enabled
 from .flags import add_config, build
 
 
@@ -93,12 +93,12 @@ def run(args) -> int:
     from .. import INTENDED_USE, LABELS
     from ..data.index import iter_image_files
     from ..errors import PneumoscanError
-    from ..io import atomic_write_text, check_writable
+    from ..io import atomic_write_text
     from ..predict import Predictor
 
     cfg = build(PredictConfig, args)
-    if args.out:
-        check_writable(args.out, "file")
+    if args.out is not None:
+        check_out(args, "file")
     files, missing = iter_image_files(args.paths)
     if not files:
         what = "; ".join(f"{p}: {e}" for p, e in missing) or "no JPEG, PNG or DICOM files in the given folders"
