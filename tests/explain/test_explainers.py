@@ -360,6 +360,40 @@ def test_cli_explain_never_reads_its_own_maps_back(tiny_model_dir, images, tmp_p
     assert [m["path"] for m in json.loads((scans / "maps" / "explain.json").read_text())["maps"]] == [str(scans / "b.png")]
 
 
+def test_cli_explain_into_its_own_input_folder_and_interrupted_never_mixes_runs(tiny_model_dir, images, tmp_path,
+                                                                              capsys, monkeypatch):
+    """explain DIR --out DIR explained its earlier overlays (x.gradcam.gradcam.png ...); a Ctrl-C half way left
+    this run's first maps beside the earlier run's summary."""
+    import shutil
+
+    from pneumoscan.explain import explainer as ex
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for k in ("png16", "dicom"):
+        shutil.copy(images[k], scans / images[k].name)
+    args = ["-q", "explain", str(scans), "--model", str(tiny_model_dir), "--out", str(scans), "--method", "gradcam"]
+    rc = main(args)
+    names = {p.name for p in scans.iterdir()}
+    assert main(args) == rc and {p.name for p in scans.iterdir()} == names  # no maps of maps
+    first = {p.name: p.read_bytes() for p in scans.iterdir()}
+    calls = []
+
+    def interrupted(self, x, methods):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(self, x, methods)
+
+    real = ex.Explainer.__call__
+    monkeypatch.setattr(ex.Explainer, "__call__", interrupted)
+    shutil.copy(images["rgb_jpeg"], scans / "a0.jpeg")  # a new input, explained first, then Ctrl-C
+    assert main(args) == 130
+    capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in scans.iterdir() if p.name != "a0.jpeg"} == first  # no a0.gradcam.*
+    assert not [p for p in tmp_path.rglob(".*staged*")]
+
+
 def test_cli_explain_bad_inputs(tiny_model_dir, images, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["-q", "explain", str(images["broken"]), str(tmp_path / "missing.png"), str(images["png16"]),

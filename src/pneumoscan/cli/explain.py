@@ -66,63 +66,64 @@ def run(args) -> int:
     from ..explain.explainer import CENTRAL_REGION, Explainer
     from ..explain.figures import grid_figure, save_array, save_overlay
     from ..explain.maps import DISPLAY_SIDE
-    from ..io import atomic_write_json, atomic_write_text
+    from ..io import atomic_write_json, atomic_write_text, staged_dir
     from ..plots import save_figure
     from ..predict import Predictor
 
     methods = cfg.methods
-    files, errors = iter_image_files(args.paths, exclude=args.out)  # never its own maps read back as X-rays
-    if not files:
-        what = "; ".join(f"{p}: {e}" for p, e in errors) or "no JPEG, PNG or DICOM files in the given folders"
-        raise PneumoscanError(f"nothing to explain ({what})")
-    files = pick_evenly(files, cfg.sample)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise PneumoscanError(f"--out {out} is a file; give a folder")
     previous = previous_outputs(out)  # what an earlier explain wrote here, to remove what this one does not rewrite
+    files, errors = iter_image_files(args.paths, exclude=out)  # never its own maps read back as X-rays
+    files = [f for f in files if not (f.name in previous and f.resolve().parent == out.resolve())]  # --out DIR DIR
+    if not files:
+        what = "; ".join(f"{p}: {e}" for p, e in errors) or "no JPEG, PNG or DICOM files in the given folders"
+        raise PneumoscanError(f"nothing to explain ({what})")
+    files = pick_evenly(files, cfg.sample)
     pred = Predictor(args.model, backend="torch")  # explanations need the network's gradients and layers
     explainer = Explainer(pred, patch=cfg.patch, stride=cfg.stride, batch_size=cfg.batch_size, engine=cfg.engine)
     grid_idx = set(pick_evenly(files, 16)) if cfg.grid else set()
-    rows, grid = [], {m: [] for m in methods}
-    for f, name in zip(files, unique_stems(files)):
-        try:
-            x = load_xray(f, max_pixels=pred.max_pixels, size_hint=max(pred.prep_cfg.size, DISPLAY_SIDE))
-        except ImageError as e:
-            errors.append((str(f), str(e)))
-            continue
-        for e in explainer(x, methods):
-            png = save_overlay(x.pixels, e, out / f"{name}.{e.method}.png", title_name=f.name)
-            npy = save_array(e.heatmap, out / f"{name}.{e.method}.npy")
-            share = e.central_share
-            rows.append({"path": str(f), "method": e.method, "in_scope": e.in_scope, "label": e.label,
-                         **{f"p_{k}": round(v, 4) for k, v in e.probabilities.items()},
-                         "central_share": None if math.isnan(share) else round(share, 4),
-                         "seconds": round(e.seconds, 3), "png": str(png), "npy": str(npy),
-                         "reasons": "; ".join(e.reasons)})
-            if f in grid_idx:
-                grid[e.method].append((str(f), x.pixels, e))
-            what = e.label if e.in_scope else f"out of scope, no diagnosis ({e.reasons[0]}); the network's {e.label}"
-            print(f"{f}: {what} ({e.method}, central share {share:.2f}, {e.seconds:.2f} s) -> {png}")
-    grids = []
-    for method, items in grid.items():
-        if items:
-            grids.append(save_figure(grid_figure(items, pred.model_id), out / f"grid.{method}.png", dpi=110))
-            print(f"grid -> {grids[-1]}")
-    written = {Path(r[k]).name for r in rows for k in ("png", "npy")} | {g.name for g in grids}
-    if rows:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_text(out / "explain.csv", buf.getvalue())
-        left, right, top, bottom = CENTRAL_REGION
-        atomic_write_json(out / "explain.json", {
-            "model": pred.model_id, "methods": list(methods), "patch": cfg.patch, "stride": cfg.stride,
-            "central_region": {"left": left, "right": right, "top": top, "bottom": bottom,
-                               "note": "fractions of width/height; a map spread evenly has share 0.42"},
-            "maps": rows, "grids": [g.name for g in grids]})
-        written |= {"explain.csv", "explain.json"}
-        print(f"summary -> {out / 'explain.csv'}")
+    rows, grid, grids = [], {m: [] for m in methods}, []
+    with staged_dir(out) as stage:  # the run's files reach --out together, once all are written (Ctrl-C: none)
+        for f, name in zip(files, unique_stems(files)):
+            try:
+                x = load_xray(f, max_pixels=pred.max_pixels, size_hint=max(pred.prep_cfg.size, DISPLAY_SIDE))
+            except ImageError as e:
+                errors.append((str(f), str(e)))
+                continue
+            for e in explainer(x, methods):
+                png = out / save_overlay(x.pixels, e, stage / f"{name}.{e.method}.png", title_name=f.name).name
+                npy = out / save_array(e.heatmap, stage / f"{name}.{e.method}.npy").name
+                share = e.central_share
+                rows.append({"path": str(f), "method": e.method, "in_scope": e.in_scope, "label": e.label,
+                             **{f"p_{k}": round(v, 4) for k, v in e.probabilities.items()},
+                             "central_share": None if math.isnan(share) else round(share, 4),
+                             "seconds": round(e.seconds, 3), "png": str(png), "npy": str(npy),
+                             "reasons": "; ".join(e.reasons)})
+                if f in grid_idx:
+                    grid[e.method].append((str(f), x.pixels, e))
+                what = e.label if e.in_scope else f"out of scope, no diagnosis ({e.reasons[0]}); the network's {e.label}"
+                print(f"{f}: {what} ({e.method}, central share {share:.2f}, {e.seconds:.2f} s) -> {png}")
+        for method, items in grid.items():
+            if items:
+                grids.append(out / save_figure(grid_figure(items, pred.model_id), stage / f"grid.{method}.png",
+                                               dpi=110).name)
+                print(f"grid -> {grids[-1]}")
+        if rows:
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+            atomic_write_text(stage / "explain.csv", buf.getvalue())
+            left, right, top, bottom = CENTRAL_REGION
+            atomic_write_json(stage / "explain.json", {
+                "model": pred.model_id, "methods": list(methods), "patch": cfg.patch, "stride": cfg.stride,
+                "central_region": {"left": left, "right": right, "top": top, "bottom": bottom,
+                                   "note": "fractions of width/height; a map spread evenly has share 0.42"},
+                "maps": rows, "grids": [g.name for g in grids]})
+            print(f"summary -> {out / 'explain.csv'}")
+        written = {p.name for p in stage.iterdir()}
     for stale in sorted(previous - written):  # an earlier run's maps, grids and summary: never left to mislead
         (out / stale).unlink(missing_ok=True)
     for path, err in errors:
