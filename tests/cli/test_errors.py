@@ -532,6 +532,8 @@ def test_an_output_replaced_as_a_whole_never_is_nor_holds_an_input(tiny_model_di
     one_error_line(capsys, ["ensemble", str(a), str(b), "--out", str(b), "--overwrite"], f"--out {b} is the input {b}")
     one_error_line(capsys, ["soup", str(a), str(b), "--out", str(tmp_path), "--overwrite"], "holds the input")
     one_error_line(capsys, ["train", str(data), "--out", str(data), "--overwrite"], "replacing it would destroy it")
+    one_error_line(capsys, ["train", str(data), "--out", str(data / "train" / "NORMAL"), "--overwrite"],
+                   f"lies inside the input {data}")
     one_error_line(capsys, ["ensemble", str(a), str(b), "--out", str(PACKAGE_MODEL), "--overwrite"],
                    "the model shipped inside pneumoscan")
     assert {p: _listing(p) for p in (a, b, data)} == before

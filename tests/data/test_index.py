@@ -253,3 +253,16 @@ def test_a_validation_share_the_split_cannot_make_is_said_not_silently_replaced(
     assert "asked for" not in caplog.text
     with pytest.raises(DataError, match=r"must lie in \(0, 0.5\]"):
         index_dataset(big_dir, val_fraction=0.6)
+
+
+def test_links_to_nothing_and_pipes_named_as_images_are_reported_and_files_count_once(tmp_path):
+    from pneumoscan.data.index import iter_image_files
+
+    _img(tmp_path / "d" / "a.png", 10)
+    (tmp_path / "d" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(tmp_path / "d" / "pipe.jpg")  # never opened: reading it would block
+    (tmp_path / "d" / "notes").symlink_to(tmp_path / "nowhere")  # not named as an image: passed over
+    files, problems = iter_image_files([tmp_path / "d", tmp_path / "d" / "a.png", tmp_path / "d"])
+    assert files == [tmp_path / "d" / "a.png"]  # named three times, counted once
+    assert {Path(p).name: why.split(";")[0] for p, why in problems} == {
+        "gone.jpg": "a symbolic link to nothing", "pipe.jpg": "not a regular file"}

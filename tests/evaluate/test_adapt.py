@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,10 +80,16 @@ def test_adapt_counts_image_files_that_are_not_images_as_failed(tiny_model_dir, 
     for f in sorted((dataset_dir / "train" / "NORMAL").glob("*.jpeg"))[:3]:
         shutil.copy(f, tmp_path / f.name)
     (tmp_path / "cut.jpeg").write_bytes(b"")
-    rc = main(["-q", "adapt", str(tmp_path), "--model", str(tiny_model_dir), "--out", str(tmp_path / "p.json")])
+    first = sorted(tmp_path.glob("*.jpeg"))[1]
+    (tmp_path / "trunc.jpeg").write_bytes(first.read_bytes()[:400])  # a header, then nothing: fails to decode
+    rc = main(["-q", "adapt", str(tmp_path), str(tmp_path), str(first), "--model", str(tiny_model_dir),
+               "--out", str(tmp_path / "p.json")])
     cap = capsys.readouterr()
-    assert rc == 0 and "3 images (1 failed)" in cap.out and "cut.jpeg: empty file" in cap.err
-    assert json.loads((tmp_path / "p.json").read_text())["failed"] == 1
+    # each file once however often named; every file not used named on stderr and in the JSON; exit 1 as predict
+    assert rc == 1 and "3 images (2 failed)" in cap.out and "cut.jpeg: empty file" in cap.err and "trunc.jpeg" in cap.err
+    assert "WARNING: estimated from 3 images: a rough figure" in cap.out
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["failed"] == 2 and {Path(e["path"]).name for e in doc["errors"]} == {"cut.jpeg", "trunc.jpeg"}
 
 
 def test_adapt_leaves_out_images_the_gate_stops_and_says_how_many(tiny_model_dir, dataset_dir, tmp_path, capsys):

@@ -49,9 +49,11 @@ def run(args) -> int:
         check_classes(ev.y, ev.source, "bbse")  # its confusion matrix must be invertible
         validation = score(pred, ev, cfg.batch_size, progress_enabled())
     r = adapt([str(f) for f in files], pred, cfg, validation=validation, progress=progress_enabled())
-    for path, err in problems:  # image-named files that are not images: counted and named, never dropped
-        print(f"pneumoscan: error: {path}: {err}", file=sys.stderr)
-    r["failed"] += len(problems)
+    failed = problems + [(e["path"], e["error"]) for e in r["errors"]]  # every file not used, named
+    for path, err in failed:
+        print(f"pneumoscan: error: {err}" if path in err else f"pneumoscan: error: {path}: {err}", file=sys.stderr)
+    r["failed"] = len(failed)
+    r["errors"] = [{"path": p, "error": e} for p, e in failed]
     stopped = f", {r['out_of_scope']} out of scope and left out" if r["out_of_scope"] else ""
     print(f"{r['n']} images ({r['failed']} failed{stopped}), model {r['model']}, method {r['method']}")
     print(f"{'class':<11}{'model prior':>13}{'predicted':>11}{'estimated':>11}")
@@ -63,6 +65,8 @@ def run(args) -> int:
     else:
         print(f"estimated pneumonia prevalence {prev:.3f}: these images look {'all' if prev >= 0.995 else 'free of'} "
               "pneumonia to the model; no prior correction applies")
+    if r.get("warning"):
+        print(f"WARNING: {r['warning']}")
     if args.out:
         atomic_write_json(args.out, r)
-    return 0
+    return 1 if failed else 0  # as predict: the estimate stands, but some files were not read

@@ -76,18 +76,22 @@ def check_out(args, kind: str = "dir") -> Path:
         check_not_an_input(args)
         return check_new_dir(args.out, getattr(args, "overwrite", False))
     if kind == "file":
-        check_not_an_input(args)  # predict X.jpg --out X.jpg would overwrite the X-ray with the table
+        check_not_an_input(args, whole_folder=False)  # predict X.jpg --out X.jpg would overwrite the X-ray
     return check_writable(args.out, kind)
 
 
-def check_not_an_input(args) -> None:
+def check_not_an_input(args, whole_folder: bool = True) -> None:
     """An output replaced as a whole (a model folder, a file) must not be, nor hold, anything the command reads
     (its models, data, images, weights: every existing path among the arguments) nor the model shipped inside the
-    package: ``ensemble a b --out b --overwrite`` would otherwise destroy a member once the new model is in place."""
+    package: ``ensemble a b --out b --overwrite`` would otherwise destroy a member once the new model is in place.
+    ``whole_folder``: the output is a folder replaced as a whole, so with ``--overwrite`` an existing one must not lie
+    inside an input folder either (``train DATA --out DATA/NORMAL --overwrite`` deleted the images; a new folder,
+    or a file written beside the images it reads, is fine)."""
     from ..errors import PneumoscanError
     from ..nets.modeldir import PACKAGE_MODEL
 
     out = Path(args.out).resolve()
+    replacing = getattr(args, "overwrite", False) and out.is_dir() and any(out.iterdir())  # a new folder harms nothing
     named = [("the model shipped inside pneumoscan", PACKAGE_MODEL)]
     for key, value in vars(args).items():
         if key in ("out", "func"):
@@ -99,6 +103,10 @@ def check_not_an_input(args) -> None:
         if path == out or out in path.parents:
             raise PneumoscanError(f"--out {args.out} {'is' if path == out else 'holds'} {what}; replacing it would "
                                   "destroy it: choose another --out")
+        if whole_folder and replacing and path.is_dir() and path in out.parents:
+            raise PneumoscanError(f"--out {args.out} lies inside {what}; replacing it would destroy what is there "
+                                  "(train DATA --out DATA/NORMAL --overwrite deleted the images): choose a folder "
+                                  "outside it")
 
 
 def check_model_writable(model_dir) -> Path:

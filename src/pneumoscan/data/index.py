@@ -242,7 +242,12 @@ def iter_image_files(paths: Iterable[str | os.PathLike],
         if p.is_dir():
             inside = skip is not None and skip != p.resolve() and p.resolve() in skip.parents
             for q in sorted(p.rglob("*")):
-                if not q.is_file() or any(part.startswith(".") for part in q.relative_to(p).parts):
+                if any(part.startswith(".") for part in q.relative_to(p).parts) or q.is_dir():
+                    continue
+                if not q.is_file():  # a link to nothing, a pipe (never opened: it would block), a device
+                    if q.suffix.lower() in IMAGE_SUFFIXES:
+                        what = "a symbolic link to nothing" if q.is_symlink() and not q.exists() else "not a regular file"
+                        problems.append((str(q), f"{what}; replace it with the X-ray or remove it"))
                     continue
                 if inside and skip in q.resolve().parents:
                     continue
@@ -254,5 +259,12 @@ def iter_image_files(paths: Iterable[str | os.PathLike],
         elif p.is_file():
             files.append(p)
         else:
-            problems.append((str(p), "no such file or folder"))
-    return files, problems
+            problems.append((str(p), "no such file or folder" if not p.exists() else "not a regular file"))
+    seen: set[Path] = set()
+    unique = []
+    for f in files:  # a file named twice (or also through its folder) counts once: a prior estimate would weigh it twice
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, list(dict.fromkeys(problems))

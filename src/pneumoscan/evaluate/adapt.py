@@ -44,8 +44,11 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"adaptation method {self.method!r} is unknown; use em or bbse")
-        if self.max_iter < 1 or not self.tol > 0 or self.batch_size < 1:
-            raise ConfigError("--max-iter and --batch-size must be at least 1 and --tol positive")
+        if self.max_iter < 1 or not 0 < self.tol < 0.01 or self.batch_size < 1:  # a prior moves in [0, 1]
+            raise ConfigError("--max-iter and --batch-size must be at least 1 and --tol in (0, 0.01), e.g. 1e-6")
+
+
+FEW_IMAGES = 100  # below this many in-scope images an estimated prior is said to be rough (binomial sd ~ 0.05)
 
 
 def em_prior(probs: np.ndarray, train_prior: np.ndarray, max_iter: int = 1000,
@@ -98,7 +101,7 @@ def adapt(paths: list[str], predictor, cfg: AdaptConfig = AdaptConfig(), *, vali
     probs = np.stack([p.scores for p in kept])
     base = model_prior(predictor.config)
     out = {"method": cfg.method, "n": len(kept), "failed": len(errors), "out_of_scope": len(preds) - len(kept),
-           "model": predictor.model_id,
+           "errors": [{"path": p, "error": e} for p, e in errors], "model": predictor.model_id,
            "model_prior": dict(zip(LABELS, base.round(4).tolist())),
            "predicted_share": dict(zip(LABELS, (np.bincount(decide(probs, predictor.threshold), minlength=len(LABELS))
                                                 / len(kept)).round(4).tolist()))}
@@ -110,6 +113,9 @@ def adapt(paths: list[str], predictor, cfg: AdaptConfig = AdaptConfig(), *, vali
             raise DataError("--method bbse needs the model's validation split (its manifest.csv, or --data-val)")
         y_val, p_val = validation
         prior = bbse_prior(decide(p_val, predictor.threshold), y_val, decide(probs, predictor.threshold))
+    if len(kept) < FEW_IMAGES:
+        out["warning"] = (f"estimated from {len(kept)} images: a rough figure (its standard error is about "
+                          f"{0.5 / np.sqrt(len(kept)):.2f}); use at least {FEW_IMAGES} images of the site")
     out["prior"] = dict(zip(LABELS, prior.round(4).tolist()))
     out["pneumonia_prevalence"] = round(float(1.0 - prior[0]), 4)
     log.info("estimated prior %s (%s, %d images)", out["prior"], cfg.method, len(kept))
