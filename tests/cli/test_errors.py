@@ -79,7 +79,10 @@ BAD = [  # (argv, text the one error line must hold); DATA, MODEL, NONEMPTY, IMG
     (["soup", "MODEL", "MODEL2", "--out", "OUT", "--max-accuracy-drop", "2"], "2.0 must lie in [-1, 1]"),
     (["compare", "DATA", "--out", "OUT", "--step-gamma", "nan"], "'nan' is not a finite number"),
     (["evaluate", "--data", "DATA", "--out", "OUT", "--n-boot", "1000000000"], "must be between 0 and 100000"),
+    (["explain", "IMG", "--out", "OUT", "--sample", "0"], "--sample 0 must be at least 1"),
+    (["finetune", "DATA", "--out", "OUT", "--rotate", "-5"], "--rotate -5.0 must lie in [0, 180]"),  # was a traceback
     # options that contradict each other: one used to be silently ignored
+    (["train", "DATA", "--out", "OUT", "--weights", "IMG", "--no-pretrained"], "random weights would be used"),
     (["threshold", "--model", "MODEL", "--target-sensitivity", "0.9"], "used only by the sensitivity method"),
     (["calibrate", "--model", "MODEL", "--no-temperature", "--scaling", "bias-corrected"], "drop one of the two"),
 ]

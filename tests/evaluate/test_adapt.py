@@ -126,3 +126,15 @@ def test_bbse_refuses_validation_images_without_every_class(tiny_model_dir, data
     err = capsys.readouterr().err
     assert rc == 2 and "no bacterial and no viral images" in err and "bbse needs images of every class" in err, err
     assert not (tmp_path / "prior.json").exists()
+
+
+def test_a_refusal_never_names_an_option_the_command_lacks(tiny_model_dir, dataset_dir, tmp_path, capsys):
+    """export --int8 and adapt told the user to pass --force, which they do not have."""
+    import shutil
+
+    shutil.copytree(dataset_dir / "train", tmp_path / "copy" / "train")  # the training images less one: another
+    next((tmp_path / "copy" / "train" / "NORMAL").glob("*.jpeg")).unlink()  # manifest, overlapping the training split
+    rc = main(["-q", "adapt", str(dataset_dir / "train" / "NORMAL"), "--model", str(tiny_model_dir), "--method", "bbse",
+               "--data", str(tmp_path / "copy")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "in the model's training split" in err and "--force" not in err, err

@@ -133,3 +133,16 @@ def test_offline_lite_weights_are_used_by_default(fast_init):
     sd = _read_state_dict(get_spec("efficientnet_lite0").offline())
     first = next(iter(sd.values()))
     assert torch.equal(net.conv_stem.weight, first)  # ImageNet weights, not a random init
+
+
+def test_a_file_that_is_no_weights_is_one_line_that_never_advises_unsafe_loading(tmp_path):
+    """torch.load's refusal runs to a dozen lines and suggests weights_only=False, which would run pickled code."""
+    from pneumoscan.errors import WeightsError
+    from pneumoscan.nets.backbones import _read_state_dict
+
+    for name, data in (("notes.pth", b"not a checkpoint"), ("x.safetensors", b"\x00" * 16)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(WeightsError) as e:
+            _read_state_dict(tmp_path / name)
+        msg = str(e.value)
+        assert "\n" not in msg and "weights_only" not in msg and "not a weights file" in msg, msg

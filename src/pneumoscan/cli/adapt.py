@@ -45,7 +45,7 @@ def run(args) -> int:
         from ..data.splits import check_classes, validation_set
         from ..evaluate.operating_point import score
 
-        ev = validation_set(args.data, pred.config, pred.model_dir)
+        ev = validation_set(args.data, pred.config, pred.model_dir, can_force=False)
         check_classes(ev.y, ev.source, "bbse")  # its confusion matrix must be invertible
         validation = score(pred, ev, cfg.batch_size, progress_enabled())
     r = adapt([str(f) for f in files], pred, cfg, validation=validation, progress=progress_enabled())

@@ -158,13 +158,15 @@ def check_classes(y: Sequence[int] | np.ndarray, source: str, job: str,
 
 
 def validation_set(data: str | os.PathLike | None, config: dict, model_dir: str | os.PathLike | None = None, *,
-                   force: bool = False, allow_unsplit: bool = False) -> EvalSet:
+                   force: bool = False, allow_unsplit: bool = False, can_force: bool = True) -> EvalSet:
     """The model's validation images (``split == "val"``).
 
     ``allow_unsplit``: data without a validation split (a folder without train/ or val/ folders,
     or a manifest without ``val`` rows) give all their images. Images of another manifest that
     are in the model's training split (by content hash) are refused unless ``force`` (or only
     warned about with ``allow_unsplit``); without the model's manifest.csv the overlap is unknown.
+    ``can_force``: whether the command has a ``--force`` to name in that refusal (``export --int8`` and
+    ``adapt`` have none: their figures must never rest on training images).
     """
     m = load_manifest(data, config, model_dir, allow_unsplit)
     digest = m.digest()
@@ -185,7 +187,8 @@ def validation_set(data: str | os.PathLike | None, config: dict, model_dir: str 
         msg = (f"{source} is not the manifest this model was trained on (SHA-256 {digest[:12]}... vs "
                f"{(expected or 'none recorded')[:12]}...) and {what} in the model's training split")
         if not force and not allow_unsplit:
-            raise DataError(msg + "; pass the model's manifest.csv, or --force to use it anyway")
+            raise DataError(msg + "; pass the model's manifest.csv" + (", or --force to use it anyway" if can_force
+                                                                         else " (or its training folder)"))
         log.warning("%s: figures on them are optimistic", msg)
     return EvalSet(paths=[sample_path(m, s) for s in samples], y=np.array([s.target for s in samples], int),
                    source=source, split=split, manifest_sha256=digest, matches_model=matches,

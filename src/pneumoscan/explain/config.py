@@ -21,6 +21,12 @@ class ExplainConfig:
     grid: bool = False  # also a summary figure per method with up to 16 of the images
     sample: int | None = None  # explain only this many images, spread evenly over the sub-folders (big folders)
 
+    def __post_init__(self) -> None:
+        if self.sample is not None and self.sample < 1:  # 0 explained nothing and said nothing
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--sample {self.sample} must be at least 1 (or left out: every image)")
+
     @property
     def methods(self) -> tuple[str, ...]:
         return ("occlusion", "gradcam") if self.method == "both" else (self.method,)

@@ -96,7 +96,7 @@ def plan_int8(model_dir: str | os.PathLike, data: str | os.PathLike | None, cfg:
     """The images an INT8 export needs, checked to be on this machine (:class:`DataError` otherwise)."""
     d = Path(model_dir)
     conf = read_config(d)
-    val = validation_set(data, conf, d)
+    val = validation_set(data, conf, d, can_force=False)  # the gate never runs on the model's training images
     check_present(val.paths, val.source)
     m = load_manifest(data, conf, d)
     train = [sample_path(m, s) for s in m.subset("train")]

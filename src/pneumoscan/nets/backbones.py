@@ -41,8 +41,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             return load_file(str(path))
         sd = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickles code
-    except Exception as e:
-        raise WeightsError(f"cannot read weights {path}: {e}") from None
+    except Exception as e:  # torch's message runs to a dozen lines and suggests weights_only=False (unsafe): one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        first = type(e).__name__ if not first or "weights_only" in first else first
+        raise WeightsError(f"{path} is not a weights file that can be read safely ({first[:200]}); give a .safetensors "
+                           "or a PyTorch state dict (.pth) of the backbone") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -121,6 +124,9 @@ def check_weights(name: str, weights: str | Path | None = None, pretrained: bool
     a missing offline package, or the hub unreachable without a cached copy. Loads nothing."""
     spec = get_spec(name)
     if not pretrained:
+        if weights is not None:  # it would be silently ignored, and recorded as if used
+            raise WeightsError(f"--weights {weights} with --no-pretrained: random weights would be used and the file "
+                               "ignored; drop one of the two")
         return
     if weights is not None:
         if not Path(weights).is_file():

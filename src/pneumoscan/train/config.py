@@ -46,6 +46,16 @@ class AugmentConfig:
     noise: float = 0.0  # max Gaussian pixel-noise sigma on [0, 1] intensities (drawn per image; 0 = off)
     erase: float = 0.0  # probability of erasing one random rectangle (2-20 % of the image) per image
 
+    # the largest strength each transform means anything at (a negative one crashed torch's sampler mid-run)
+    LIMITS: ClassVar[dict[str, float]] = {"rotate": 180.0, "scale": 0.9, "translate": 0.5, "brightness": 1.0,
+                                          "contrast": 0.9, "gamma": 2.0, "blur": 20.0, "noise": 1.0, "erase": 1.0}
+
+    def __post_init__(self) -> None:
+        for name, high in self.LIMITS.items():
+            v = getattr(self, name)
+            if not 0 <= v <= high:  # nan fails too
+                raise ConfigError(f"--{name} {v} must lie in [0, {high:g}] (0 switches it off)")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
