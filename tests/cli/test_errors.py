@@ -80,6 +80,8 @@ BAD = [  # (argv, text the one error line must hold); DATA, MODEL, NONEMPTY, IMG
     (["compare", "DATA", "--out", "OUT", "--step-gamma", "nan"], "'nan' is not a finite number"),
     (["evaluate", "--data", "DATA", "--out", "OUT", "--n-boot", "1000000000"], "must be between 0 and 100000"),
     (["explain", "IMG", "--out", "OUT", "--sample", "0"], "--sample 0 must be at least 1"),
+    (["bench", "extract", "--out", "OUT", "--data", "MISSING"], "does not exist"),  # an IndexError 18 s later
+    (["bench", "extract", "--out", "OUT", "--image-px", "0"], "--image-px 0 must lie in [32, 4096]"),
     (["finetune", "DATA", "--out", "OUT", "--rotate", "-5"], "--rotate -5.0 must lie in [0, 180]"),  # was a traceback
     # options that contradict each other: one used to be silently ignored
     (["train", "DATA", "--out", "OUT", "--weights", "IMG", "--no-pretrained"], "random weights would be used"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from ..nets.registry import DEFAULT_BACKBONE
@@ -43,6 +44,13 @@ class BenchConfig:
             raise ConfigError("--images, --iters and --repeats must be at least 1, --limit at least 2")
         if self.memory_scan is not None and min(self.memory_scan) < 1:
             raise ConfigError(f"--memory-scan {self.memory_scan}: give image counts like 256,1024,5216")
+        if not 32 <= self.image_px <= 4096:  # 0 crashed OpenCV's blur after the model had loaded
+            raise ConfigError(f"--image-px {self.image_px} must lie in [32, 4096] (the generated images' side)")
+        from ..preprocess import PreprocessConfig
+
+        for size in self.size:
+            if size is not None:
+                PreprocessConfig(size=size)  # refused now, not after the model loads
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +73,14 @@ def run(args) -> int:
     from . import shared_data_dir, summary
 
     cfg = build(BenchConfig, args)
+    if args.data not in (None, "shared"):  # before any model loads: a missing folder was an IndexError 18 s later
+        from ..cli.common import check_inputs_exist
+        from ..errors import DataError
+
+        check_inputs_exist(args.data)
+        if not any(p.suffix.lower() in (".jpg", ".jpeg", ".png") for p in Path(args.data).rglob("*")):
+            raise DataError(f"--data {args.data} holds no JPEG or PNG images to time; give an image folder, or "
+                            "'shared' for ../shared/data/chest_xray/train")
     if args.out is not None:  # before any timing: a results folder that cannot be written fails now, in one line
         from ..io import check_writable
 
