@@ -54,6 +54,7 @@ def check_scope(x: XRay, thresholds: ScopeThresholds = DEFAULT_THRESHOLDS) -> li
     """Why ``x`` is not a chest X-ray the model can read; empty when every check passes."""
     t = thresholds
     out: list[str] = [f"the file is damaged: {n}" for n in x.notes if "truncat" in n or "premature" in n]
+    out += x.header_reasons  # a DICOM header that names another modality, body part or a lateral view
     w, h = x.size
     if x.colorfulness > t.max_colorfulness:
         out.append(f"colour content (colourfulness {x.colorfulness:.1f} > {t.max_colorfulness:g}): a photograph "

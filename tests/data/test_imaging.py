@@ -508,3 +508,27 @@ def test_decoding_leaves_the_process_warning_filters_alone(monkeypatch):
     assert warnings.filters == before
     with pytest.raises(ImageTooLargeError):
         load_xray(png_header_only(9000, 9000))
+
+
+def test_a_dicom_header_that_names_another_modality_part_or_view_stops_the_image():
+    """The pixels of a frontal film with a header saying CT, knee or lateral got a diagnosis: the header wins."""
+    from pneumoscan.scope import check_scope
+
+    rng = np.random.default_rng(0)
+    a = (rng.random((64, 64)) * 4000).astype(np.uint16)
+    assert load_xray(dicom_bytes(dicom(a, Modality="DX", BodyPartExamined="CHEST", ViewPosition="PA"))).header_reasons == []
+    cases = {"modality CT": {"Modality": "CT"}, "body part KNEE": {"BodyPartExamined": "KNEE"},
+             "view LL: a lateral film": {"ViewPosition": "LL"}}
+    for needle, tags in cases.items():
+        x = load_xray(dicom_bytes(dicom(a, **tags)))
+        assert any(needle in r for r in x.header_reasons) and any(needle in r for r in check_scope(x)), needle
+
+
+def test_a_dicom_window_beside_the_data_falls_back_to_the_full_range_and_frames_are_noted():
+    a = np.tile(np.linspace(0, 4000, 64, dtype=np.uint16), (64, 1))
+    x = load_xray(dicom_bytes(dicom(a, WindowCenter=100000, WindowWidth=1)))  # every pixel below the window
+    assert x.pixels.std() > 10 and any("leaves nothing visible" in n for n in x.notes)
+    ds = dicom(a, NumberOfFrames=3)
+    ds.PixelData = np.stack([a, a[::-1], a]).tobytes()
+    x = load_xray(dicom_bytes(ds))
+    assert x.pixels.shape == (64, 64) and any("3 frames; only the first" in n for n in x.notes)

@@ -62,6 +62,7 @@ class XRay:
     size: tuple[int, int]  # original (width, height)
     colorfulness: float = 0.0  # mean |channel - gray| of the original, in 0..255; 0 for grayscale; NaN: not measured
     notes: list[str] = field(default_factory=list)
+    header_reasons: list[str] = field(default_factory=list)  # what the file's own header says it is not (DICOM)
 
 
 def _name(source: Source, name: str | None) -> str:
@@ -307,11 +308,34 @@ def _decode_dicom(ds, label: str, max_pixels: int) -> XRay:
         raise ImageError(f"{label}: DICOM pixel data has shape {arr.shape}, not the declared {rows} x {cols}")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip()
     notes: list[str] = [n for n in [_dicom_truncation_note(ds, frames)] if n]
+    if frames > 1:
+        notes.append(f"DICOM holds {frames} frames; only the first is read")
     a = _dicom_lut(arr, ds, notes, label)
     a = _stretch(np.asarray(a, dtype=np.float32))
     if photometric == "MONOCHROME1":  # higher values are darker: invert to the usual look
         a = 255 - a
-    return XRay(a, format="dicom", mode=photometric, size=(cols, rows), notes=notes)
+    return XRay(a, format="dicom", mode=photometric, size=(cols, rows), notes=notes, header_reasons=dicom_scope(ds))
+
+
+RADIOGRAPHY = ("CR", "DX", "DR", "RG", "OT", "")  # DICOM modalities a chest radiograph is stored under ('' : absent)
+LATERAL_VIEWS = ("LL", "RL", "LLD", "RLD", "LAT", "LATERAL")  # ViewPosition values of a lateral film
+CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "")  # BodyPartExamined values of a chest film ('' : absent)
+
+
+def dicom_scope(ds) -> list[str]:
+    """Why the DICOM header itself says the image is no frontal chest radiograph (another modality, another
+    body part, a lateral view): the pixels may look like one, the file says otherwise. Absent tags say nothing."""
+    def tag(keyword: str) -> str:
+        return str(ds.get(keyword, "") or "").strip().upper()
+
+    out = []
+    if tag("Modality") not in RADIOGRAPHY:
+        out.append(f"the DICOM header says modality {tag('Modality')}, not a radiograph (CR/DX)")
+    if tag("BodyPartExamined") not in CHEST_PARTS:
+        out.append(f"the DICOM header says body part {tag('BodyPartExamined')}, not the chest")
+    if tag("ViewPosition") in LATERAL_VIEWS:
+        out.append(f"the DICOM header says view {tag('ViewPosition')}: a lateral film; send the frontal (PA/AP) one")
+    return out
 
 
 JPEG_FAMILY = ("JPEG", "HTJ2K")  # transfer syntax keywords whose frames end with an FF D9 marker (JPEG, -LS, 2000)
@@ -402,7 +426,12 @@ def _dicom_lut(arr: np.ndarray, ds, notes: list[str], label: str) -> np.ndarray:
         log.info("%s: modality LUT skipped: %s", label, e)
     try:
         if "WindowCenter" in ds or "VOILUTSequence" in ds:
-            a = apply_voi_lut(a, ds)
+            windowed = apply_voi_lut(a, ds)
+            if np.ptp(windowed) == 0 and np.ptp(a) > 0:  # a window beside the data shows nothing: a display hint only
+                notes.append(f"DICOM window leaves nothing visible ({_values(ds, 'WindowCenter', 'WindowWidth')}); "
+                             "the image's full range is used instead")
+            else:
+                a = windowed
     except Exception as e:
         notes.append(f"DICOM window is unusable ({_values(ds, 'WindowCenter', 'WindowWidth')}); "
                      "the image's full range is used instead")
