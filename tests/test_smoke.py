@@ -67,7 +67,7 @@ def test_evaluate_from_feature_cache_matches_full_inference(tiny_model_dir, data
 
 
 @pytest.mark.slow
-def test_main_job_run_command(dataset_dir, tmp_path):
+def test_main_job_run_command(dataset_dir, tmp_path, monkeypatch, capsys):
     """`pneumoscan run`: index + extract + train + evaluate on the validation split, in one call."""
     out = tmp_path / "main"
     rc = main(["-q", "run", str(dataset_dir), "--out", str(out), "--backbone", "test_efficientnet", "--size", "64",
@@ -81,6 +81,23 @@ def test_main_job_run_command(dataset_dir, tmp_path):
     cfg = json.loads((out / "model" / "config.json").read_text())
     assert {"calibration", "conformal", "ood"} <= set(cfg) and (out / "model" / cfg["ood"]["file"]).is_file()
     assert m["gate"]["learned_score"] is True and m["conformal"]["alpha"] == 0.1  # the main job's model knows its limits
+
+    # interrupted half way into its own folder: the earlier run stays whole (its model used to be replaced while its
+    # report and summary stayed); into a new folder: nothing is left, so the same command can simply run again
+    import pneumoscan.pipeline as pipeline
+
+    def snapshot(d):
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    before = snapshot(out)
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    argv = ["-q", "run", str(dataset_dir), "--backbone", "test_efficientnet", "--size", "64", "--no-pretrained",
+            "--cache", str(tmp_path / "cache"), "--seed", "5"]
+    assert main([*argv, "--out", str(out)]) == 130
+    assert snapshot(out) == before
+    assert main([*argv, "--out", str(tmp_path / "fresh")]) == 130
+    capsys.readouterr()
+    assert not (tmp_path / "fresh").exists() and not [p for p in tmp_path.iterdir() if ".earlier." in p.name]
 
 
 def test_main_job_without_data_is_a_clear_error(tmp_path, monkeypatch, capsys):

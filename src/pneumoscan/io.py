@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 CHUNK = 1 << 20  # bytes read per step when hashing
 
@@ -214,6 +214,40 @@ def check_new_dir(path: str | os.PathLike, overwrite: bool = False, what: str = 
     if path.is_dir() and overwrite and not os.access(path.parent, os.W_OK | os.X_OK):
         raise PneumoscanError(f"{what} {path} cannot be replaced: {path.parent} is not writable")
     return path
+
+
+@contextlib.contextmanager
+def all_or_earlier(folder: str | os.PathLike, names: Iterable[str]) -> Iterator[Path]:
+    """Write ``names`` (files or folders) of ``folder`` in place, all or nothing: what an earlier run left under
+    those names is moved aside first, deleted once the block succeeds, and put back when it fails or is
+    interrupted (Ctrl-C included), after what the block wrote under them is removed. A folder this block
+    created is removed again on failure, so a retry finds it as before. Other entries are never touched."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(names)
+    aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.earlier."))
+    moved = []
+    for n in names:
+        if (folder / n).exists() or (folder / n).is_symlink():
+            os.replace(folder / n, aside / n)
+            moved.append(n)
+    try:
+        yield folder
+    except BaseException:
+        for n in names:
+            target = folder / n
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+        for n in moved:
+            os.replace(aside / n, folder / n)
+        shutil.rmtree(aside, ignore_errors=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -266,3 +266,13 @@ def test_links_to_nothing_and_pipes_named_as_images_are_reported_and_files_count
     assert files == [tmp_path / "d" / "a.png"]  # named three times, counted once
     assert {Path(p).name: why.split(";")[0] for p, why in problems} == {
         "gone.jpg": "a symbolic link to nothing", "pipe.jpg": "not a regular file"}
+
+
+def test_a_class_the_data_lacks_is_not_blamed_on_the_split():
+    """'index with another --val-fraction' cannot mend a folder without viral images: say so instead."""
+    from pneumoscan.data.manifest import check_usable
+
+    with pytest.raises(DataError, match=r"add bacterial and viral images \(the data holds none\)"):
+        check_usable([0, 0, 0], [0, 0], 0, 5)
+    with pytest.raises(DataError, match="index with another --val-fraction"):
+        check_usable([0, 0, 1, 1, 2, 2], [0, 0, 1, 2], 0, 10)  # viral and bacterial are there, one short in val

@@ -143,11 +143,14 @@ def check_usable(y_train: Sequence[int], y_val: Sequence[int], failed: int, tota
     for split, y in (("train", y_train), ("val", y_val)):
         c = Counter(int(v) for v in y)
         counts[split] = {lab: c.get(i, 0) for i, lab in enumerate(LABELS)}
+    for split in counts:
         short = [lab for lab, n in counts[split].items() if n < MIN_PER_CLASS]
         if short:
+            absent = all(counts["train"][lab] + counts["val"][lab] == 0 for lab in short)  # no split can mend that
+            hint = (f"add {' and '.join(short)} images (the data holds none)" if absent
+                    else "add images or index with another --val-fraction")
             raise DataError(f"the {split} split has {', '.join(f'{counts[split][lab]} {lab}' for lab in short)} "
-                            f"image(s); each class needs at least {MIN_PER_CLASS} in train and in val: add images "
-                            "or index with another --val-fraction")
+                            f"image(s); each class needs at least {MIN_PER_CLASS} in train and in val: {hint}")
     return counts
 
 
