@@ -276,3 +276,29 @@ def test_a_class_the_data_lacks_is_not_blamed_on_the_split():
         check_usable([0, 0, 0], [0, 0], 0, 5)
     with pytest.raises(DataError, match="index with another --val-fraction"):
         check_usable([0, 0, 1, 1, 2, 2], [0, 0, 1, 2], 0, 10)  # viral and bacterial are there, one short in val
+
+
+def test_a_hand_edited_manifest_with_a_duplicate_row_or_an_unknown_split_is_refused_by_line(big_dir, tmp_path):
+    m = index_dataset(big_dir)
+    m.save(tmp_path / "m.csv")
+    lines = (tmp_path / "m.csv").read_text().splitlines()
+    (tmp_path / "dup.csv").write_text("\n".join([*lines, lines[3]]) + "\n")
+    with pytest.raises(DataError, match=rf"line {len(lines) + 1}: .* is listed again \(first on line 4\)"):
+        Manifest.load(tmp_path / "dup.csv")
+    bad = lines[:2] + [lines[2].replace(",train,", ",training,").replace(",val,", ",training,")] + lines[3:]
+    (tmp_path / "split.csv").write_text("\n".join(bad) + "\n")
+    with pytest.raises(DataError, match=r"line 3: split 'training' is not one of train, val, test"):
+        Manifest.load(tmp_path / "split.csv")
+
+
+def test_the_same_image_under_two_labels_is_named(tmp_path, caplog):
+    import logging
+    import shutil
+
+    root = make_dataset(tmp_path / "d", n_patients=4, per_patient=1, size=16)
+    normal = next((root / "train" / "NORMAL").glob("*.jpeg"))
+    shutil.copy(normal, root / "train" / "PNEUMONIA" / "person99_bacteria_1.jpeg")
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.data.index"):
+        index_dataset(root, val_fraction=0.5)
+    assert f"NORMAL/{normal.name} (normal" in caplog.text and "person99_bacteria_1.jpeg (bacterial" in caplog.text
+    assert "same image under two labels" in caplog.text

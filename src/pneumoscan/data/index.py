@@ -205,6 +205,12 @@ def index_dataset(root: str | os.PathLike, val_fraction: float = VAL_FRACTION, s
                               split="test" if src == "test" else "train",
                               source_split=src, sha1=content_sha1(path)))
     samples = split_patients(samples, val_fraction, seed)
+    first: dict[str, Sample] = {}
+    for smp in samples:  # the same bytes under two labels: one of them is wrong, and the copies may straddle splits
+        other = first.setdefault(smp.sha1, smp)
+        if other is not smp and other.label != smp.label:
+            log.warning("%s (%s, %s split) and %s (%s, %s split) are the same image under two labels; remove the "
+                        "wrong copy", other.relpath, other.label, other.split, smp.relpath, smp.label, smp.split)
     for p, why in skipped:
         log.warning("skipped %s: %s", p, why)
     return Manifest(root=str(root), samples=samples, skipped=skipped)

@@ -103,6 +103,15 @@ class Manifest:
         bad = [s.label for s in samples if s.label not in LABELS]
         if bad:
             raise DataError(f"{path}: unknown label {bad[0]!r}; labels must be one of {LABELS}")
+        seen: dict[str, int] = {}
+        for row, smp in enumerate(samples, start=2):  # line numbers as an editor shows them (1: the header)
+            if smp.split not in (*SPLITS, "all"):  # a row with another split was silently left out of every split
+                raise DataError(f"{path}, line {row}: split {smp.split!r} is not one of {', '.join(SPLITS)}; fix the "
+                                "row, or index the folder again with 'pneumoscan data index DIR'")
+            if smp.path in seen:  # counted twice in its split (and possibly in two splits)
+                raise DataError(f"{path}, line {row}: {smp.path} is listed again (first on line {seen[smp.path]}); "
+                                "remove the duplicate row")
+            seen[smp.path] = row
         return cls(root=str(path.parent), samples=[_relocated(s, path.parent) for s in samples])
 
     def moved_to(self, folder: str | os.PathLike) -> "Manifest | None":
