@@ -62,7 +62,7 @@ def test_missing_weights_file_is_an_error(tmp_path):
         create_backbone("resnet50", pretrained=True, weights=tmp_path / "nope.pth")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="cannot read weights"):
+    with pytest.raises(WeightsError, match="is not a weights file that can be read safely"):
         create_backbone("test_efficientnet", pretrained=True, weights=bad)
 
 
