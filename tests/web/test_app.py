@@ -136,6 +136,13 @@ def test_page_shows_intended_use_and_is_locked_down(client):
     assert client.get("/static/../app.py").status_code == 404
 
 
+def test_the_page_template_is_not_served_raw(client):
+    """/static/index.html served the template itself: a literal {{INTENDED_USE}} and no Content-Security-Policy."""
+    r = client.get("/static/index.html")
+    assert r.status_code == 404 and "INTENDED_USE" not in r.text
+    assert client.get("/static/app.js").status_code == 200
+
+
 def test_openapi_docs(client):
     spec = client.get("/openapi.json").json()
     assert INTENDED_USE in spec["info"]["description"]
@@ -289,6 +296,8 @@ def test_missing_file_field_and_url_instead_of_file(client):
     assert client.post("/api/predict").status_code == 422
     r = client.post("/api/predict", data={"file": "http://127.0.0.1:9/x.png"})  # a URL is not fetched
     assert 400 <= r.status_code < 500
+    # a text part where the file belongs: said in the user's terms, not pydantic's ("Expected UploadFile ...")
+    assert r.status_code == 422 and "holds text, not a file" in r.json()["detail"] and "UploadFile" not in r.text
 
 
 # -- bounded concurrency and deadlines --------------------------------------------------------------------
@@ -584,7 +593,7 @@ def test_openapi_documents_bodies_and_errors(client):
 
 
 def test_head_of_page_and_probes(client):
-    for path in ("/", "/healthz", "/readyz"):
+    for path in ("/", "/healthz", "/readyz", "/api/info", "/api/card"):
         r = client.head(path)
         assert r.status_code == 200 and r.content == b"", path  # was 405
     assert client.get("/favicon.ico").status_code == 200

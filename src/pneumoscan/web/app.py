@@ -80,6 +80,22 @@ def internal_error(path: str, exc: BaseException) -> Response:
     return problem(500, f"internal error (logged as {ref}); please report it", "internal", path)
 
 
+class _Assets(StaticFiles):
+    """The page's scripts, styles and icon; not the page's template (served filled in, with its CSP, at /)."""
+
+    async def get_response(self, path: str, scope):
+        if path == "index.html":
+            raise StarletteHTTPException(404)
+        return await super().get_response(path, scope)
+
+
+def _say(msg: str) -> str:
+    """A validation message in the user's terms (pydantic's speak of Python types)."""
+    if "Expected UploadFile" in msg:  # a part named 'file' without a file name arrives as text
+        return "the form field holds text, not a file: send the image as a file part (with a file name)"
+    return msg
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error the framework raises, in the one schema."""
 
@@ -95,8 +111,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        errors = [{"loc": [str(x) if not isinstance(x, int) else x for x in e.get("loc", ())], "msg": e.get("msg", "")}
-                  for e in exc.errors()]
+        errors = [{"loc": [str(x) if not isinstance(x, int) else x for x in e.get("loc", ())],
+                   "msg": _say(e.get("msg", ""))} for e in exc.errors()]
         what = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
         return problem(422, f"{what} (send the image as the multipart form field 'file')", "invalid_request",
                        request.url.path, errors=errors)
@@ -139,7 +155,7 @@ def create_app(cfg: ServeConfig = ServeConfig(), service: Service | None = None)
     document_problems(app)
     _install_error_handlers(app)
     _add_middleware(app, cfg, service)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", _Assets(directory=STATIC), name="static")
     page = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{INTENDED_USE}}", html.escape(INTENDED_USE))
 
     def not_ready(path: str):
@@ -197,9 +213,6 @@ def create_app(cfg: ServeConfig = ServeConfig(), service: Service | None = None)
             return not_ready(request.url.path)
         return Ready(model=service.predictor.model_id)
 
-    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD too (load balancers, curl -I)
-        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
-
     @app.get("/api/info", summary="Model, threshold, labels, limits and whether explanations are available",
              response_model=Info)
     async def info() -> Info:
@@ -225,6 +238,9 @@ def create_app(cfg: ServeConfig = ServeConfig(), service: Service | None = None)
         if not path.is_file():
             return problem(404, "this model has no MODEL_CARD.md", "not_found", request.url.path)
         return PlainTextResponse(path.read_text(encoding="utf-8"), headers={"Cache-Control": "no-store"})
+
+    for path, endpoint in (("/healthz", healthz), ("/readyz", readyz), ("/api/info", info), ("/api/card", card)):
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)  # HEAD too (probes, curl -I)
 
     @app.post("/api/predict", summary="Classify one X-ray (multipart field `file`: JPEG, PNG or DICOM)",
               response_model=Prediction, responses=UPLOAD_ERRORS,
