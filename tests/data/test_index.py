@@ -302,3 +302,15 @@ def test_the_same_image_under_two_labels_is_named(tmp_path, caplog):
         index_dataset(root, val_fraction=0.5)
     assert f"NORMAL/{normal.name} (normal" in caplog.text and "person99_bacteria_1.jpeg (bacterial" in caplog.text
     assert "same image under two labels" in caplog.text
+
+
+def test_an_image_changed_since_indexing_is_refused_not_trained_on_with_stale_features(tmp_path):
+    """The feature cache is keyed by the manifest's content hash: a replaced file kept its old features."""
+    root = make_dataset(tmp_path / "d", n_patients=4, per_patient=1, size=16)
+    m = index_dataset(root, val_fraction=0.5)
+    m.check_files()
+    victim = Path(m.samples[0].path)
+    other = next(p for p in root.rglob("*.jpeg") if p != victim and p.read_bytes() != victim.read_bytes())
+    victim.write_bytes(other.read_bytes())
+    with pytest.raises(DataError, match=r"1 of the \d+ images of the manifest changed since it was written"):
+        m.check_files()

@@ -136,6 +136,13 @@ class Manifest:
             raise DataError(f"{len(missing)} of the {len(samples)} images of the manifest are gone (first: "
                             f"{missing[0].path}); the data was moved or deleted: index the folder again with "
                             "'pneumoscan data index DIR'")
+        # the feature cache is keyed by the manifest's content hash: a file replaced since indexing would be
+        # trained on with the features of what it held then (seconds for the 5,216 training films)
+        changed = [s for s in samples if file_digest(s.path, "sha1") != s.sha1]
+        if changed:
+            raise DataError(f"{len(changed)} of the {len(samples)} images of the manifest changed since it was written "
+                            f"(first: {changed[0].path}, SHA-1 no longer {changed[0].sha1[:12]}...): index the folder "
+                            "again with 'pneumoscan data index DIR'")
 
 
 MIN_PER_CLASS = 2  # images of each class that the train and the validation split must keep

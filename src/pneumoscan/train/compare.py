@@ -123,6 +123,7 @@ def compare(data: str | os.PathLike | Manifest, out: str | os.PathLike, cfg: Com
     samples = manifest.subset(("train", "val"))
     if not samples:
         raise DataError(f"{manifest.root} has no train/val images (only a test/ folder?)")
+    manifest.check_files()  # gone or changed since indexing: refused, never trained on stale cached features
     _check_weights(cfg)
     y = np.array([s.target for s in samples])
     split = np.array([s.split for s in samples])
