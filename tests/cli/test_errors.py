@@ -559,3 +559,13 @@ def test_an_output_file_is_never_an_input_a_link_or_a_device(dataset_dir, tmp_pa
     one_error_line(capsys, ["-q", "predict", str(img), "--out", ""], "--out is empty")
     assert img.read_bytes() == data and (tmp_path / "link.csv").is_symlink()
     assert stat.S_ISFIFO((tmp_path / "fifo.csv").stat().st_mode) and (tmp_path / "target.csv").read_text() == "keep"
+
+
+@pytest.mark.parametrize("argv", [["train", "x", "--batch-size", "0"], ["predict"], ["nosuchcommand"],
+                                  ["data", "index", "x", "--seed", "-1"]])
+def test_option_refusals_are_exactly_one_line(argv, capsys):
+    """argparse printed its usage block (several lines) above the error."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "error:" in err and "--help" in err, err

@@ -20,8 +20,16 @@ ORDER = ["run", "data", "extract", "train", "evaluate", "predict", "compare", "f
 NOT_COMMANDS = {"main", "common", "flags"}  # modules of this package that are not commands
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's refusals in the project's form: one line naming the option and the value, exit 2, with a pointer
+    to --help instead of the whole usage block above it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="pneumoscan",
         description="Pediatric chest X-ray classifier: normal / bacterial / viral pneumonia.",
         epilog=INTENDED_USE)
