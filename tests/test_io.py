@@ -24,3 +24,18 @@ def test_umask_is_read_without_setting_it(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         os.umask(old)
+
+
+def test_a_write_that_fails_without_a_file_name_names_the_output(tmp_path):
+    """A full disk fails write() with ENOSPC and no file name: the one error line said 'No space left on
+    device' without saying which output."""
+    import errno
+
+    from pneumoscan.io import atomic_write
+
+    target = tmp_path / "p.csv"
+    with pytest.raises(OSError) as e:
+        with atomic_write(target, "w"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.filename == str(target) and e.value.errno == errno.ENOSPC
+    assert not target.exists() and list(tmp_path.iterdir()) == []  # nothing half written
