@@ -100,11 +100,18 @@ def test_several_reasons_together():
     # smooth enough after downscaling to pass the roughness limit, but neighbours do not agree: still noise
     (lambda: np.random.default_rng(0).normal(120, 30, (512, 512)).clip(0, 255).astype(np.uint8), "noise rather than"),
     (lambda: 255 - _xray_like(300, 300), "inverted gray scale"),
-    (lambda: np.rot90(_xray_like(300, 240)).copy(), "rotated by 90 degrees"),
+    (lambda: np.rot90(_xray_like(300, 240)).copy(), "turned on its side"),
 ])
 def test_each_content_check_fires(make, reason):
     msgs = _warnings(_encode(make(), "PNG"))
     assert any(m.startswith(reason) for m in msgs), msgs
+
+
+def test_an_inverted_png_is_not_told_about_dicom_headers():
+    """The advice for an inverted PNG was 'check the DICOM photometric interpretation'."""
+    msgs = _warnings(_encode(255 - _xray_like(300, 300), "PNG"))
+    inverted = next(m for m in msgs if m.startswith("inverted gray scale"))
+    assert "DICOM" not in inverted and "not inverted" in inverted
 
 
 def test_truncated_jpeg_is_a_damaged_file():

@@ -89,9 +89,11 @@ def check_scope(x: XRay, thresholds: ScopeThresholds = DEFAULT_THRESHOLDS) -> li
         worst = max(layouts, key=layouts.get)
         margin = midline - layouts[worst]
         if margin < t.min_layout_margin:
+            fix = ("check the DICOM photometric interpretation" if x.format == "dicom"
+                   else "send the film as it is viewed, not inverted")  # a PNG has no photometric interpretation
             what = ("inverted gray scale (the midline is darker than the lung fields; a chest film shows a bright spine "
-                    "between dark lungs): check the DICOM photometric interpretation" if worst == "inverted" else
-                    "rotated by 90 degrees (the bright midline runs across the image): send the frontal film upright")
+                    f"between dark lungs): {fix}" if worst == "inverted" else
+                    "turned on its side (the bright midline runs across the image): send the frontal film upright")
             out.append(f"{what} (layout margin {margin:.2f} < {t.min_layout_margin:g})")
     return out
 

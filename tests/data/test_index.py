@@ -289,6 +289,12 @@ def test_a_hand_edited_manifest_with_a_duplicate_row_or_an_unknown_split_is_refu
     (tmp_path / "split.csv").write_text("\n".join(bad) + "\n")
     with pytest.raises(DataError, match=r"line 3: split 'training' is not one of train, val, test"):
         Manifest.load(tmp_path / "split.csv")
+    header = lines[0].split(",")
+    drop = header.index("sha1")
+    (tmp_path / "nosha.csv").write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != drop)
+                                                   for line in lines) + "\n")
+    with pytest.raises(DataError, match="no column sha1"):
+        Manifest.load(tmp_path / "nosha.csv")
 
 
 def test_the_same_image_under_two_labels_is_named(tmp_path, caplog):

@@ -97,8 +97,10 @@ class Manifest:
             raise DataError(f"manifest {path} does not exist; create it with 'pneumoscan data index DIR'")
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames is None or set(MANIFEST_FIELDS) - set(reader.fieldnames):
-                raise DataError(f"{path} is not a pneumoscan manifest (columns {MANIFEST_FIELDS} expected)")
+            lacking = [c for c in MANIFEST_FIELDS if c not in (reader.fieldnames or ())]
+            if lacking:  # say which: a hand-edited file usually lost one
+                raise DataError(f"{path} is not a pneumoscan manifest: no column {', '.join(lacking)} (expected "
+                                f"{', '.join(MANIFEST_FIELDS)}); write it with 'pneumoscan data index DIR'")
             samples = [Sample(**{k: row[k] for k in MANIFEST_FIELDS}) for row in reader]
         bad = [s.label for s in samples if s.label not in LABELS]
         if bad:
