@@ -107,8 +107,8 @@ def evaluate_items(items: list[tuple[str, str]], out: str | os.PathLike, pred: P
         rc = risk_coverage_curve(y, probs, pred.threshold)
         plot_risk_coverage(rc[:, 0], rc[:, 1], tmp / "risk_coverage.png")
         _write_predictions(tmp / "predictions.csv", preds, truth)
-        atomic_write_text(tmp / "report.md", report_markdown(metrics, skipped, errors))
-        atomic_write_text(tmp / "report.html", report_html(metrics, tmp, preds, truth, pred, skipped, errors))
+        atomic_write_text(tmp / "report.md", report_markdown(metrics))
+        atomic_write_text(tmp / "report.html", report_html(metrics, tmp, preds, truth, pred))
     return metrics
 
 
@@ -285,11 +285,12 @@ def _macro_note(m: dict) -> str:
     return "" if over is None or len(over) == len(m["labels"]) else f" (over {', '.join(over)} only)"
 
 
-def report_markdown(m: dict, skipped=(), errors=()) -> str:
+def report_markdown(m: dict) -> str:
     """A short human-readable report of a metrics dictionary."""
     nvp = m["normal_vs_pneumonia"]
     ci = nvp.get("ci95", {})
-    dropped = not_scored(skipped, errors)
+    data = m["data"]
+    dropped = data["not_scored"]  # every file without a prediction, and why (evaluate_items)
     warn = [f"**Warning:** {overlap_sentence(m)}.", ""] if (m.get("training_overlap") or {}).get("n") else []
     lines = [
         "# pneumoscan evaluation",
@@ -298,7 +299,7 @@ def report_markdown(m: dict, skipped=(), errors=()) -> str:
         "",
         *warn,
         f"Model `{m.get('model', {}).get('id', '?')}` on {m['n']} images "
-        f"(threshold {nvp['threshold']:.3f}; {len(skipped)} files skipped, {len(errors)} failed to decode"
+        f"(threshold {nvp['threshold']:.3f}; {data['skipped']} files skipped, {data['failed_to_decode']} failed to decode"
         + ("; each is listed at the end" if dropped else "") + ").",
         "",
         "| task | accuracy | sensitivity | specificity | F1 | AUC |",
@@ -378,7 +379,7 @@ def abstention_lines(m: dict) -> list[str]:
 GALLERY = 12  # most confident mistakes shown in report.html
 
 
-def report_html(m: dict, folder: Path, preds, truth, pred: Predictor, skipped=(), errors=()) -> str:
+def report_html(m: dict, folder: Path, preds, truth, pred: Predictor) -> str:
     """One self-contained HTML page (figures and thumbnails embedded): metrics with intervals, the
     confusion matrix, ROC with the operating point, sensitivity/specificity against the threshold,
     calibration, and the most confident mistakes."""
@@ -417,10 +418,10 @@ def report_html(m: dict, folder: Path, preds, truth, pred: Predictor, skipped=()
     o = m.get("training_overlap") or {}
     return env.get_template("report.html.j2").render(
         model_id=m["model"]["id"], backend=m["model"]["backend"], n=m["n"], root=m["data"]["root"],
-        threshold=m["normal_vs_pneumonia"]["threshold"], skipped=len(skipped), failed=len(errors),
+        threshold=m["normal_vs_pneumonia"]["threshold"], skipped=m["data"]["skipped"], failed=m["data"]["failed_to_decode"],
         intended_use=INTENDED_USE, overlap=overlap_sentence(m) if o.get("n") else None, tasks=rows,
         acc3=fmt(m["three_class"]["accuracy"]), f1=fmt(m["three_class"]["macro_f1"]) + _macro_note(m),
-        undefined=undefined_lines(m), absent=absent_classes(m), not_scored=not_scored(skipped, errors), labels=list(LABELS),
+        undefined=undefined_lines(m), absent=absent_classes(m), not_scored=m["data"]["not_scored"], labels=list(LABELS),
         confusion=list(zip(LABELS, m["confusion_matrix"])), figures=figures, gallery=gallery, version=__version__,
         gate=m["gate"], calibration=m["calibration"], conformal=m.get("conformal"), risk=m["risk_coverage"])
 
