@@ -204,3 +204,15 @@ def test_a_lower_resolution_member_is_resized_inside_the_graph(tiny_model_dir, t
     export_onnx(out)  # the parity check inside must pass with the resize in the graph
     cam = GradCAM()(ens, x[:1], 1)
     assert cam.shape == (64, 64) and np.isfinite(cam).all()
+
+
+def test_build_soup_refuses_weights_by_the_cli_s_rules(tiny_model_dir, tmp_path):
+    """The Python API and --coefficients share one check (EnsembleConfig): negative, all 0, or the wrong count."""
+    from pneumoscan.errors import PneumoscanError
+    from pneumoscan.train.ensemble import build_soup
+
+    a, b = (shutil.copytree(tiny_model_dir, tmp_path / n) for n in ("a", "b"))
+    for w, needle in (([1, -1], "non-negative"), ([0, 0], "not all 0"), ([1, 1, 1], "3 numbers for 2 models")):
+        with pytest.raises(PneumoscanError, match=needle):
+            build_soup([a, b], tmp_path / "soup", coefficients=w)
+    assert not (tmp_path / "soup").exists() or not any((tmp_path / "soup").iterdir())

@@ -176,10 +176,9 @@ def build_soup(model_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
     if len(dirs) < 2:
         raise ModelError("a soup needs two or more model directories")
     _check_members(dirs, out)
+    if coefficients is not None:  # the rules of the CLI's --coefficients, in one place (EnsembleConfig)
+        EnsembleConfig(coefficients=tuple(float(v) for v in coefficients)).check_members(len(dirs))
     w = np.full(len(dirs), 1.0 / len(dirs)) if coefficients is None else np.asarray(coefficients, float)
-    if len(w) != len(dirs) or (w < 0).any() or not w.sum() > 0:
-        got = ", ".join(f"{v:g}" for v in w)
-        raise ModelError(f"--coefficients needs {len(dirs)} non-negative numbers, one per model (got {got})")
     w = w / w.sum()
     configs = [read_config(d) for d in dirs]
     for d, c in zip(dirs, configs):
