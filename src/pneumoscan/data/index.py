@@ -28,6 +28,10 @@ from .manifest import Manifest, Sample
 log = logging.getLogger(__name__)
 
 VAL_FRACTION = 0.2  # patient-grouped validation share of a split (the one default)
+MANIFEST_NAME = "manifest.csv"  # what 'pneumoscan data index DIR' writes into DIR
+_PERSON = re.compile(r"person(\d+)_(bacteria|virus)", re.IGNORECASE)
+_NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)", re.IGNORECASE)
+_SPLIT_DIRS = {"train": "train", "val": "train", "test": "test"}  # official val joins train
 
 
 def check_val_fraction(v: float) -> None:
@@ -35,10 +39,7 @@ def check_val_fraction(v: float) -> None:
     if not 0.0 < v <= 0.5:  # nan fails too
         raise DataError(f"val fraction {v} must lie in (0, 0.5]: the split holds out one of k >= 2 patient-grouped "
                         "folds (e.g. 0.2)")
-MANIFEST_NAME = "manifest.csv"  # what 'pneumoscan data index DIR' writes into DIR
-_PERSON = re.compile(r"person(\d+)_(bacteria|virus)", re.IGNORECASE)
-_NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)", re.IGNORECASE)
-_SPLIT_DIRS = {"train": "train", "val": "train", "test": "test"}  # official val joins train
+
 
 def patient_key(name: str, label: str) -> str:
     """Patient key from a file name (see module docstring); falls back to the file stem."""
