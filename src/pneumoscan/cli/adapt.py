@@ -1,10 +1,8 @@
 """pneumoscan adapt IMAGES...: estimate the class prior at a new site from unlabelled images."""
 from __future__ import annotations
 
-import sys
-
 from ..evaluate.adapt import AdaptConfig
-from .common import add_model_arg, check_inputs_exist, check_out, progress_enabled
+from .common import add_model_arg, check_inputs_exist, check_out, print_file_errors, progress_enabled
 from .flags import add_config, build
 
 
@@ -49,11 +47,9 @@ def run(args) -> int:
         check_classes(ev.y, ev.source, "bbse")  # its confusion matrix must be invertible
         validation = score(pred, ev, cfg.batch_size, progress_enabled())
     r = adapt([str(f) for f in files], pred, cfg, validation=validation, progress=progress_enabled())
-    failed = problems + [(e["path"], e["error"]) for e in r["errors"]]  # every file not used, named
-    for path, err in failed:
-        print(f"pneumoscan: error: {err}" if path in err else f"pneumoscan: error: {path}: {err}", file=sys.stderr)
-    r["failed"] = len(failed)
-    r["errors"] = [{"path": p, "error": e} for p, e in failed]
+    r["errors"] = [{"path": p, "error": e} for p, e in problems] + r["errors"]  # every file not used, named
+    r["failed"] = len(r["errors"])
+    print_file_errors((e["path"], e["error"]) for e in r["errors"])
     stopped = f", {r['out_of_scope']} out of scope and left out" if r["out_of_scope"] else ""
     print(f"{r['n']} images ({r['failed']} failed{stopped}), model {r['model']}, method {r['method']}")
     print(f"{'class':<11}{'model prior':>13}{'predicted':>11}{'estimated':>11}")
@@ -69,4 +65,4 @@ def run(args) -> int:
         print(f"WARNING: {r['warning']}")
     if args.out:
         atomic_write_json(args.out, r)
-    return 1 if failed else 0  # as predict: the estimate stands, but some files were not read
+    return 1 if r["errors"] else 0  # as predict: the estimate stands, but some files were not read

@@ -11,6 +11,17 @@ from typing import Iterator
 EXIT_OUT_OF_SCOPE = 3  # no file failed, but the gate stopped at least one input
 
 
+def file_error(path: str, err: str) -> str:
+    """One failed file as a line: the error, with the path in front unless the error names it already."""
+    return err if path in err else f"{path}: {err}"
+
+
+def print_file_errors(errors) -> None:
+    """Each ``(path, error)`` of the files a command could not use, one line each on stderr."""
+    for path, err in errors:
+        print(f"pneumoscan: error: {file_error(path, err)}", file=sys.stderr)
+
+
 def progress_enabled() -> bool:
     """Progress bars only on a terminal (they go to stderr; logs and pipes get none), never with -q."""
     return os.environ.get("PNEUMOSCAN_PROGRESS", "1") == "1" and sys.stderr.isatty()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..explain.config import ExplainConfig
-from .common import EXIT_OUT_OF_SCOPE, add_model_arg, check_inputs_exist, check_out
+from .common import EXIT_OUT_OF_SCOPE, add_model_arg, check_inputs_exist, check_out, print_file_errors
 from .flags import add_config, build
 
 
@@ -54,7 +54,6 @@ def run(args) -> int:
     import csv
     import io
     import math
-    import sys
     from pathlib import Path
 
     cfg = build(ExplainConfig, args)
@@ -126,8 +125,7 @@ def run(args) -> int:
         written = {p.name for p in stage.iterdir()}
     for stale in sorted(previous - written):  # an earlier run's maps, grids and summary: never left to mislead
         (out / stale).unlink(missing_ok=True)
-    for path, err in errors:
-        print(f"pneumoscan: error: {err}" if path in err else f"pneumoscan: error: {path}: {err}", file=sys.stderr)
+    print_file_errors(errors)
     return 1 if errors else (EXIT_OUT_OF_SCOPE if any(not r["in_scope"] for r in rows) else 0)
 
 

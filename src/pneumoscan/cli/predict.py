@@ -6,7 +6,7 @@ out of scope (no diagnosis: ``in_scope`` false, ``label`` null, ``reasons``), 2 
 from __future__ import annotations
 
 from ..predict import PredictConfig
-from .common import EXIT_OUT_OF_SCOPE, add_model_arg, check_out, progress_enabled
+from .common import EXIT_OUT_OF_SCOPE, add_model_arg, check_out, file_error, print_file_errors, progress_enabled
 from .flags import add_config, build
 
 
@@ -110,7 +110,7 @@ def run(args) -> int:
     if not preds:  # nothing usable at all: one line and exit 2, like every other user mistake
         path, err = errors[0]
         more = f" (and {len(errors) - 1} more files failed)" if len(errors) > 1 else ""
-        raise PneumoscanError((err if path in err else f"{path}: {err}") + more)
+        raise PneumoscanError(file_error(path, err) + more)
     buf = io.StringIO()
     if args.json:
         json.dump({"intended_use": INTENDED_USE, "model": pred.model_id, "model_card": pred.card_path,
@@ -128,6 +128,5 @@ def run(args) -> int:
         print(f"{summary_line(preds, errors, LABELS)}; written: {args.out}")
     else:
         sys.stdout.write(buf.getvalue())
-    for path, err in errors:
-        print(f"pneumoscan: error: {err}" if path in err else f"pneumoscan: error: {path}: {err}", file=sys.stderr)
+    print_file_errors(errors)
     return 1 if errors else (EXIT_OUT_OF_SCOPE if any(not p.in_scope for p in preds) else 0)
